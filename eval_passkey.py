@@ -1,0 +1,189 @@
+"""Passkey retrieval and bits per byte at several context lengths, for a checkpoint of train.py.
+
+The YaRN repository's protocol (after Landmark Attention), adapted to bytes: a 5-digit key in a
+needle line at a chosen depth of filler text, the question at the end, greedy decoding of the 5
+digits, exact match. Filler comes from the validation split, keys from a seed never used in
+training. Greedy decoding gets all 5 digits right exactly when, reading the true document, the
+arg-max prediction at each of the 5 answer positions is the true digit (the first wrong digit
+is where greedy decoding would leave the key), so one forward pass per document decides it.
+
+    python eval_passkey.py out/ckpt.pt --lengths 256,512,1024 --trials 20
+    python eval_passkey.py out/base.pt --method yarn --scale 4    # no-finetune baselines
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import yarn
+
+EVAL_SEED = 10_007  # keys and filler for evaluation; train.py never seeds with it
+
+
+@torch.no_grad()
+def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, seed: int,
+                     device, batch: int = 8) -> list[float]:
+    """Accuracy at each depth over `trials` documents of exactly `length` bytes."""
+    model.eval()
+    accuracies = []
+    for d, depth in enumerate(depths):
+        generator = torch.Generator().manual_seed(seed * 1000 + d)
+        tokens, _ = data.passkey_batch(val, length, trials, generator, depths=[depth] * trials)
+        correct = 0
+        for start in range(0, trials, batch):
+            x = tokens[start:start + batch].to(device)
+            pred = M.logits(model, x[:, :-1])[:, -data.KEY_DIGITS:].argmax(-1)
+            correct += (pred == x[:, -data.KEY_DIGITS:]).all(dim=1).sum().item()
+        accuracies.append(correct / trials)
+    return accuracies
+
+
+@torch.no_grad()
+def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batch: int = 8) -> float:
+    """Mean next-byte cross-entropy in bits over `windows` random validation windows."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = data.random_windows(val, length + 1, windows, generator)
+    total = 0.0
+    for start in range(0, windows, batch):
+        x = tokens[start:start + batch].to(device)
+        out = M.logits(model, x[:, :-1])
+        total += F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+    return total / (windows * length) / math.log(2)
+
+
+def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, windows: int,
+             device, seed: int = EVAL_SEED) -> list[dict]:
+    """One row per length: passkey accuracy per depth and overall, and bits per byte."""
+    rows = []
+    for length in lengths:
+        acc = passkey_accuracy(model, val, length, depths, trials, seed + length, device)
+        bpb = bits_per_byte(model, val, length, windows, seed + length, device)
+        rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb))
+    return rows
+
+
+def format_rows(title: str, rows: list[dict]) -> str:
+    head = f"{title:<34}" + "".join(f"{r['length']:>16}" for r in rows)
+    line = f"{'  passkey accuracy / bits per byte':<34}" + "".join(
+        f"{100 * r['passkey']:>9.0f}% {r['bpb']:>5.2f}" for r in rows)
+    return head + "\n" + line
+
+
+def override_rope(model, method: str, scale: float, original_len: int, dynamic: bool) -> None:
+    """Evaluates with another RoPE method at inference, no training (the YaRN paper's baselines)."""
+    yarn.apply_yarn(model, scale, original_len, method=method, dynamic=dynamic)
+
+
+def save_heatmap(path: str, rows: list[dict], depths: list[float]) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    grid = [[100 * a for a in r["by_depth"]] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows), 3.5))
+    image = ax.imshow(list(map(list, zip(*grid))), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(rows)), [str(r["length"]) for r in rows])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("length (bytes)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(image, label="passkey accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--lengths", default=None, help="comma list; default L0, 2 L0, ... up to 2x the trained length")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=int, default=20, help="documents per length and depth")
+    p.add_argument("--windows", type=int, default=16, help="validation windows for bits per byte")
+    p.add_argument("--method", choices=yarn.METHODS, default=None, help="override the RoPE method")
+    p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
+    p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
+    p.add_argument("--data", nargs="+", default=None, help="text files (default: the Python stdlib)")
+    p.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    def fail(msg):
+        p.error(msg)  # one line on stderr, exit code 2
+
+    def int_list(text, name):
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            fail(f"--{name} must be a comma list of integers, got {text!r}")
+        return values
+
+    if args.lengths is not None:
+        args.lengths = int_list(args.lengths, "lengths")
+        if min(args.lengths) < 64:
+            fail(f"--lengths must all be >= 64 (the prompt alone is ~80 bytes), got {args.lengths}")
+    try:
+        args.depths = [float(v) for v in args.depths.split(",")]
+    except ValueError:
+        fail(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
+    if not all(0 <= d <= 1 for d in args.depths):
+        fail(f"--depths must be in [0, 1], got {args.depths}")
+    if args.trials < 1 or args.windows < 1:
+        fail(f"--trials and --windows must be >= 1, got {args.trials}, {args.windows}")
+    if args.scale is not None and not args.scale >= 1:
+        fail(f"--scale must be >= 1, got {args.scale}")
+    if (args.scale is not None or args.dynamic) and args.method is None:
+        fail("--scale and --dynamic need --method")
+    return args, fail
+
+
+def main(argv=None):
+    args, fail = parse_args(argv)
+    try:
+        checkpoint = M.load_checkpoint(args.checkpoint)
+        model = M.model_from_checkpoint(checkpoint, args.device, args.checkpoint)
+        corpus = data.load_corpus(args.data)
+    except ValueError as e:
+        fail(str(e))
+    settings = checkpoint["settings"]
+    original_len = settings["original_len"]
+    trained_len = settings.get("trained_len", original_len)
+    if args.method is not None:
+        override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
+    M.set_context(model, settings.get("window"))  # full attention unless trained with a window
+    lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
+    if max(lengths) > len(corpus.val):
+        fail(f"--lengths up to {max(lengths)} need more validation text ({len(corpus.val)} bytes)")
+    start = time.time()
+    rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed)
+    title = f"{os.path.basename(args.checkpoint)}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
+    print(format_rows(title, rows))
+    for r in rows:
+        print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
+    result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
+                  depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
+                  corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
+                  rows=rows, seconds=round(time.time() - start, 1))
+    out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if save_heatmap(os.path.splitext(out)[0] + ".png", rows, args.depths):
+        print(f"wrote {os.path.splitext(out)[0]}.png")
+
+
+if __name__ == "__main__":
+    main()

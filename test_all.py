@@ -1,0 +1,640 @@
+"""Tests, by concept. Each property is checked against an independent reference (moshi's own code,
+transformers' numbers kept in testdata/, a float64 formula, a naive loop), never against itself.
+
+    python -m pytest -q test_all.py
+"""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from moshi.modules.rope import apply_rope
+
+import data
+import eval_passkey
+import freeze
+import model as M
+import rope_modulo
+import train
+import ttt
+import yarn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = settings(max_examples=25, deadline=None)
+TINY = dict(dim=32, num_heads=2, num_layers=4, context=64)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return M.build_model(dict(TINY, **overrides)).eval()
+
+
+def randomise_ttt(model, seed=0, eta=0.5):
+    """Non-zero conv and eta, so the fast-weight path actually changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in freeze.ttt_modules(model):
+        with torch.no_grad():
+            m.conv.weight.copy_(torch.randn(m.conv.weight.shape, generator=g) * 0.3)
+            m.target.weight.copy_(torch.randn(m.target.weight.shape, generator=g) * 0.3)
+        m.eta = eta
+
+
+# ============================================================================================
+# YaRN
+# ============================================================================================
+
+def yarn_inv_freq_f64(dim, base, scale, L, beta_fast=32.0, beta_slow=1.0, truncate=True):
+    """The published formula, float64, written out independently."""
+    def cdim(r):
+        return dim * math.log(L / (2 * math.pi * r)) / (2 * math.log(base))
+    low, high = cdim(beta_fast), cdim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i in range(dim // 2):
+        theta = base ** (-2 * i / dim)
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(theta * (1 - ramp) + theta / scale * ramp)
+    return np.array(out)
+
+
+def test_yarn_matches_transformers():
+    reference = json.load(open(os.path.join(HERE, "testdata", "yarn_transformers.json")))
+    assert len(reference["configs"]) >= 20
+    for c in reference["configs"]:
+        got = yarn.yarn_inv_freq(c["dim"], c["base"], c["scale"], c["original_len"],
+                                 c["beta_fast"], c["beta_slow"], c["truncate"])
+        assert got.dtype == torch.float32 and got.shape == (c["dim"] // 2,)
+        np.testing.assert_allclose(got.numpy(), c["inv_freq"], rtol=2e-6, err_msg=str(c))
+        factor = yarn.yarn_attention_factor(c["scale"], c["mscale"] or 0.0, c["mscale_all_dim"] or 0.0) \
+            if c["mscale"] is not None else yarn.yarn_attention_factor(c["scale"])
+        assert factor == pytest.approx(c["attention_factor"], rel=1e-12), c
+
+
+def test_yarn_worked_check():
+    # ANCHORS: D=128, b=1e4, L=4096 gives raw correction dims 20.94 and 45.03, so 20 and 46.
+    assert yarn.correction_dim(32, 128, 1e4, 4096) == pytest.approx(20.94, abs=0.01)
+    assert yarn.correction_dim(1, 128, 1e4, 4096) == pytest.approx(45.03, abs=0.01)
+    assert yarn.correction_range(128, 1e4, 4096) == (20, 46)
+    assert yarn.yarn_attention_factor(1.0) == 1.0
+    assert yarn.yarn_attention_factor(0.5) == 1.0
+    assert yarn.yarn_attention_factor(math.e ** 2) == pytest.approx(1.2)
+
+
+@FAST
+@given(dim=st.sampled_from([8, 16, 32, 64, 128]), base=st.sampled_from([1e4, 5e5]),
+       scale=st.floats(1.0, 64.0), L=st.integers(64, 8192), truncate=st.booleans())
+def test_yarn_against_float64_formula(dim, base, scale, L, truncate):
+    got = yarn.yarn_inv_freq(dim, base, scale, L, truncate=truncate).double().numpy()
+    ref = yarn_inv_freq_f64(dim, base, scale, L, truncate=truncate)
+    np.testing.assert_allclose(got, ref, rtol=2e-6)
+    # pairs below `low` unchanged, above `high` divided by the scale
+    low, high = yarn.correction_range(dim, base, L, truncate=truncate)
+    vanilla = base ** (-np.arange(0, dim, 2) / dim)
+    for i in range(dim // 2):
+        if i <= low:
+            assert got[i] == pytest.approx(vanilla[i], rel=2e-6)
+        if i >= high:
+            assert got[i] == pytest.approx(vanilla[i] / scale, rel=2e-6)
+
+
+@FAST
+@given(dim=st.sampled_from([8, 32, 128]), scale=st.floats(1.0, 32.0))
+def test_pi_and_ntk_formulas(dim, scale):
+    i = np.arange(dim // 2)
+    np.testing.assert_allclose(yarn.pi_inv_freq(dim, 1e4, scale).numpy(), 1e4 ** (-2 * i / dim) / scale, rtol=2e-6)
+    ntk_base = 1e4 * scale ** (dim / (dim - 2))
+    np.testing.assert_allclose(yarn.ntk_inv_freq(dim, 1e4, scale).numpy(), ntk_base ** (-2 * i / dim), rtol=2e-6)
+    # NTK interpolates the lowest frequency by exactly the scale
+    assert yarn.ntk_inv_freq(dim, 1e4, scale)[-1].item() == pytest.approx(1e4 ** (-(dim - 2) / dim) / scale, rel=1e-5)
+    assert yarn.dynamic_scale(3 * 100, 100) == 3.0 and yarn.dynamic_scale(50, 100) == 1.0
+
+
+@FAST
+@given(B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 40), D=st.sampled_from([2, 8, 16]),
+       offset=st.integers(0, 3000), interleave=st.booleans(), heads_first=st.booleans())
+def test_yarn_scale_1_equals_moshi_apply_rope(B, H, T, D, offset, interleave, heads_first):
+    shape = (B, T, H, D) if heads_first else (B, H, T, D)
+    q, k = torch.randn(shape), torch.randn(shape)
+    offsets = torch.full((B,), offset) + torch.arange(B)
+    for method in yarn.METHODS:
+        rope = yarn.YarnRotaryEmbedding(scale=1.0, original_len=64, method=method, interleave=interleave)
+        got = rope(q, k, offsets, time_before_heads=heads_first)
+        ref = apply_rope(q, k, offsets, 10_000, interleave=interleave, time_before_heads=heads_first)
+        # moshi computes its angles in float32: at position p they are off by ~p * 6e-8 rad
+        tol = 1e-5 + 2e-7 * (offset + T)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=tol, rtol=1e-5)
+
+
+@FAST
+@given(shift=st.integers(0, 5000), T=st.integers(2, 24), scale=st.sampled_from([1.0, 4.0, 16.0]),
+       method=st.sampled_from(yarn.METHODS))
+def test_rotated_dot_product_depends_only_on_distance(shift, T, scale, method):
+    rope = yarn.YarnRotaryEmbedding(scale=scale, original_len=128, method=method)
+    q, k = torch.randn(1, 2, T, 16).double(), torch.randn(1, 2, T, 16).double()
+    a = rope(q, k, torch.tensor([0]))
+    b = rope(q, k, torch.tensor([shift]))
+    scores_a = a[0] @ a[1].transpose(-1, -2)
+    scores_b = b[0] @ b[1].transpose(-1, -2)
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-3, rtol=1e-4)
+
+
+@FAST
+@given(T=st.integers(2, 64), cut=st.integers(1, 63), scale=st.sampled_from([2.0, 8.0]),
+       dynamic=st.booleans())
+def test_streaming_offset_equals_slicing(T, cut, scale, dynamic):
+    cut = min(cut, T - 1)
+    rope = yarn.YarnRotaryEmbedding(scale=scale, original_len=256, dynamic=dynamic)
+    q, k = torch.randn(2, 3, T, 8), torch.randn(2, 3, T, 8)
+    full_q, full_k = rope(q, k, torch.zeros(2, dtype=torch.long))
+    tail_q, tail_k = rope(q[:, :, cut:], k[:, :, cut:], torch.full((2,), cut))
+    torch.testing.assert_close(tail_q, full_q[:, :, cut:])
+    torch.testing.assert_close(tail_k, full_k[:, :, cut:])
+
+
+def test_yarn_temperature_on_both_q_and_k():
+    """q.k grows by the square of the attention factor (the port scaled q only)."""
+    scale = 16.0
+    rope = yarn.YarnRotaryEmbedding(scale=scale, original_len=128)
+    q, k = torch.randn(1, 1, 8, 32).double(), torch.randn(1, 1, 8, 32).double()
+    rq, rk = rope(q, k, torch.tensor([0]))
+    inv_freq = yarn.yarn_inv_freq(32, 1e4, scale, 128).double()
+    angles = torch.arange(8).double()[:, None] * inv_freq
+    plain = yarn.rotate(q, angles.cos(), angles.sin(), True), yarn.rotate(k, angles.cos(), angles.sin(), True)
+    factor = 0.1 * math.log(scale) + 1
+    torch.testing.assert_close(rq @ rk.transpose(-1, -2), factor ** 2 * (plain[0] @ plain[1].transpose(-1, -2)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_yarn_frequencies_stay_float32_under_bf16():
+    """The port cast inv_freq to bf16 in training only: here bf16 inputs are rotated in float32."""
+    rope = yarn.YarnRotaryEmbedding(scale=4.0, original_len=128)
+    q = torch.randn(1, 2, 300, 64)
+    got, _ = rope(q.bfloat16(), q.bfloat16(), torch.tensor([2000]))
+    ref, _ = rope(q.bfloat16().float(), q.bfloat16().float(), torch.tensor([2000]))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.bfloat16().float(), atol=0, rtol=0)
+
+
+def test_apply_yarn_scale_1_equals_moshi_model():
+    base = tiny_model()
+    x = torch.randint(0, 256, (2, 50))
+    ref = M.logits(base, x)
+    yarn.apply_yarn(base, 1.0, 64)
+    torch.testing.assert_close(M.logits(base, x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_yarn_widens_context_and_records_settings():
+    m = tiny_model(context=3000)
+    yarn.apply_yarn(m, 4, 3000, beta_fast=16.0)
+    for layer in m.transformer.layers:
+        assert layer.self_attn.context == 12000
+        assert layer.self_attn.rope is m.transformer.rope
+    assert m.yarn_settings["scale"] == 4.0 and m.yarn_settings["original_len"] == 3000
+    assert m.yarn_settings["beta_fast"] == 16.0
+    m = tiny_model(context=100)
+    yarn.apply_yarn(m, 2, 3000, widen_context=False)
+    assert all(layer.self_attn.context == 100 for layer in m.transformer.layers)
+    with pytest.raises(ValueError, match="scale"):
+        yarn.yarn_inv_freq(64, 1e4, 0.5, 100)
+    with pytest.raises(ValueError, match="method"):
+        yarn.YarnRotaryEmbedding(method="linear")
+
+
+# ============================================================================================
+# TTT
+# ============================================================================================
+
+def ttt_naive_f64(Z, V, W, eta, C):
+    """Per position t: W_t = W + eta * sum over positions s in earlier chunks of v_s z_s^T."""
+    Z, V, W = Z.double(), V.double(), W.double()
+    B, T, _ = Z.shape
+    O = torch.zeros(B, T, W.shape[0], dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            Wt = W.clone()
+            for s in range(0, (t // C) * C):
+                Wt += eta * torch.outer(V[b, s], Z[b, s])
+            O[b, t] = Wt @ Z[b, t]
+    return O
+
+
+@FAST
+@given(B=st.integers(1, 2), T=st.integers(1, 24), C=st.integers(1, 30), h=st.integers(1, 6),
+       d=st.integers(1, 5), eta=st.floats(0.0, 2.0))
+def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta):
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + C)
+    Z, V, W = torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)
+    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C)
+    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C))
+
+
+@FAST
+@given(T=st.integers(2, 40), C=st.integers(1, 16))
+def test_ttt_last_chunk_update_never_used(T, C):
+    Z, V, W = torch.randn(2, T, 4), torch.randn(2, T, 3), torch.randn(3, 4)
+    last = ((T - 1) // C) * C
+    V2 = V.clone()
+    V2[:, last:] = torch.randn_like(V2[:, last:]) * 100
+    torch.testing.assert_close(ttt.ttt_chunked(Z, V, W, 0.7, C), ttt.ttt_chunked(Z, V2, W, 0.7, C))
+
+
+@FAST
+@given(T=st.integers(1, 30), C=st.integers(1, 12), k=st.sampled_from([1, 3, 5]))
+def test_conv_stays_within_chunks(T, C, k):
+    conv = torch.nn.Conv1d(3, 3, k, padding=k // 2, groups=3, bias=False)
+    x = torch.randn(2, T, 3)
+    got = ttt.conv_within_chunks(x, conv, C)
+    ref = torch.zeros_like(x)
+    w = conv.weight.detach()[:, 0]  # [3, k]
+    for t in range(T):
+        chunk_start = (t // C) * C
+        chunk_end = min(chunk_start + C, T)
+        for j in range(k):
+            s = t + j - k // 2
+            if chunk_start <= s < chunk_end:
+                ref[:, t] += w[:, j] * x[:, s]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ttt_at_init_equals_base_model():
+    base = tiny_model()
+    x = torch.randint(0, 256, (2, 70))
+    ref = M.logits(base, x)
+    ttt.apply_ttt(base, [0, 2], chunk_size=16, eta=1.0)
+    assert isinstance(base.transformer.layers[0].gating, ttt.TTTGating)
+    torch.testing.assert_close(M.logits(base, x), ref, atol=1e-5, rtol=1e-5)
+    # same checkpoint keys for the base weights
+    keys = set(base.state_dict())
+    assert "transformer.layers.0.gating.linear_out.weight" in keys
+    assert "transformer.layers.0.gating.linear_in.weight" in keys
+
+
+@pytest.mark.parametrize("target_source", ["hidden", "embeddings"])
+def test_full_model_causality_with_ttt_and_yarn(target_source):
+    m = tiny_model(context=256)
+    yarn.apply_yarn(m, 4.0, 32)
+    ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5, target_source=target_source)
+    randomise_ttt(m)
+    x = torch.randint(0, 256, (1, 48))
+    ref = M.logits(m, x)
+    for t in [0, 7, 8, 20, 46]:
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, 256, (1, 47 - t))
+        out = M.logits(m, y)
+        torch.testing.assert_close(out[:, :t + 1], ref[:, :t + 1], atol=1e-5, rtol=1e-5)
+    # and the fast weights do act: changing an early chunk changes a later one
+    y = x.clone()
+    y[:, 2] = (y[:, 2] + 1) % 256
+    assert (M.logits(m, y)[:, 30:] - ref[:, 30:]).abs().max() > 1e-4
+
+
+def test_ttt_every_parameter_gets_gradient_by_second_step():
+    """From the official init (zero conv, diagonal W_target): the port's all-zero init gave
+    exactly zero gradient forever."""
+    m = tiny_model()
+    ttt.apply_ttt(m, [0, 2], chunk_size=8, eta=0.5)
+    freeze.apply_freeze(m, "ttt_only")
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    nonzero = {n: False for n in params}
+    x = torch.randint(0, 256, (2, 41))
+    for _ in range(2):
+        out = M.logits(m, x[:, :-1])
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        for n, p in params.items():
+            nonzero[n] |= bool(p.grad is not None and p.grad.abs().max() > 0)
+        opt.step()
+        opt.zero_grad()
+    assert all(nonzero.values()), nonzero
+
+
+def test_ttt_z_transform_identity_equals_plain_path():
+    m = tiny_model()
+    ttt.apply_ttt(m, [0, 2], chunk_size=8, eta=0.5)
+    randomise_ttt(m)
+    x = torch.randint(0, 256, (2, 40))
+    ref = M.logits(m, x)
+    for g in freeze.ttt_modules(m):
+        g.z_transform = lambda Z, positions: Z
+    torch.testing.assert_close(M.logits(m, x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ttt_fast_weights_stay_float32_under_bf16_autocast():
+    m = tiny_model()
+    ttt.apply_ttt(m, [0], chunk_size=8, eta=0.5)
+    randomise_ttt(m)
+    g = m.transformer.layers[0].gating
+    seen = {}
+    g.target.register_forward_hook(lambda mod, inp, out: seen.update(V=out.dtype))
+    x = torch.randn(1, 24, TINY["dim"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = g(x)
+    assert seen["V"] == torch.float32
+    ref = g(x).float()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.02  # bf16 error of Z only
+
+
+def test_apply_ttt_rejects_bad_layers():
+    m = tiny_model()
+    for layers in ([4], [-1], []):
+        with pytest.raises(ValueError, match="layers"):
+            ttt.apply_ttt(m, layers, 8, 0.1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ttt.apply_ttt(m, [0], 0, 0.1)
+    assert ttt.default_layers(32) == [0, 6, 12, 18, 24, 30]
+    assert ttt.default_layers(4) == [0, 2]
+
+
+# ============================================================================================
+# Modulo RoPE
+# ============================================================================================
+
+@FAST
+@given(period=st.integers(1, 64), k=st.integers(0, 50), T=st.integers(1, 20), interleave=st.booleans())
+def test_modulo_rope_invariant_to_period_shifts(period, k, T, interleave):
+    x = torch.randn(2, T, 8)
+    positions = torch.arange(T) + 3
+    a = rope_modulo.rotate_modulo(x, positions, period, interleave=interleave)
+    b = rope_modulo.rotate_modulo(x, positions + k * period, period, interleave=interleave)
+    torch.testing.assert_close(a, b)
+
+
+@FAST
+@given(B=st.integers(1, 2), T=st.integers(1, 30), offset=st.integers(0, 30), interleave=st.booleans(),
+       heads_first=st.booleans())
+def test_modulo_rope_equals_moshi_rope_below_period(B, T, offset, interleave, heads_first):
+    period = offset + T + 5  # every position stays below the period
+    shape = (B, T, 2, 8) if heads_first else (B, 2, T, 8)
+    q, k = torch.randn(shape), torch.randn(shape)
+    offsets = torch.full((B,), offset)
+    got = rope_modulo.ModuloRotaryEmbedding(period, interleave=interleave)(q, k, offsets, heads_first)
+    ref = apply_rope(q, k, offsets, 10_000, interleave=interleave, time_before_heads=heads_first)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_modulo_rope_wraps():
+    x = torch.randn(1, 10, 8)
+    torch.testing.assert_close(rope_modulo.rotate_modulo(x, torch.arange(10), 4),
+                               rope_modulo.rotate(x, torch.arange(10) % 4))
+    with pytest.raises(ValueError, match="period"):
+        rope_modulo.ModuloRotaryEmbedding(0)
+
+
+# ============================================================================================
+# Freeze
+# ============================================================================================
+
+def expected_trainable(names, mode, layers):
+    in_ttt_layer = lambda n: any(n.startswith(f"transformer.layers.{i}.") for i in layers)
+    if mode == "full":
+        return set(names)
+    if mode == "ttt_layers":
+        return {n for n in names if in_ttt_layer(n)}
+    return {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.target.weight"))}
+
+
+@pytest.mark.parametrize("mode", freeze.MODES)
+def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
+    m = tiny_model()
+    layers = [1, 3]
+    ttt.apply_ttt(m, layers, chunk_size=8, eta=0.5)
+    summary = freeze.apply_freeze(m, mode)
+    names = [n for n, _ in m.named_parameters()]
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(names, mode, layers)
+    assert summary["trainable"] == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert summary["total"] == sum(p.numel() for p in m.parameters())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    m.train()
+    for _ in range(3):
+        x = torch.randint(0, 256, (2, 33))
+        out = M.logits(m, x[:, :-1])
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        for g in freeze.ttt_modules(m):  # TTT parameters receive gradients in every mode
+            assert g.conv.weight.grad is not None and g.target.weight.grad is not None
+        opt.step()
+        opt.zero_grad()
+    for n, p in m.named_parameters():
+        if n not in trainable:
+            assert torch.equal(p, before[n]), n
+    assert "freeze mode" in freeze.format_summary(summary)
+
+
+def test_freeze_needs_ttt_and_known_mode():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="TTT"):
+        freeze.apply_freeze(m, "ttt_only")
+    ttt.apply_ttt(m, [0], 8, 0.1)
+    with pytest.raises(ValueError, match="mode"):
+        freeze.apply_freeze(m, "lora")
+
+
+# ============================================================================================
+# Data and evaluation
+# ============================================================================================
+
+@FAST
+@given(length=st.integers(110, 2000), depth=st.floats(0, 1), key=st.integers(10000, 99999))
+def test_passkey_document_shape(length, depth, key):
+    filler = bytes(range(32, 127)) * 30
+    doc, at, answer = data.passkey_document(length, depth, key, filler)
+    assert len(doc) == length
+    assert doc[answer:] == str(key).encode()
+    assert doc[at:].startswith(data.needle(key))
+    span = length - len(data.needle(key)) - len(data.question()) - 5
+    assert abs(at - depth * span) <= 0.5
+    assert doc.endswith(data.question() + str(key).encode())
+
+
+def test_passkey_document_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least"):
+        data.passkey_document(50, 0.5, 12345, b"x" * 100)
+    with pytest.raises(ValueError, match="depth"):
+        data.passkey_document(200, 1.5, 12345, b"x" * 200)
+    with pytest.raises(ValueError, match="digits"):
+        data.passkey_document(200, 0.5, 123, b"x" * 200)
+
+
+def test_corpus_split_and_user_files(tmp_path):
+    corpus = data.load_corpus()
+    assert corpus.files > 100 and len(corpus.val) > 10_000 and len(corpus.train) > 10 * len(corpus.val)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("hello world\n" * 100)
+    b.write_bytes(b"\xff\xfe bad")
+    one = data.load_corpus([str(a)])
+    assert len(one.train) == 1140 and len(one.val) == 60
+    with pytest.raises(ValueError, match="UTF-8"):
+        data.load_corpus([str(a), str(b)])
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_corpus([str(tmp_path / "missing.txt")])
+
+
+def test_training_batch_is_deterministic_and_mixed():
+    corpus = data.load_corpus()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = data.training_batch(corpus.train, 300, 8, 0.5, g1)
+    b = data.training_batch(corpus.train, 300, 8, 0.5, g2)
+    assert a.shape == (8, 301) and torch.equal(a, b)
+    all_passkey = data.training_batch(corpus.train, 300, 4, 1.0, g1)
+    assert all(bytes(r.tolist()).count(b"The pass key is") == 2 for r in all_passkey)
+
+
+def test_bits_per_byte_of_uniform_model_is_8():
+    m = tiny_model()
+    torch.nn.init.zeros_(m.text_linear.weight)  # constant logits: the uniform distribution
+    corpus = data.load_corpus()
+    assert eval_passkey.bits_per_byte(m, corpus.val, 64, 4, 0, "cpu") == pytest.approx(8.0, abs=1e-5)
+
+
+def test_teacher_forced_passkey_equals_greedy_decoding():
+    """The one-pass check must agree with decoding digit by digit (greedy), the protocol itself."""
+    m = tiny_model()
+    with torch.no_grad():  # bias the output towards digits so greedy decoding produces some
+        m.text_linear.weight[48:58] += 0.5
+    corpus = data.load_corpus()
+    tokens, keys = data.passkey_batch(corpus.val, 128, 6, torch.Generator().manual_seed(0))
+    one_pass = M.logits(m, tokens[:, :-1])[:, -5:].argmax(-1)
+    for i in range(len(tokens)):
+        prompt = tokens[i:i + 1, :-5]
+        decoded = []
+        for _ in range(5):
+            nxt = M.logits(m, prompt)[:, -1].argmax(-1)
+            decoded.append(int(nxt))
+            prompt = torch.cat([prompt, nxt[:, None]], dim=1)
+        exact = decoded == tokens[i, -5:].tolist()
+        assert exact == bool((one_pass[i] == tokens[i, -5:]).all())
+        assert decoded[0] == int(one_pass[i, 0])
+
+
+# ============================================================================================
+# Checkpoints, command lines and training
+# ============================================================================================
+
+def test_checkpoint_roundtrip_and_refusals(tmp_path):
+    m = tiny_model()
+    yarn.apply_yarn(m, 2.0, 32)
+    ttt.apply_ttt(m, [1], chunk_size=8, eta=0.5)
+    randomise_ttt(m)
+    m.transformer.layers[1].gating.eta = 0.5
+    settings = dict(model=TINY, original_len=32, yarn=m.yarn_settings,
+                    ttt=dict(m.ttt_settings, eta=0.5), ttt_rope_modulo=False, window=None)
+    path = str(tmp_path / "c.pt")
+    M.save_checkpoint(path, dict(model=m.state_dict(), settings=settings))
+    loaded = M.model_from_checkpoint(M.load_checkpoint(path)).eval()
+    x = torch.randint(0, 256, (2, 40))
+    assert torch.equal(M.logits(loaded, x), M.logits(m, x))
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil(), "settings": {}}))
+    with pytest.raises(ValueError, match="cannot be read"):
+        M.load_checkpoint(str(evil))
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(ValueError, match="cannot be read"):
+        M.load_checkpoint(str(truncated))
+    with pytest.raises(ValueError, match="does not exist"):
+        M.load_checkpoint(str(tmp_path))
+    other = dict(settings, model=dict(TINY, dim=64, num_heads=2))
+    M.save_checkpoint(str(tmp_path / "o.pt"), dict(model=m.state_dict(), settings=other))
+    with pytest.raises(ValueError, match="does not match"):
+        M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "o.pt")))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
+    ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
+    ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
+])
+def test_train_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 10
+
+
+def run_train(args, nproc=1, env=None, timeout=600):
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(HERE, "train.py")] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(HERE, "train.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+QUICK = ["--original-len", "128", "--scale", "2", "--pretrain-steps", "6", "--steps", "4", "--batch", "4",
+         "--eval-trials", "1", "--log-every", "1", "--ttt-chunk", "32", "--warmup", "2"]
+
+
+def final_weights(out):
+    return M.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+
+
+def test_train_bad_init_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    for init in [str(tmp_path), str(tmp_path / "missing.pt")]:
+        r = run_train(QUICK + ["--init", init, "--out", str(out)])
+        assert r.returncode == 2 and "checkpoint" in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
+    one = run_train(QUICK + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    losses = [float(l.split("loss ")[1].split()[0]) for l in one.stdout.splitlines() if l.startswith("step ")
+              and "stage 0" in l]
+    assert losses[-1] < losses[0] - 0.3
+    assert "final table" in one.stdout and "ttt grad" in one.stdout
+    two = run_train(QUICK + ["--out", str(tmp_path / "two")], nproc=2)
+    assert two.returncode == 0, two.stderr
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    # the base checkpoint is reusable with --init, skipping pretraining
+    again = run_train(QUICK + ["--init", str(tmp_path / "one" / "base.pt"), "--out", str(tmp_path / "three")])
+    assert again.returncode == 0, again.stderr
+    assert "stage 0: extend" in again.stdout
+    c = final_weights(tmp_path / "three")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], atol=0, rtol=0, msg=k)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = QUICK + ["--save-every", "1"]
+    full = run_train(args + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(HERE, "train.py")] + args + ["--out", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith("step 4/6 | stage 0"):  # checkpoints of steps 1..3 exist by now
+            proc.kill()
+            break
+    proc.wait()
+    resumed = run_train(args + ["--resume", "--out", out])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,357 @@
+"""Long-context extension of a Moshi transformer: YaRN + In-Place TTT, trained with a curriculum.
+
+    python train.py --scale 4 --mode ttt_only                    # one process
+    torchrun --nproc_per_node=2 train.py --scale 4 --mode ttt_only # DDP (gloo on CPU, nccl on CUDA)
+
+Stages, in order: without --init, stage 0 pretrains the small base model from scratch at the
+original length L0 (all weights train, vanilla RoPE; saved as out/base.pt for reuse). Then one
+stage per doubling, at 2 L0, 4 L0, ... with YaRN scale 2, 4, ... up to --scale, TTT installed
+in the chosen layers and the freeze --mode applied. Each stage ends with validation bits per
+byte and a passkey check at its length; the run ends with a table of the base model, the base
+model with YaRN and no training, and the trained model, at every stage length.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import eval_passkey
+import freeze
+import model as M
+import ttt
+import yarn
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line. Everything is checked here, before any work starts.
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="YaRN + In-Place TTT context extension of a Moshi transformer")
+    a = p.add_argument
+    a("--scale", type=float, default=4.0, help="final YaRN scale; stages double the length up to it")
+    a("--mode", default="ttt_only", choices=freeze.MODES, help="what trains in the extension stages")
+    a("--method", default="yarn", choices=yarn.METHODS[1:], help="RoPE scaling in the extension stages")
+    a("--init", default=None, help="a checkpoint to extend (e.g. out/base.pt); skips pretraining")
+    a("--resume", action="store_true", help="continue from out/ckpt.pt")
+    a("--original-len", type=int, default=256, help="L0: the length the base model is (pre)trained at")
+    a("--window", type=int, default=None, help="keep attention to a sliding window of W steps")
+    a("--preset", default="cpu", choices=sorted(M.PRESETS), help="model size when pretraining")
+    a("--data", nargs="+", default=None, help="UTF-8 text files (default: the Python stdlib source)")
+    a("--passkey-share", type=float, default=0.5, help="share of training sequences that are passkey documents")
+    # TTT
+    a("--ttt-layers", default="default", help="comma list of layer indices, 'default' (every 6th, or "
+      "every 2nd below 12 layers) or 'none' (YaRN alone, needs --mode full)")
+    a("--ttt-chunk", type=int, default=64, help="TTT chunk size C")
+    a("--ttt-eta", type=float, default=0.3, help="TTT inner learning rate eta")
+    a("--ttt-target", default="hidden", choices=("hidden", "embeddings"), help="targets from the MLP input or X0")
+    a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
+    a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
+    # optimisation
+    a("--pretrain-steps", type=int, default=700)
+    a("--steps", type=int, default=100, help="steps per extension stage")
+    a("--batch", type=int, default=16, help="global batch in sequences, every stage")
+    a("--grad-accum", type=int, default=1, help="micro-steps per step")
+    a("--lr", type=float, default=2e-3, help="peak learning rate of base weights")
+    a("--lr-ttt", type=float, default=2e-3, help="peak learning rate of the TTT conv and W_target")
+    a("--weight-decay", type=float, default=0.1)
+    a("--warmup", type=int, default=50)
+    a("--grad-clip", type=float, default=1.0, help="per parameter group (TTT and base separately)")
+    a("--grad-checkpointing", action="store_true")
+    # bookkeeping
+    a("--eval-trials", type=int, default=10, help="passkey documents per depth in evaluations")
+    a("--log-every", type=int, default=25)
+    a("--save-every", type=int, default=100, help="steps between checkpoints inside a stage")
+    a("--out", default="out")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    def fail(msg):
+        p.error(msg)  # one line on stderr, exit code 2, nothing written
+
+    for name in ("original_len", "pretrain_steps", "steps", "batch", "grad_accum", "ttt_chunk",
+                 "eval_trials", "log_every", "save_every"):
+        if getattr(args, name) < (0 if name == "pretrain_steps" else 1):
+            fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'pretrain_steps' else 1}, "
+                 f"got {getattr(args, name)}")
+    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(args.scale) and args.scale >= 1):
+        fail(f"--scale must be >= 1, got {args.scale}")
+    if not 0 <= args.passkey_share <= 1:
+        fail(f"--passkey-share must be in [0, 1], got {args.passkey_share}")
+    if args.ttt_kernel < 1 or args.ttt_kernel % 2 == 0:
+        fail(f"--ttt-kernel must be odd and >= 1, got {args.ttt_kernel}")
+    if args.window is not None and args.window < 1:
+        fail(f"--window must be >= 1, got {args.window}")
+    if args.original_len < 128:
+        fail(f"--original-len must be >= 128 (a passkey document needs ~90 bytes), got {args.original_len}")
+    if args.ttt_layers not in ("default", "none"):
+        try:
+            args.ttt_layers = [int(v) for v in args.ttt_layers.split(",")]
+        except ValueError:
+            fail(f"--ttt-layers must be 'default', 'none' or a comma list of integers, got {args.ttt_layers!r}")
+    if args.ttt_layers == "none" and args.mode != "full":
+        fail("--ttt-layers none (no TTT) needs --mode full: the other modes train TTT parameters")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch % (world * args.grad_accum):
+        fail(f"--batch {args.batch} must be divisible by processes x --grad-accum = {world * args.grad_accum}")
+    if args.init and args.resume:
+        fail("--init and --resume exclude each other (--resume reads out/ckpt.pt)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device} but CUDA is not available")
+    return args, fail
+
+
+def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
+    """Stage 0 pretrains at L0 (scale 1), then lengths double with the scale up to `scale`."""
+    stages = [dict(kind="pretrain", length=original_len, scale=1.0)] if pretrain else []
+    s = 1.0
+    while True:
+        s = min(2 * s, scale)
+        stages.append(dict(kind="extend", length=math.ceil(s * original_len), scale=s))
+        if s >= scale:
+            return stages
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class TextLM(nn.Module):
+    """DDP wraps `forward`; moshi's text path is `forward_text`, so route it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens):
+        return M.logits(self.lm, tokens)
+
+
+def main(argv=None):
+    args, fail = parse_args(argv)
+
+    # --- distributed set-up: RANK in the environment means torchrun started us
+    ddp = "RANK" in os.environ
+    if ddp:
+        cuda = args.device.startswith("cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cuda:
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device = torch.device(args.device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    # --- data and starting point, all checked before any training
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    try:
+        corpus = data.load_corpus(args.data)
+        resume = M.load_checkpoint(ckpt_path) if args.resume else None
+        init = M.load_checkpoint(args.init) if args.init else None
+        start = resume or init
+        if start is not None:
+            model = M.model_from_checkpoint(start, "cpu", ckpt_path if resume else args.init)
+            settings = copy.deepcopy(start["settings"])
+        # The starting point, kept for the final comparison: --init itself, or the base.pt that
+        # stage 0 wrote (absent while a resumed run is still in stage 0).
+        base_path = resume["settings"].get("base_path") if resume else args.init
+        base = init
+        if resume and base_path and os.path.isfile(base_path):
+            base = M.load_checkpoint(base_path)
+    except ValueError as e:
+        fail(str(e))
+    if start is None:
+        model_settings = dict(M.PRESETS[args.preset], context=args.original_len)
+        settings = dict(model=model_settings, original_len=args.original_len, trained_len=args.original_len,
+                        yarn=None, ttt=None, ttt_rope_modulo=False, window=None, mode="full",
+                        base_path=os.path.join(args.out, "base.pt"))
+        torch.manual_seed(args.seed)
+        model = M.build_model(model_settings)
+    else:
+        if init is not None:
+            settings["base_path"] = args.init
+        if start is init and settings["original_len"] != args.original_len:
+            log(f"using the checkpoint's original length {settings['original_len']}")
+        args.original_len = settings["original_len"]
+    stages = curriculum(args.scale, args.original_len, pretrain=start is None)
+    if resume is not None:
+        stages = resume["stages"]
+    if max(s["length"] for s in stages) + 1 > min(len(corpus.train), len(corpus.val)):
+        fail(f"stage length {max(s['length'] for s in stages)} needs more text than the corpus has "
+             f"({len(corpus.train)} train, {len(corpus.val)} validation bytes)")
+    num_layers = settings["model"]["num_layers"]
+    ttt_layers = (ttt.default_layers(num_layers) if args.ttt_layers == "default"
+                  else [] if args.ttt_layers == "none" else args.ttt_layers)
+    if any(not 0 <= i < num_layers for i in ttt_layers):
+        fail(f"--ttt-layers {ttt_layers} out of range: the model has layers 0..{num_layers - 1}")
+    if args.window and args.window > max(s["length"] for s in stages):
+        log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
+    model.to(device)
+    model.transformer.checkpointing = args.grad_checkpointing
+    log(f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
+        f"sha256 {corpus.sha256[:16]}")
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; "
+        f"{world} process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
+    base_model = M.model_from_checkpoint(base, device, base_path) if base is not None else None
+
+    first_stage = resume["stage"] if resume else 0
+    for stage_index in range(first_stage, len(stages)):
+        stage = stages[stage_index]
+        length, extending = stage["length"], stage["kind"] == "extend"
+        # --- the model for this stage: YaRN at the stage's scale, TTT and the freeze mode
+        if extending:
+            yarn.apply_yarn(model, stage["scale"], args.original_len, method=args.method)
+            settings["yarn"] = model.yarn_settings
+            if args.window:
+                M.set_context(model, args.window)
+                settings["window"] = args.window
+            if ttt_layers and not settings["ttt"]:
+                torch.manual_seed(args.seed + 1)  # the same W_target init on every rank
+                ttt_settings = dict(layers=ttt_layers, chunk_size=args.ttt_chunk, eta=args.ttt_eta,
+                                    kernel_size=args.ttt_kernel, target_source=args.ttt_target)
+                settings["ttt"], settings["ttt_rope_modulo"] = ttt_settings, args.ttt_rope_modulo
+                M.install(model, dict(ttt=ttt_settings, ttt_rope_modulo=args.ttt_rope_modulo))
+                model.to(device)
+            if settings["ttt"]:
+                summary = freeze.apply_freeze(model, args.mode)
+                log(freeze.format_summary(summary))
+            settings["mode"] = args.mode
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        settings["trained_len"] = length
+        ttt_ids = {id(p) for m in freeze.ttt_modules(model) for p in m.ttt_parameters()}
+        ttt_params = [p for p in model.parameters() if p.requires_grad and id(p) in ttt_ids]
+        base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in ttt_ids]
+        groups = [dict(params=[p for p in base_params if p.dim() >= 2], lr=args.lr, weight_decay=args.weight_decay, name="base"),
+                  dict(params=[p for p in base_params if p.dim() < 2], lr=args.lr, weight_decay=0.0, name="base"),
+                  dict(params=ttt_params, lr=args.lr_ttt, weight_decay=0.0, name="ttt")]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+        steps = args.steps if extending else args.pretrain_steps
+        first_step = 0
+        if resume is not None and stage_index == resume["stage"] and resume["step"] > 0:
+            optimizer.load_state_dict(resume["optimizer"])
+            first_step = resume["step"]
+        net = TextLM(model)
+        if ddp:
+            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
+            f"{steps} steps, batch {args.batch}")
+
+        # --- the loop
+        micro = args.batch // world // args.grad_accum
+        model.train()
+        t0, tokens_done = time.time(), 0
+        for step in range(first_step, steps):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, steps, args.lr_ttt if g["name"] == "ttt" else args.lr, args.warmup)
+            # The global batch depends only on (seed, stage, step): the same sequences whatever the
+            # number of processes, and a resumed run sees exactly what it would have seen.
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stage_index * 100_003 + step)
+            batch = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
+            batch = batch[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum].to(device)
+            loss_sum = 0.0
+            for k in range(args.grad_accum):
+                x = batch[k * micro:(k + 1) * micro]
+                sync = k == args.grad_accum - 1  # all-reduce only on the last micro-step
+                with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+                    out = net(x[:, :-1])
+                    loss = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()) / args.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                log(f"stopping: the loss is {loss_sum} at stage {stage_index} step {step}; "
+                    f"try a smaller --lr / --lr-ttt or --ttt-eta. The last checkpoint is kept.")
+                sys.exit(1)
+            ttt_norm = torch.nn.utils.clip_grad_norm_(ttt_params, args.grad_clip) if ttt_params else None
+            if base_params:
+                torch.nn.utils.clip_grad_norm_(base_params, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_done += args.batch * length
+            if master and (step % args.log_every == 0 or step == steps - 1):
+                elapsed = time.time() - t0
+                ttt_text = f" | ttt grad {ttt_norm.item():.3e}" if ttt_norm is not None else ""
+                log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum:.4f} | "
+                    f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s{ttt_text}")
+            if master and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                M.save_checkpoint(ckpt_path, dict(model=model.state_dict(), settings=settings, stages=stages,
+                                                  stage=stage_index, step=step + 1,
+                                                  optimizer=optimizer.state_dict()))
+
+        # --- stage end: validation, passkey, checkpoint
+        if master:
+            model.eval()
+            row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
+                                        8, device)[0]
+            log(f"stage {stage_index} done: validation {row['bpb']:.3f} bits/byte, passkey "
+                f"{100 * row['passkey']:.0f}% at length {length}")
+            checkpoint = dict(model=model.state_dict(), settings=settings, stages=stages,
+                              stage=stage_index + 1, step=0, optimizer={})
+            if not extending:
+                M.save_checkpoint(settings["base_path"], dict(checkpoint, stage=0))
+                base_model = copy.deepcopy(model)
+            M.save_checkpoint(ckpt_path, checkpoint)
+            model.train()
+    # --- final table
+    if master:
+        final_table(args, model, base_model, settings, stages, corpus, device)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def final_table(args, model, base_model, settings, stages, corpus, device):
+    lengths = sorted({args.original_len} | {s["length"] for s in stages})
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    rows = {}
+    if base_model is not None:
+        for name, method in (("base, vanilla RoPE", "none"), (f"base + {args.method} x{args.scale:g}, no training", args.method)):
+            m = copy.deepcopy(base_model)
+            eval_passkey.override_rope(m, method, args.scale, args.original_len, False)
+            M.set_context(m, settings.get("window"))
+            rows[name] = eval_passkey.evaluate(m, corpus.val, lengths, depths, args.eval_trials, 16, device)
+    trained = copy.deepcopy(model)
+    M.set_context(trained, settings.get("window"))
+    ttt_text = f"TTT layers {settings['ttt']['layers']}" if settings["ttt"] else "no TTT"
+    name = f"trained: {args.method} x{args.scale:g}, {ttt_text}, {settings['mode']}"
+    rows[name] = eval_passkey.evaluate(trained, corpus.val, lengths, depths, args.eval_trials, 16, device)
+    print(f"\nfinal table ({args.eval_trials * len(depths)} passkey documents per cell, depths {depths}):")
+    for title, r in rows.items():
+        print(eval_passkey.format_rows(title, r))
+    results = dict(args=vars(args), settings=settings, corpus_files=corpus.files,
+                   corpus_sha256=corpus.sha256, depths=depths, rows=rows)
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""In-Place Test-Time Training: the MLP down projection as fast weights, for Moshi.
+
+Implements "In-Place Test-Time Training" (ICLR 2026; official code ByteDance-Seed/In-Place-TTT).
+The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down projection Wd
+(Moshi's `gating.linear_out`) adapts while the sequence is read, chunk by chunk (chunk size C):
+
+    O_i      = Z_i Wd_i^T                       chunk i uses the weight left by chunks j < i
+    Wd_(i+1) = Wd_i + eta * V_i^T Z_i            one gradient step on the loss -<Z Wd^T, V>_F
+    V        = Conv1D(X) W_target                the targets: a depthwise conv within each chunk
+                                                 (zero-initialised) then a d x d projection
+
+X is the MLP input (the official default for continual training) or the token embeddings
+(the paper's X0). The conv starts at zero, so a freshly converted model equals the base model.
+Causality holds because chunk i only sees updates from chunks before it; the last chunk's
+update is never used.
+
+Usage:
+    import ttt
+    ttt.apply_ttt(model, layers=ttt.default_layers(len(model.transformer.layers)),
+                  chunk_size=1024, eta=0.3)       # moshi LMModel, gating MLPs replaced in place
+    logits = model.forward_text(tokens)[1]       # identical to the base model at init
+
+Only the standard library and torch are used: copy this file alone.
+"""
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# The math.
+# ---------------------------------------------------------------------------------------------
+
+def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
+                chunk_size: int) -> torch.Tensor:
+    """The chunked fast-weight MLP output, the paper's equation read literally.
+
+    Z: [B, T, h] gated activations, V: [B, T, d] targets, W_down: [d, h] (the layout of
+    `linear_out.weight`). Returns O: [B, T, d] where chunk i is computed with
+    W_down + eta * sum over chunks j < i of V_j^T Z_j. Any T: the last chunk may be shorter,
+    and chunk_size >= T is one chunk, i.e. the plain MLP.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    B, T, h = Z.shape
+    W = W_down.expand(B, *W_down.shape)  # [B, d, h]: one fast weight per sequence
+    outputs = []
+    for start in range(0, T, chunk_size):
+        Z_i = Z[:, start:start + chunk_size]  # [B, C, h]
+        V_i = V[:, start:start + chunk_size]  # [B, C, d]
+        outputs.append(torch.einsum("bch,bdh->bcd", Z_i, W))
+        W = W + eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)
+    return torch.cat(outputs, dim=1)
+
+
+def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> torch.Tensor:
+    """Applies a 'same'-padded Conv1d over time to each chunk separately, x: [B, T, d].
+
+    Zero padding at every chunk edge, as the official code does: no target reaches across a
+    chunk boundary. A ragged last chunk is zero-padded, which is the same as its edge padding.
+    """
+    B, T, d = x.shape
+    n = -(-T // chunk_size)
+    x = F.pad(x, (0, 0, 0, n * chunk_size - T))
+    x = x.view(B * n, chunk_size, d).transpose(1, 2)  # [B * n, d, C]
+    y = conv(x).transpose(1, 2).reshape(B, n * chunk_size, d)
+    return y[:, :T]
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The official choice is every 6th layer (0, 6, 12, ...; Moshi 7B's 32 layers give 6).
+    Models with fewer than 12 layers would get one or two, so they take every 2nd layer."""
+    every = 6 if num_layers >= 12 else 2
+    return list(range(0, num_layers, every))
+
+
+# ---------------------------------------------------------------------------------------------
+# The module: a drop-in for moshi.modules.gating.ActivationGating.
+# ---------------------------------------------------------------------------------------------
+
+class TTTGating(nn.Module):
+    """Gated MLP whose down projection is a fast weight, updated chunk by chunk.
+
+    Same `linear_in` (d -> 2h, gate then up) and `linear_out` (h -> d) as moshi's
+    ActivationGating, so its weights and checkpoint keys carry over. Adds the target generator:
+    `conv` (depthwise, kernel 5, zero init) and `target` (W_target, d x d, diagonal N(0, 0.02)).
+
+    `z_transform(Z, positions)`, if set, is applied to Z in the fast-weight path only (the reads
+    and writes of the fast weight, not the base product Z Wd_0^T), e.g. a modulo RoPE.
+    `x0` is set by a hook on the transformer when targets come from the token embeddings.
+    """
+
+    def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
+                 eta: float, kernel_size: int = 5, target_source: str = "hidden",
+                 target_init_std: float = 0.02):
+        super().__init__()
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if kernel_size <= 0 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and > 0, got {kernel_size}")
+        if target_source not in ("hidden", "embeddings"):
+            raise ValueError(f"target_source must be 'hidden' or 'embeddings', got {target_source!r}")
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.activation = activation
+        self.chunk_size, self.eta, self.target_source = chunk_size, float(eta), target_source
+        self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+        self.target = nn.Linear(dim, dim, bias=False)  # W_target, applied as V = conv(X) W_target^T
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.target.weight.copy_(torch.diag(torch.randn(dim) * target_init_std))
+        self.z_transform: tp.Optional[tp.Callable] = None
+        self.x0: tp.Optional[torch.Tensor] = None
+
+    def ttt_parameters(self) -> list[nn.Parameter]:
+        """What TTT adds to the base MLP: the conv and W_target."""
+        return [self.conv.weight, self.target.weight]
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x: [B, T, d] (the normed hidden states) -> [B, T, d]."""
+        B, T, _ = x.shape
+        gate, up = self.linear_in(x).view(B, T, 2, -1).unbind(dim=2)
+        Z = self.activation(gate) * up  # [B, T, h]
+        source = x if self.target_source == "hidden" else self.x0
+        if source is None or source.shape[:2] != x.shape[:2]:
+            raise RuntimeError("target_source='embeddings' needs the transformer hook of apply_ttt")
+        W = self.linear_out.weight
+        # The fast-weight arithmetic runs in float32 even under bf16 autocast: the updates are
+        # small next to W and would round away in bf16.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            V = self.target(conv_within_chunks(source.float(), self.conv, self.chunk_size))
+            Z = Z.float()
+            if self.z_transform is None:
+                O = ttt_chunked(Z, V, W.float(), self.eta, self.chunk_size)
+            else:
+                positions = torch.arange(offset, offset + T, device=x.device)
+                Zf = self.z_transform(Z, positions)
+                O = F.linear(Z, W.float()) + ttt_chunked(Zf, V, torch.zeros_like(W, dtype=torch.float32),
+                                                         self.eta, self.chunk_size)
+        return O.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing it into a moshi model.
+# ---------------------------------------------------------------------------------------------
+
+def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
+              kernel_size: int = 5, target_source: str = "hidden",
+              target_init_std: float = 0.02) -> nn.Module:
+    """Replaces `layer.gating` of the given layer indices of a moshi `LMModel` or
+    `StreamingTransformer` by a TTTGating holding the same weights; returns the model.
+
+    Checkpoint keys `...gating.linear_in.weight` / `...gating.linear_out.weight` are unchanged.
+    The settings are recorded as `model.ttt_settings` so a checkpoint can carry them.
+    """
+    transformer = getattr(model, "transformer", model)
+    num_layers = len(transformer.layers)
+    layers = sorted(set(int(i) for i in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"TTT layers must be a non-empty subset of 0..{num_layers - 1}, got {layers}")
+    for i in layers:
+        old = transformer.layers[i].gating
+        if isinstance(old, TTTGating):
+            raise ValueError(f"layer {i} already has TTT")
+        if not (hasattr(old, "linear_in") and isinstance(old.linear_out, nn.Linear)):
+            raise ValueError(f"layer {i} has no gating MLP (linear_in / linear_out) to convert")
+        hidden, dim = old.linear_out.in_features, old.linear_out.out_features
+        new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
+                        target_source, target_init_std)
+        weight = old.linear_out.weight
+        new.to(device=weight.device, dtype=weight.dtype)
+        new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
+        new.conv.float()  # fast-weight path parameters stay float32
+        new.target.float()
+        transformer.layers[i].gating = new
+    if target_source == "embeddings":
+        ttt_modules = [transformer.layers[i].gating for i in layers]
+
+        def keep_embeddings(module, args):
+            for m in ttt_modules:
+                m.x0 = args[0]  # [B, T, d]: the transformer's input, the summed token embeddings
+        transformer.register_forward_pre_hook(keep_embeddings)
+    model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
+                              kernel_size=int(kernel_size), target_source=target_source,
+                              target_init_std=float(target_init_std))
+    return model

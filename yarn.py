@@ -1,0 +1,253 @@
+"""YaRN: RoPE scaling for context extension, installed into a Moshi transformer.
+
+Implements Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language
+Models" (arXiv 2309.00071), with HuggingFace transformers' semantics for every detail the paper
+leaves open (truncated correction range, clamping, the attention factor on both q and k):
+
+- vanilla RoPE       inv_freq[i] = b^(-2i/D)
+- PI (linear)        inv_freq[i] / s                                   (paper eq. 10)
+- NTK-aware          base becomes b * s^(D/(D-2))                      (paper eq. 16)
+- YaRN               NTK-by-parts ramp between dim(beta_fast) and dim(beta_slow) (eq. 17-19)
+                     plus the temperature sqrt(1/t) = 0.1 ln s + 1     (eq. 22)
+- dynamic scaling    s = max(s, T / L) recomputed from the current length T (section 3.3)
+
+Usage:
+    from moshi.models.lm import LMModel
+    import yarn
+    model = LMModel(...)                               # a pretrained moshi model
+    yarn.apply_yarn(model, scale=4, original_len=3000) # RoPE replaced, context widened to 12000
+    logits = model.forward_text(tokens)[1]
+
+Only the standard library, torch and moshi's module types are used: copy this file alone.
+"""
+import math
+import typing as tp
+
+import torch
+from torch import nn
+
+
+METHODS = ("none", "pi", "ntk", "yarn")
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: inverse frequencies of the D/2 rotation pairs, float32, as pure functions.
+# ---------------------------------------------------------------------------------------------
+
+def vanilla_inv_freq(dim: int, base: float) -> torch.Tensor:
+    """inv_freq[i] = base^(-2i/dim), i = 0 .. dim/2 - 1 (Su et al.; Moshi's `max_period` is base)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def pi_inv_freq(dim: int, base: float, scale: float) -> torch.Tensor:
+    """Position Interpolation (Chen et al. 2023): every frequency divided by the scale."""
+    return vanilla_inv_freq(dim, base) / scale
+
+
+def ntk_inv_freq(dim: int, base: float, scale: float) -> torch.Tensor:
+    """NTK-aware scaling: a larger base, b' = b * s^(D / (D - 2)), so the lowest pair is
+    interpolated by exactly s while the highest frequencies are barely touched."""
+    return vanilla_inv_freq(dim, base * scale ** (dim / (dim - 2)))
+
+
+def correction_dim(num_rotations: float, dim: int, base: float, original_len: int) -> float:
+    """The pair index i whose wavelength 2*pi*base^(2i/D) fits `num_rotations` times in
+    `original_len`: dim(r) = D ln(L / (2 pi r)) / (2 ln b)."""
+    return dim * math.log(original_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def correction_range(dim: int, base: float, original_len: int, beta_fast: float = 32.0,
+                     beta_slow: float = 1.0, truncate: bool = True) -> tuple[float, float]:
+    """(low, high): pairs below `low` rotate more than `beta_fast` times over the original
+    context and are kept; pairs above `high` rotate less than `beta_slow` times and are
+    interpolated. Clamped as transformers does (high to D - 1, not D/2 - 1)."""
+    low = correction_dim(beta_fast, dim, base, original_len)
+    high = correction_dim(beta_slow, dim, base, original_len)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_inv_freq(dim: int, base: float, scale: float, original_len: int,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0,
+                  truncate: bool = True) -> torch.Tensor:
+    """YaRN's NTK-by-parts frequencies, [dim // 2] float32 (transformers' semantics).
+
+    inv_freq[i] = extrapolation[i] * (1 - ramp[i]) + interpolation[i] * ramp[i]
+    with extrapolation = vanilla, interpolation = vanilla / scale and a linear ramp from 0 at
+    `low` to 1 at `high`.
+    """
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"dim must be a positive even number, got {dim}")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    if original_len <= 0:
+        raise ValueError(f"original_len must be > 0, got {original_len}")
+    if not beta_fast > beta_slow > 0:
+        raise ValueError(f"need beta_fast > beta_slow > 0, got {beta_fast}, {beta_slow}")
+    extrapolation = vanilla_inv_freq(dim, base)
+    interpolation = extrapolation / scale
+    low, high = correction_range(dim, base, original_len, beta_fast, beta_slow, truncate)
+    if low == high:
+        high += 0.001  # avoids a division by zero, as transformers does
+    i = torch.arange(dim // 2, dtype=torch.float32)
+    ramp = ((i - low) / (high - low)).clamp(0, 1)
+    return extrapolation * (1 - ramp) + interpolation * ramp
+
+
+def yarn_attention_factor(scale: float, mscale: float = 1.0, mscale_all_dim: float = 0.0) -> float:
+    """The YaRN temperature as a factor on both cos and sin: sqrt(1/t) = 0.1 ln(s) + 1.
+
+    q.k then grows by its square, i.e. the logits are divided by t. With `mscale` and
+    `mscale_all_dim` both non-zero (DeepSeek's form) the factor is the ratio of two such terms.
+    """
+    def get_mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    if mscale and mscale_all_dim:
+        return get_mscale(scale, mscale) / get_mscale(scale, mscale_all_dim)
+    return get_mscale(scale)
+
+
+def dynamic_scale(length: int, original_len: int, scale: float = 1.0) -> float:
+    """Dynamic scaling: the scale grows with the current length T, s' = max(s, T / L)."""
+    return max(scale, length / original_len)
+
+
+def rope_inv_freq(method: str, dim: int, base: float, scale: float, original_len: int,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0,
+                  truncate: bool = True) -> torch.Tensor:
+    """The four methods side by side: `none` (vanilla), `pi`, `ntk`, `yarn`."""
+    if method == "none" or scale == 1:
+        return vanilla_inv_freq(dim, base)
+    if method == "pi":
+        return pi_inv_freq(dim, base, scale)
+    if method == "ntk":
+        return ntk_inv_freq(dim, base, scale)
+    if method == "yarn":
+        return yarn_inv_freq(dim, base, scale, original_len, beta_fast, beta_slow, truncate)
+    raise ValueError(f"unknown RoPE method {method!r}, expected one of {METHODS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The module: a drop-in for moshi.modules.rope.RotaryEmbedding.
+# ---------------------------------------------------------------------------------------------
+
+class YarnRotaryEmbedding(nn.Module):
+    """RoPE with PI / NTK / YaRN scaling and a cos/sin cache; same call as moshi's RotaryEmbedding.
+
+    Rotation in float32, Moshi's interleaved pair layout (x[2i], x[2i+1]) or the concatenated
+    one, streaming `offset` ([B] tensor) honoured. q and k are both multiplied by the attention
+    factor (YaRN only). With `dynamic`, the scale is max(scale, (offset + T) / original_len).
+    """
+
+    def __init__(self, scale: float = 1.0, original_len: int = 4096, method: str = "yarn",
+                 max_period: float = 10_000.0, interleave: bool = True,
+                 beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+                 mscale: float = 1.0, mscale_all_dim: float = 0.0, dynamic: bool = False):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown RoPE method {method!r}, expected one of {METHODS}")
+        if not scale >= 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        if original_len <= 0:
+            raise ValueError(f"original_len must be > 0, got {original_len}")
+        self.scale, self.original_len, self.method = float(scale), int(original_len), method
+        self.max_period, self.interleave = max_period, interleave
+        self.beta_fast, self.beta_slow, self.truncate = beta_fast, beta_slow, truncate
+        self.mscale, self.mscale_all_dim, self.dynamic = mscale, mscale_all_dim, dynamic
+        self._cache: dict = {}  # (dim, device) -> (scale, cos, sin), cos/sin [positions, dim / 2]
+
+    def frequencies(self, dim: int, scale: float) -> tuple[torch.Tensor, float]:
+        """(inv_freq [dim / 2], attention factor) at a given scale."""
+        inv_freq = rope_inv_freq(self.method, dim, self.max_period, scale, self.original_len,
+                                 self.beta_fast, self.beta_slow, self.truncate)
+        factor = 1.0
+        if self.method == "yarn":
+            factor = yarn_attention_factor(scale, self.mscale, self.mscale_all_dim)
+        return inv_freq, factor
+
+    def cos_sin(self, dim: int, length: int, scale: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """factor * cos and factor * sin of positions 0 .. length - 1, [length, dim / 2] float32,
+        cached and grown by doubling so streaming does not recompute them every step."""
+        key = (dim, str(device))
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != scale or cached[1].shape[0] < length:
+            grown = 2 * cached[1].shape[0] if cached is not None and cached[0] == scale else 0
+            size = max(length, grown)
+            inv_freq, factor = self.frequencies(dim, scale)
+            # float64 angles: position * inv_freq loses digits in float32 at long positions.
+            angles = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq.double()[None]
+            cached = (scale, (angles.cos() * factor).float().to(device),
+                      (angles.sin() * factor).float().to(device))
+            self._cache[key] = cached
+        return cached[1], cached[2]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor,
+                time_before_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [B, H, T, D] (or [B, T, H, D] with `time_before_heads`); offset: [B] long."""
+        T, D = (q.shape[1], q.shape[3]) if time_before_heads else (q.shape[2], q.shape[3])
+        if D % 2:
+            raise ValueError(f"head dim must be even for RoPE, got {D}")
+        offset = offset.view(-1)
+        end = int(offset.max()) + T  # one host sync per call, like moshi's offset_cpu
+        scale = dynamic_scale(end, self.original_len, self.scale) if self.dynamic else self.scale
+        cos, sin = self.cos_sin(D, end, scale, q.device)
+        positions = offset[:, None] + torch.arange(T, device=q.device)  # [B, T]
+        cos, sin = cos[positions], sin[positions]  # [B, T, D/2]
+        cos, sin = (cos[:, :, None], sin[:, :, None]) if time_before_heads else (cos[:, None], sin[:, None])
+        return rotate(q, cos, sin, self.interleave), rotate(k, cos, sin, self.interleave)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotates the pairs of x's last dim by the angles whose (scaled) cos and sin are given,
+    in float32, returning x's dtype. Pairs are (x[2i], x[2i+1]) when interleaved (Moshi),
+    else (x[i], x[i + D/2])."""
+    D = x.shape[-1]
+    if interleave:
+        pairs = x.float().unflatten(-1, (D // 2, 2))
+        xr, xi = pairs[..., 0], pairs[..., 1]
+    else:
+        xr, xi = x.float()[..., : D // 2], x.float()[..., D // 2:]
+    out_r = xr * cos - xi * sin
+    out_i = xr * sin + xi * cos
+    if interleave:
+        return torch.stack([out_r, out_i], dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat([out_r, out_i], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing it into a moshi model.
+# ---------------------------------------------------------------------------------------------
+
+def apply_yarn(model: nn.Module, scale: float, original_len: int, method: str = "yarn",
+               beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+               mscale: float = 1.0, mscale_all_dim: float = 0.0, dynamic: bool = False,
+               widen_context: bool = True) -> nn.Module:
+    """Replaces the RoPE of every attention layer of a moshi `LMModel` or `StreamingTransformer`
+    (in place) and returns the model.
+
+    Each attention's `context` (its sliding window, and the streaming KV cache's capacity; Moshi
+    7B: 3000) is widened to at least ceil(scale * original_len): extending RoPE without it
+    extends nothing. Pass `widen_context=False` to keep a deliberate window. The settings are
+    recorded as `model.yarn_settings` so a checkpoint can carry them.
+    """
+    transformer = getattr(model, "transformer", model)
+    old = getattr(transformer, "rope", None)
+    if old is None or not hasattr(transformer, "layers"):
+        raise ValueError("apply_yarn needs a moshi LMModel or StreamingTransformer with RoPE "
+                         f"(positional_embedding='rope'), got {type(model).__name__}")
+    rope = YarnRotaryEmbedding(scale, original_len, method, old.max_period, old.interleave,
+                               beta_fast, beta_slow, truncate, mscale, mscale_all_dim, dynamic)
+    transformer.rope = rope  # one module shared by all layers, as moshi does
+    needed = math.ceil(scale * original_len)
+    for layer in transformer.layers:
+        attention = layer.self_attn
+        attention.rope = rope
+        if widen_context and attention.context is not None and attention.context < needed:
+            attention.context = needed
+    model.yarn_settings = dict(scale=float(scale), original_len=int(original_len), method=method,
+                               beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate,
+                               mscale=mscale, mscale_all_dim=mscale_all_dim, dynamic=dynamic)
+    return model
