@@ -138,12 +138,17 @@ def passkey_batch(data: np.ndarray, length: int, count: int, generator: torch.Ge
 
 
 def training_batch(data: np.ndarray, length: int, count: int, passkey_share: float,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of `length + 1` byte sequences (inputs and shifted targets), a share of them
-    passkey documents. Deterministic given the generator's state."""
+    passkey documents, and a mask of the targets that are passkey answer digits.
+    Deterministic given the generator's state. Returns (tokens [count, length + 1] long,
+    answer mask [count, length] bool)."""
     n_passkey = int(torch.binomial(torch.tensor(float(count)), torch.tensor(passkey_share),
                                    generator=generator)) if passkey_share > 0 else 0
     parts = [random_windows(data, length + 1, count - n_passkey, generator)]
     if n_passkey:
         parts.append(passkey_batch(data, length + 1, n_passkey, generator)[0])
-    return torch.cat(parts)[torch.randperm(count, generator=generator)]
+    answer = torch.zeros(count, length, dtype=torch.bool)
+    answer[count - n_passkey:, -KEY_DIGITS:] = True
+    order = torch.randperm(count, generator=generator)
+    return torch.cat(parts)[order], answer[order]

@@ -14,6 +14,7 @@ import typing as tp
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi: compilation dominates small runs
 
 import torch
+from torch import nn
 from moshi.models.lm import LMModel
 
 import rope_modulo
@@ -30,11 +31,13 @@ PRESETS = {  # dim, heads, layers: "cpu" trains in minutes on 2 cores, "gpu" is 
 def build_model(model_settings: dict, device: tp.Union[str, torch.device] = "cpu") -> LMModel:
     """A text-only moshi LMModel over bytes. model_settings: dim, num_heads, num_layers, context."""
     s = model_settings
-    return LMModel(delays=[0], n_q=0, dep_q=0, text_card=VOCAB, dim=s["dim"],
-                   num_heads=s["num_heads"], num_layers=s["num_layers"],
-                   hidden_scale=s.get("hidden_scale", 4.125), norm="rms_norm_f32",
-                   positional_embedding="rope", max_period=s.get("max_period", 10_000.0),
-                   gating="silu", context=s["context"], causal=True, device=device)
+    lm = LMModel(delays=[0], n_q=0, dep_q=0, text_card=VOCAB, dim=s["dim"],
+                 num_heads=s["num_heads"], num_layers=s["num_layers"],
+                 hidden_scale=s.get("hidden_scale", 4.125), norm="rms_norm_f32",
+                 positional_embedding="rope", max_period=s.get("max_period", 10_000.0),
+                 gating="silu", context=s["context"], causal=True, device=device)
+    lm.depformer_in = nn.ModuleList()  # built even without a depformer; unused weights stall DDP
+    return lm
 
 
 def set_context(model: LMModel, context: tp.Optional[int]) -> None:

@@ -487,11 +487,16 @@ def test_corpus_split_and_user_files(tmp_path):
 def test_training_batch_is_deterministic_and_mixed():
     corpus = data.load_corpus()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = data.training_batch(corpus.train, 300, 8, 0.5, g1)
-    b = data.training_batch(corpus.train, 300, 8, 0.5, g2)
-    assert a.shape == (8, 301) and torch.equal(a, b)
-    all_passkey = data.training_batch(corpus.train, 300, 4, 1.0, g1)
-    assert all(bytes(r.tolist()).count(b"The pass key is") == 2 for r in all_passkey)
+    a, mask_a = data.training_batch(corpus.train, 300, 8, 0.5, g1)
+    b, mask_b = data.training_batch(corpus.train, 300, 8, 0.5, g2)
+    assert a.shape == (8, 301) and torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    for row, mask in zip(a, mask_a):  # the mask marks exactly the answer digits' targets
+        is_passkey = bytes(row.tolist()).count(b"The pass key is") == 2
+        assert mask.sum() == (5 if is_passkey else 0)
+        if is_passkey:
+            assert bytes(row[1:][mask].tolist()) == bytes(row[-5:].tolist())
+    all_passkey, mask = data.training_batch(corpus.train, 300, 4, 1.0, g1)
+    assert all(bytes(r.tolist()).count(b"The pass key is") == 2 for r in all_passkey) and mask.sum() == 20
 
 
 def test_bits_per_byte_of_uniform_model_is_8():
@@ -563,12 +568,23 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
+    ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ") and len(err[0]) > 25, err
+
+
+@pytest.mark.parametrize("argv", [["--depths", "0,2"], ["--trials", "0"], ["--lengths", "10"],
+                                  ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"]])
+def test_eval_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_passkey.parse_args(["x.pt"] + argv)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def run_train(args, nproc=1, env=None, timeout=600):
@@ -591,10 +607,13 @@ def final_weights(out):
 
 def test_train_bad_init_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    for init in [str(tmp_path), str(tmp_path / "missing.pt")]:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for init in [str(tmp_path), str(tmp_path / "missing.pt"), str(tmp_path / "empty.pt")]:
         r = run_train(QUICK + ["--init", init, "--out", str(out)])
         assert r.returncode == 2 and "checkpoint" in r.stderr.strip().splitlines()[-1], r.stderr
         assert "Traceback" not in r.stderr
+    r = run_train(QUICK + ["--ttt-chunk", "256", "--out", str(out)])
+    assert r.returncode == 2 and "--ttt-chunk" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
 

@@ -10,7 +10,6 @@ in the chosen layers and the freeze --mode applied. Each stage ends with validat
 byte and a passkey check at its length; the run ends with a table of the base model, the base
 model with YaRN and no training, and the trained model, at every stage length.
 """
-import argparse
 import contextlib
 import copy
 import json
@@ -38,7 +37,7 @@ import yarn
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="YaRN + In-Place TTT context extension of a Moshi transformer")
+    p = eval_passkey.OneLineParser(description="YaRN + In-Place TTT context extension of a Moshi transformer")
     a = p.add_argument
     a("--scale", type=float, default=4.0, help="final YaRN scale; stages double the length up to it")
     a("--mode", default="ttt_only", choices=freeze.MODES, help="what trains in the extension stages")
@@ -50,6 +49,7 @@ def parse_args(argv=None):
     a("--preset", default="cpu", choices=sorted(M.PRESETS), help="model size when pretraining")
     a("--data", nargs="+", default=None, help="UTF-8 text files (default: the Python stdlib source)")
     a("--passkey-share", type=float, default=0.5, help="share of training sequences that are passkey documents")
+    a("--answer-weight", type=float, default=20.0, help="loss weight of the passkey answer digits")
     # TTT
     a("--ttt-layers", default="default", help="comma list of layer indices, 'default' (every 6th, or "
       "every 2nd below 12 layers) or 'none' (YaRN alone, needs --mode full)")
@@ -59,8 +59,8 @@ def parse_args(argv=None):
     a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
     a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
     # optimisation
-    a("--pretrain-steps", type=int, default=700)
-    a("--steps", type=int, default=100, help="steps per extension stage")
+    a("--pretrain-steps", type=int, default=600)
+    a("--steps", type=int, default=40, help="steps per extension stage")
     a("--batch", type=int, default=16, help="global batch in sequences, every stage")
     a("--grad-accum", type=int, default=1, help="micro-steps per step")
     a("--lr", type=float, default=2e-3, help="peak learning rate of base weights")
@@ -86,7 +86,7 @@ def parse_args(argv=None):
         if getattr(args, name) < (0 if name == "pretrain_steps" else 1):
             fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'pretrain_steps' else 1}, "
                  f"got {getattr(args, name)}")
-    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup"):
+    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup", "answer_weight"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -110,6 +110,8 @@ def parse_args(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch % (world * args.grad_accum):
         fail(f"--batch {args.batch} must be divisible by processes x --grad-accum = {world * args.grad_accum}")
+    if not 0 <= args.seed < 10 ** 6:
+        fail(f"--seed must be in [0, 1000000), got {args.seed}")
     if args.init and args.resume:
         fail("--init and --resume exclude each other (--resume reads out/ckpt.pt)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -209,6 +211,10 @@ def main(argv=None):
                   else [] if args.ttt_layers == "none" else args.ttt_layers)
     if any(not 0 <= i < num_layers for i in ttt_layers):
         fail(f"--ttt-layers {ttt_layers} out of range: the model has layers 0..{num_layers - 1}")
+    shortest = min(s["length"] for s in stages if s["kind"] == "extend")
+    if ttt_layers and args.ttt_chunk >= shortest:
+        fail(f"--ttt-chunk {args.ttt_chunk} must be shorter than the sequences ({shortest}): "
+             f"with one chunk the fast weights never update")
     if args.window and args.window > max(s["length"] for s in stages):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)
@@ -270,18 +276,24 @@ def main(argv=None):
         for step in range(first_step, steps):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, steps, args.lr_ttt if g["name"] == "ttt" else args.lr, args.warmup)
-            # The global batch depends only on (seed, stage, step): the same sequences whatever the
-            # number of processes, and a resumed run sees exactly what it would have seen.
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stage_index * 100_003 + step)
-            batch = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
-            batch = batch[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum].to(device)
+            # The global batch depends only on (seed, stage length and kind, step): the same sequences
+            # whatever the number of processes, with or without --init, and after --resume.
+            stage_seed = 2 * length + extending
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stage_seed * 100_003 + step)
+            batch, answer = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
+            mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
+            batch, answer = batch[mine].to(device), answer[mine].to(device)
             loss_sum = 0.0
             for k in range(args.grad_accum):
-                x = batch[k * micro:(k + 1) * micro]
+                x, is_answer = batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]
                 sync = k == args.grad_accum - 1  # all-reduce only on the last micro-step
                 with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
                     out = net(x[:, :-1])
-                    loss = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()) / args.grad_accum
+                    losses = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+                    # Answer digits weigh --answer-weight; dividing by the token count (not the
+                    # weights' sum) keeps the DDP mean equal to the single-process one.
+                    weights = 1 + (args.answer_weight - 1) * is_answer.flatten().float()
+                    loss = (losses * weights).sum() / losses.numel() / args.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
