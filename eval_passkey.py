@@ -114,7 +114,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="eval_passkey.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--lengths", default=None, help="comma list; default L0, 2 L0, ... up to 2x the trained length")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -141,8 +141,8 @@ def parse_args(argv):
 
     if args.lengths is not None:
         args.lengths = int_list(args.lengths, "lengths")
-        if min(args.lengths) < 64:
-            fail(f"--lengths must all be >= 64 (the prompt alone is ~80 bytes), got {args.lengths}")
+        if min(args.lengths) < 128:
+            fail(f"--lengths must all be >= 128 (needle and question take ~110 bytes), got {args.lengths}")
     try:
         args.depths = [float(v) for v in args.depths.split(",")]
     except ValueError:

@@ -628,8 +628,18 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
     assert two.returncode == 0, two.stderr
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    for k in a:  # float32 sums in another order, amplified by Adam over 10 steps: ~2e-5 seen
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
+    logged = lambda r: [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
+    assert logged(one) == pytest.approx(logged(two), abs=2e-3)  # the global batch's loss is logged
+    # the evaluation script reads the checkpoint as trained, and with another RoPE at inference
+    for extra in ([], ["--method", "ntk", "--scale", "2"]):
+        out = str(tmp_path / f"eval{len(extra)}.json")
+        eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--lengths", "128,256", "--trials", "2",
+                           "--windows", "2", "--out", out] + extra)
+        result = json.load(open(out))
+        assert [r["length"] for r in result["rows"]] == [128, 256] and result["corpus_files"] > 100
+        assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
     # the base checkpoint is reusable with --init, skipping pretraining
     again = run_train(QUICK + ["--init", str(tmp_path / "one" / "base.pt"), "--out", str(tmp_path / "three")])
     assert again.returncode == 0, again.stderr
@@ -637,6 +647,14 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
     c = final_weights(tmp_path / "three")
     for k in a:
         torch.testing.assert_close(a[k], c[k], atol=0, rtol=0, msg=k)
+
+
+def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    r = run_train(QUICK + ["--ttt-eta", "1e30", "--out", str(out)])
+    assert r.returncode == 1 and "non-finite gradient in the ttt parameters" in r.stdout, r.stdout[-500:]
+    kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0
+    assert kept["stage"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):

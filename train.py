@@ -37,7 +37,7 @@ import yarn
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = eval_passkey.OneLineParser(description="YaRN + In-Place TTT context extension of a Moshi transformer")
+    p = eval_passkey.OneLineParser(prog="train.py", description="YaRN + In-Place TTT context extension of a Moshi transformer")
     a = p.add_argument
     a("--scale", type=float, default=4.0, help="final YaRN scale; stages double the length up to it")
     a("--mode", default="ttt_only", choices=freeze.MODES, help="what trains in the extension stages")
@@ -164,7 +164,7 @@ def main(argv=None):
     else:
         rank, world = 0, 1
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     device = torch.device(args.device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -296,17 +296,25 @@ def main(argv=None):
                     loss = (losses * weights).sum() / losses.numel() / args.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                log(f"stopping: the loss is {loss_sum} at stage {stage_index} step {step}; "
-                    f"try a smaller --lr / --lr-ttt or --ttt-eta. The last checkpoint is kept.")
+            # Clipped per group so the TTT parameters' small gradients are not scaled by the base's.
+            norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                     for name, params in (("ttt", ttt_params), ("base", base_params)) if params}
+            # The gradients are all-reduced, so every rank sees the same norms and stops together.
+            bad = [name for name, norm in norms.items() if not torch.isfinite(norm)]
+            if bad:
+                log(f"stopping: non-finite gradient in the {' and '.join(bad)} parameters at stage "
+                    f"{stage_index} step {step + 1} (loss {loss_sum}); try a smaller --lr / --lr-ttt or "
+                    f"--ttt-eta. The last checkpoint ({ckpt_path}) is kept as it was.")
                 sys.exit(1)
-            ttt_norm = torch.nn.utils.clip_grad_norm_(ttt_params, args.grad_clip) if ttt_params else None
-            if base_params:
-                torch.nn.utils.clip_grad_norm_(base_params, args.grad_clip)
+            ttt_norm = norms.get("ttt")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_done += args.batch * length
-            if master and (step % args.log_every == 0 or step == steps - 1):
+            if step % args.log_every == 0 or step == steps - 1:
+                if ddp:  # log the global batch's loss, not rank 0's share
+                    total = torch.tensor(loss_sum, device=device)
+                    dist.all_reduce(total)
+                    loss_sum = total.item() / world
                 elapsed = time.time() - t0
                 ttt_text = f" | ttt grad {ttt_norm.item():.3e}" if ttt_norm is not None else ""
                 log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum:.4f} | "
