@@ -351,9 +351,12 @@ def final_table(args, model, base_model, settings, stages, corpus, device):
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
     rows = {}
     if base_model is not None:
-        for name, method in (("base, vanilla RoPE", "none"), (f"base + {args.method} x{args.scale:g}, no training", args.method)):
+        for name, method, scale, dynamic in (
+                ("base, vanilla RoPE", "none", 1.0, False),
+                (f"base + dynamic {args.method}, no training", args.method, 1.0, True),
+                (f"base + {args.method} x{args.scale:g}, no training", args.method, args.scale, False)):
             m = copy.deepcopy(base_model)
-            eval_passkey.override_rope(m, method, args.scale, args.original_len, False)
+            eval_passkey.override_rope(m, method, scale, args.original_len, dynamic)
             M.set_context(m, settings.get("window"))
             rows[name] = eval_passkey.evaluate(m, corpus.val, lengths, depths, args.eval_trials, 16, device)
     trained = copy.deepcopy(model)

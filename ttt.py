@@ -55,6 +55,67 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     return torch.cat(outputs, dim=1)
 
 
+class _FastWeightScan(torch.autograd.Function):
+    """ttt_chunked with memory independent of the number of chunks.
+
+    Forward carries one fast weight per sequence across the chunks, in float32 whatever the
+    inputs' dtype (each chunk's products run in that dtype, e.g. bf16, but the small updates
+    accumulate in float32), and saves only Z, V, W_down and the weight the last chunk used.
+    Backward walks the chunks in reverse, undoing each update to recover the weight chunk i
+    used, and carries R = sum over later chunks k of dO_k^T Z_k:
+        dZ_i = dO_i W_i + eta V_i R,   dV_i = eta Z_i R^T,   dW_down = sum over all chunks of dO_i^T Z_i.
+    """
+
+    @staticmethod
+    def forward(ctx, Z, V, W_down, eta, chunk_size):
+        B, T, _ = Z.shape
+        starts = list(range(0, T, chunk_size))
+        state = torch.promote_types(Z.dtype, torch.float32)  # float32, or float64 for checks
+        W = W_down.to(state).expand(B, *W_down.shape).clone()  # [B, d, h]
+        O = Z.new_empty(B, T, W_down.shape[0])
+        for n, s in enumerate(starts):
+            Z_i, V_i = Z[:, s:s + chunk_size], V[:, s:s + chunk_size]
+            O[:, s:s + chunk_size] = torch.bmm(Z_i, W.to(Z.dtype).transpose(1, 2))
+            if n < len(starts) - 1:  # the last chunk's update is never used
+                W.add_(torch.bmm(V_i.transpose(1, 2), Z_i), alpha=eta)
+        ctx.save_for_backward(Z, V, W_down, W)
+        ctx.eta, ctx.chunk_size = eta, chunk_size
+        return O
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dO):
+        Z, V, W_down, W = ctx.saved_tensors
+        eta, C, dtype = ctx.eta, ctx.chunk_size, Z.dtype
+        starts = list(range(0, Z.shape[1], C))
+        W = W.clone()  # the weight of the last chunk; walked back one update per chunk
+        R = torch.zeros_like(W)
+        dZ, dV = torch.empty_like(Z), torch.zeros_like(V)
+        dO = dO.to(dtype)
+        for n in reversed(range(len(starts))):
+            s = starts[n]
+            Z_i, V_i, dO_i = Z[:, s:s + C], V[:, s:s + C], dO[:, s:s + C]
+            if n < len(starts) - 1:
+                W.add_(torch.bmm(V_i.transpose(1, 2), Z_i), alpha=-eta)  # W_(i+1) -> W_i
+                R_low = R.to(dtype)
+                dZ[:, s:s + C] = torch.baddbmm(torch.bmm(dO_i, W.to(dtype)), V_i, R_low, alpha=eta)
+                dV[:, s:s + C] = eta * torch.bmm(Z_i, R_low.transpose(1, 2))
+            else:
+                dZ[:, s:s + C] = torch.bmm(dO_i, W.to(dtype))
+            R.add_(torch.bmm(dO_i.transpose(1, 2), Z_i))
+        return dZ, dV, R.sum(0).to(W_down.dtype), None, None
+
+
+def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
+             chunk_size: int) -> torch.Tensor:
+    """The same output as ttt_chunked, with one [B, d, h] float32 fast weight in memory instead
+    of one per chunk (autograd would keep every chunk's weight for the backward pass).
+    Z and V share a dtype; the products run in it, the weight accumulates in float32."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size))
+
+
 def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> torch.Tensor:
     """Applies a 'same'-padded Conv1d over time to each chunk separately, x: [B, T, d].
 
@@ -129,18 +190,13 @@ class TTTGating(nn.Module):
         if source is None or source.shape[:2] != x.shape[:2]:
             raise RuntimeError("target_source='embeddings' needs the transformer hook of apply_ttt")
         W = self.linear_out.weight
-        # The fast-weight arithmetic runs in float32 even under bf16 autocast: the updates are
-        # small next to W and would round away in bf16.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            V = self.target(conv_within_chunks(source.float(), self.conv, self.chunk_size))
-            Z = Z.float()
-            if self.z_transform is None:
-                O = ttt_chunked(Z, V, W.float(), self.eta, self.chunk_size)
-            else:
-                positions = torch.arange(offset, offset + T, device=x.device)
-                Zf = self.z_transform(Z, positions)
-                O = F.linear(Z, W.float()) + ttt_chunked(Zf, V, torch.zeros_like(W, dtype=torch.float32),
-                                                         self.eta, self.chunk_size)
+        V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
+        Zf = Z if self.z_transform is None else self.z_transform(Z, torch.arange(offset, offset + T, device=x.device))
+        # Base product and fast-weight path apart: Wd_i = Wd_0 + eta * sum_(j<i) V_j^T Z_j, where
+        # the sum, small next to Wd_0, is kept in float32 inside ttt_scan. Cast to bf16 together
+        # with Wd_0, the updates would round away.
+        fast = ttt_scan(Zf, V.to(Zf.dtype), torch.zeros_like(W, dtype=torch.float32), self.eta, self.chunk_size)
+        O = F.linear(Z, W) + fast
         return O.to(x.dtype)
 
 
@@ -174,8 +230,6 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         weight = old.linear_out.weight
         new.to(device=weight.device, dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
-        new.conv.float()  # fast-weight path parameters stay float32
-        new.target.float()
         transformer.layers[i].gating = new
     if target_source == "embeddings":
         ttt_modules = [transformer.layers[i].gating for i in layers]

@@ -134,7 +134,7 @@ def rope_inv_freq(method: str, dim: int, base: float, scale: float, original_len
 # ---------------------------------------------------------------------------------------------
 
 class YarnRotaryEmbedding(nn.Module):
-    """RoPE with PI / NTK / YaRN scaling and a cos/sin cache; same call as moshi's RotaryEmbedding.
+    """RoPE with PI / NTK / YaRN scaling; same call as moshi's RotaryEmbedding.
 
     Rotation in float32, Moshi's interleaved pair layout (x[2i], x[2i+1]) or the concatenated
     one, streaming `offset` ([B] tensor) honoured. q and k are both multiplied by the attention
@@ -156,7 +156,7 @@ class YarnRotaryEmbedding(nn.Module):
         self.max_period, self.interleave = max_period, interleave
         self.beta_fast, self.beta_slow, self.truncate = beta_fast, beta_slow, truncate
         self.mscale, self.mscale_all_dim, self.dynamic = mscale, mscale_all_dim, dynamic
-        self._cache: dict = {}  # (dim, device) -> (scale, cos, sin), cos/sin [positions, dim / 2]
+        self._cache: dict = {}  # (dim, scale, device) -> (inv_freq on the device, factor)
 
     def frequencies(self, dim: int, scale: float) -> tuple[torch.Tensor, float]:
         """(inv_freq [dim / 2], attention factor) at a given scale."""
@@ -167,22 +167,21 @@ class YarnRotaryEmbedding(nn.Module):
             factor = yarn_attention_factor(scale, self.mscale, self.mscale_all_dim)
         return inv_freq, factor
 
-    def cos_sin(self, dim: int, length: int, scale: float,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """factor * cos and factor * sin of positions 0 .. length - 1, [length, dim / 2] float32,
-        cached and grown by doubling so streaming does not recompute them every step."""
-        key = (dim, str(device))
-        cached = self._cache.get(key)
-        if cached is None or cached[0] != scale or cached[1].shape[0] < length:
-            grown = 2 * cached[1].shape[0] if cached is not None and cached[0] == scale else 0
-            size = max(length, grown)
+    def cos_sin(self, positions: torch.Tensor, dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """factor * cos and factor * sin of positions [..., T] -> [..., T, dim / 2], float32.
+
+        The frequencies are cached; the angles are computed per call, in float32 as moshi does:
+        a cos/sin table would have to be indexed by offsets only the device knows, and reading
+        them on the host costs a synchronisation per attention layer."""
+        key = (dim, scale, str(positions.device))
+        if key not in self._cache:
+            if len(self._cache) > 16:  # dynamic scaling visits many scales
+                self._cache.clear()
             inv_freq, factor = self.frequencies(dim, scale)
-            # float64 angles: position * inv_freq loses digits in float32 at long positions.
-            angles = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq.double()[None]
-            cached = (scale, (angles.cos() * factor).float().to(device),
-                      (angles.sin() * factor).float().to(device))
-            self._cache[key] = cached
-        return cached[1], cached[2]
+            self._cache[key] = (inv_freq.to(positions.device), factor)
+        inv_freq, factor = self._cache[key]
+        angles = positions.float()[..., None] * inv_freq
+        return angles.cos() * factor, angles.sin() * factor
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor,
                 time_before_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,13 +190,30 @@ class YarnRotaryEmbedding(nn.Module):
         if D % 2:
             raise ValueError(f"head dim must be even for RoPE, got {D}")
         offset = offset.view(-1)
-        end = int(offset.max()) + T  # one host sync per call, like moshi's offset_cpu
-        scale = dynamic_scale(end, self.original_len, self.scale) if self.dynamic else self.scale
-        cos, sin = self.cos_sin(D, end, scale, q.device)
+        scale = self.scale
+        if self.dynamic:  # the current length is needed on the host: one synchronisation
+            scale = dynamic_scale(int(offset.max()) + T, self.original_len, self.scale)
         positions = offset[:, None] + torch.arange(T, device=q.device)  # [B, T]
-        cos, sin = cos[positions], sin[positions]  # [B, T, D/2]
+        cos, sin = self.cos_sin(positions, D, scale)  # [B, T, D/2]
         cos, sin = (cos[:, :, None], sin[:, :, None]) if time_before_heads else (cos[:, None], sin[:, None])
-        return rotate(q, cos, sin, self.interleave), rotate(k, cos, sin, self.interleave)
+        return _Rotation.apply(q, cos, sin, self.interleave), _Rotation.apply(k, cos, sin, self.interleave)
+
+
+class _Rotation(torch.autograd.Function):
+    """rotate() with a backward that rotates the gradient by the opposite angles (a rotation's
+    Jacobian is its transpose; the attention factor scales both): it keeps only cos and sin,
+    not the float32 intermediates autograd would save, and runs as one more rotation."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleave):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleave = interleave
+        return rotate(x, cos, sin, interleave)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin, ctx.interleave), None, None, None
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

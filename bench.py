@@ -1,0 +1,215 @@
+"""Speed and memory of the TTT layer and YaRN RoPE, as ratios measured in one run.
+
+    python bench.py                 # CUDA if available (bf16), else a smaller CPU version (fp32)
+    python bench.py --out bench.json --quick
+
+1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.
+2. The same for the paper's prefix-sum form (official In-Place TTT; kept here as the anchor) and
+   for the readable reference `ttt.ttt_chunked` (a Python loop that autograd unrolls).
+3. YaRN RoPE vs moshi's apply_rope: forward + backward over q, k.
+4. A full training step (forward, backward, AdamW) with and without TTT layers: tokens/s.
+
+Timing: warm-up, then the median of several repetitions (CUDA events on a GPU). Peak memory is
+what a forward + backward allocates beyond its inputs and parameters (CUDA only).
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch
+import torch.nn.functional as F
+from moshi.modules.gating import ActivationGating
+from moshi.modules.rope import apply_rope
+
+import model as M
+import ttt
+import yarn
+
+
+def prefix_sum_form(Z, V, W_down, eta, chunk_size):
+    """The official parallel form: one d x h weight per chunk, from an exclusive cumsum."""
+    B, T, h = Z.shape
+    n = -(-T // chunk_size)
+    pad = n * chunk_size - T
+    Zc = F.pad(Z, (0, 0, 0, pad)).view(B, n, chunk_size, h)
+    Vc = F.pad(V, (0, 0, 0, pad)).view(B, n, chunk_size, -1)
+    dW = torch.einsum("bncd,bnch->bndh", Vc, Zc)
+    W = W_down + eta * (torch.cumsum(dW, dim=1) - dW)  # [B, n, d, h]
+    return torch.einsum("bnch,bndh->bncd", Zc, W).reshape(B, n * chunk_size, -1)[:, :T]
+
+
+@contextlib.contextmanager
+def fast_weight_path(fn):
+    """Swaps the function TTTGating calls for its fast-weight product (bench only)."""
+    saved = ttt.ttt_scan
+    ttt.ttt_scan = fn
+    try:
+        yield
+    finally:
+        ttt.ttt_scan = saved
+
+
+def measure(fn, device, reps):
+    """(median milliseconds, peak MiB allocated beyond what existed before) of fn()."""
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        fn()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def bench_gating(d, h, B, T, chunks, dtype, device, reps):
+    torch.manual_seed(0)
+    plain = ActivationGating(d, 3 * h // 2, F.silu).to(device)  # hidden = 2/3 of dim_feedforward
+    assert plain.linear_out.in_features == h
+    x = torch.randn(B, T, d, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def step(module):
+        def run():
+            with autocast:
+                out = module(x)
+            out.float().sum().backward()
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+        return run
+
+    t_plain, m_plain = measure(step(plain), device, reps)
+    rows = []
+    for C in chunks:
+        g = ttt.TTTGating(d, h, F.silu, C, 0.3).to(device)
+        g.load_state_dict(plain.state_dict(), strict=False)
+        torch.nn.init.normal_(g.conv.weight, std=0.02)
+        row = dict(d=d, h=h, B=B, T=T, chunk=C, plain_ms=t_plain, plain_mib=m_plain)
+        for name, fn in (("scan", ttt.ttt_scan), ("prefix_sum", prefix_sum_form), ("loop", ttt.ttt_chunked)):
+            if name == "loop" and T // C > 64:
+                continue  # autograd unrolls one weight per chunk: too slow and large to be useful
+            with fast_weight_path(fn):
+                try:
+                    row[f"{name}_ms"], row[f"{name}_mib"] = measure(step(g), device, reps)
+                except torch.OutOfMemoryError:
+                    row[f"{name}_ms"] = row[f"{name}_mib"] = float("inf")
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  T {T:>6} C {C:>5}: plain {t_plain:8.2f} ms {m_plain:8.0f} MiB | " + " | ".join(
+            f"{n} {row[n + '_ms'] / t_plain:5.2f}x time {row[n + '_mib'] / m_plain:5.2f}x mem"
+            for n in ("scan", "prefix_sum", "loop") if n + "_ms" in row), flush=True)
+    return rows
+
+
+def bench_rope(shape, dtype, device, reps):
+    B, H, T, D = shape
+    q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    offset = torch.zeros(B, dtype=torch.long, device=device)
+    rope = yarn.YarnRotaryEmbedding(scale=4.0, original_len=T // 4)
+
+    def step(fn):
+        def run():
+            qo, ko = fn()
+            (qo.float().sum() + ko.float().sum()).backward()
+            q.grad = k.grad = None
+        return run
+
+    t_moshi, _ = measure(step(lambda: apply_rope(q, k, offset, 10_000, interleave=True)), device, reps)
+    t_yarn, _ = measure(step(lambda: rope(q, k, offset)), device, reps)
+    row = dict(shape=list(shape), moshi_ms=t_moshi, yarn_ms=t_yarn, ratio=t_yarn / t_moshi)
+    print(f"  q, k {list(shape)}: moshi apply_rope {t_moshi:.2f} ms, YaRN {t_yarn:.2f} ms: {row['ratio']:.2f}x", flush=True)
+    return row
+
+
+def bench_train_step(preset, T, B, chunk, dtype, device, reps):
+    rows = {}
+    for name in ("plain", "ttt"):
+        torch.manual_seed(0)
+        lm = M.build_model(dict(M.PRESETS[preset], context=T)).to(device)
+        yarn.apply_yarn(lm, 4.0, T // 4)
+        if name == "ttt":  # every 4th layer, as the GPU preset's default
+            layers = list(range(0, len(lm.transformer.layers), 4))
+            ttt.apply_ttt(lm, layers, chunk, 0.3)
+            lm.to(device)
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-4)
+        x = torch.randint(0, 256, (B, T + 1), device=device)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+        def run():
+            with autocast:
+                out = M.logits(lm, x[:, :-1])
+                loss = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ms, _ = measure(run, device, reps)
+        rows[name] = dict(ms=ms, tokens_per_s=B * T / ms * 1000)
+        del lm, opt
+    ratio = rows["ttt"]["tokens_per_s"] / rows["plain"]["tokens_per_s"]
+    print(f"  {preset} preset, B {B} x T {T}: {rows['plain']['tokens_per_s']:,.0f} tok/s without TTT, "
+          f"{rows['ttt']['tokens_per_s']:,.0f} with: {ratio:.2f}x", flush=True)
+    return dict(preset=preset, T=T, B=B, chunk=chunk, **rows, ratio=ratio)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        d, h, B, lengths, chunks, dtype, reps = 1024, 2816, 1, [4096, 16384, 32768], [256, 1024], torch.bfloat16, 10
+        rope_shape, step_cfg = (4, 16, 8192, 64), ("gpu", 4096, 4, 256)
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        d, h, B, lengths, chunks, dtype, reps = 256, 704, 1, [1024, 4096], [128, 512], torch.float32, 3
+        rope_shape, step_cfg = (1, 4, 2048, 64), ("cpu", 512, 2, 64)
+        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if args.quick:
+        lengths, reps = lengths[:1], 3
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        revision = "unknown"
+    print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
+    print(f"1-2. TTT gating fwd+bwd vs moshi ActivationGating (d {d}, h {h}), scan / prefix-sum / loop:")
+    gating = [r for T in lengths for r in bench_gating(d, h, B, T, chunks, dtype, device, reps)]
+    print("3. RoPE fwd+bwd:")
+    rope = bench_rope(rope_shape, dtype if cuda else torch.float32, device, reps)
+    print("4. training step:")
+    step = bench_train_step(*step_cfg, dtype, device, reps)
+    result = dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), revision=revision,
+                  gating=gating, rope=rope, train_step=step)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
