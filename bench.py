@@ -191,11 +191,12 @@ def main():
         hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if args.quick:
         lengths, reps = lengths[:1], 3
-    try:
+    try:  # a copy without .git (e.g. on a rented GPU) can name its revision in $REVISION
         revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
-        revision = "unknown"
+        revision = ""
+    revision = revision or os.environ.get("REVISION", "unknown")
     print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
     print(f"1-2. TTT gating fwd+bwd vs moshi ActivationGating (d {d}, h {h}), scan / prefix-sum / loop:")
     gating = [r for T in lengths for r in bench_gating(d, h, B, T, chunks, dtype, device, reps)]

@@ -9,6 +9,7 @@ is where greedy decoding would leave the key), so one forward pass per document 
 
     python eval_passkey.py out/ckpt.pt --lengths 256,512,1024 --trials 20
     python eval_passkey.py out/base.pt --method yarn --scale 4    # no-finetune baselines
+    python eval_passkey.py out/ckpt.pt --streaming                # step by step, as Moshi runs
 """
 import argparse
 import json
@@ -30,9 +31,24 @@ EVAL_SEED = 2 ** 40 + 10_007
 
 
 @torch.no_grad()
+def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int) -> torch.Tensor:
+    """Greedy decoding the way Moshi runs: inside `model.streaming(B)`, the prompt fed `piece`
+    steps at a time (no more than the attention's KV cache holds), then one token per step.
+    prompts: [B, T] -> [B, digits]."""
+    with model.streaming(prompts.shape[0]):
+        for start in range(0, prompts.shape[1], piece):
+            out = M.logits(model, prompts[:, start:start + piece])
+        decoded = [out[:, -1].argmax(-1)]
+        for _ in range(digits - 1):
+            decoded.append(M.logits(model, decoded[-1][:, None])[:, -1].argmax(-1))
+    return torch.stack(decoded, dim=1)
+
+
+@torch.no_grad()
 def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, seed: int,
-                     device, batch: int = 8) -> list[float]:
-    """Accuracy at each depth over `trials` documents of exactly `length` bytes."""
+                     device, batch: int = 8, streaming: bool = False) -> list[float]:
+    """Accuracy at each depth over `trials` documents of exactly `length` bytes. Parallel mode
+    reads each document once (see the module docstring); streaming mode decodes greedily."""
     model.eval()
     accuracies = []
     for d, depth in enumerate(depths):
@@ -41,7 +57,11 @@ def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, 
         correct = 0
         for start in range(0, trials, batch):
             x = tokens[start:start + batch].to(device)
-            pred = M.logits(model, x[:, :-1])[:, -data.KEY_DIGITS:].argmax(-1)
+            if streaming:
+                piece = min(256, model.transformer.layers[0].self_attn.context)
+                pred = streaming_greedy(model, x[:, :-data.KEY_DIGITS], data.KEY_DIGITS, piece)
+            else:
+                pred = M.logits(model, x[:, :-1])[:, -data.KEY_DIGITS:].argmax(-1)
             correct += (pred == x[:, -data.KEY_DIGITS:]).all(dim=1).sum().item()
         accuracies.append(correct / trials)
     return accuracies
@@ -62,11 +82,11 @@ def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batc
 
 
 def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, windows: int,
-             device, seed: int = EVAL_SEED) -> list[dict]:
+             device, seed: int = EVAL_SEED, streaming: bool = False) -> list[dict]:
     """One row per length: passkey accuracy per depth and overall, and bits per byte."""
     rows = []
     for length in lengths:
-        acc = passkey_accuracy(model, val, length, depths, trials, seed + length, device)
+        acc = passkey_accuracy(model, val, length, depths, trials, seed + length, device, streaming=streaming)
         bpb = bits_per_byte(model, val, length, windows, seed + length, device)
         rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb))
     return rows
@@ -123,6 +143,7 @@ def parse_args(argv):
     p.add_argument("--method", choices=yarn.METHODS, default=None, help="override the RoPE method")
     p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
     p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
+    p.add_argument("--streaming", action="store_true", help="greedy decoding step by step, as Moshi runs")
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the Python stdlib)")
     p.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -171,17 +192,20 @@ def main(argv=None):
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
         override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
-    M.set_context(model, settings.get("window"))  # full attention unless trained with a window
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
+    # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
+    M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
     if max(lengths) > len(corpus.val):
         fail(f"--lengths up to {max(lengths)} need more validation text ({len(corpus.val)} bytes)")
     start = time.time()
-    rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed)
+    rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed,
+                    args.streaming)
     title = f"{os.path.basename(args.checkpoint)}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
     print(format_rows(title, rows))
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
     result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
+                  streaming=args.streaming,
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))

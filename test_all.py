@@ -7,8 +7,11 @@ import json
 import math
 import os
 import pickle
+import random
+import signal
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -345,6 +348,33 @@ def test_full_model_causality_with_ttt_and_yarn(target_source):
     assert (M.logits(m, y)[:, 30:] - ref[:, 30:]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("target_source,modulo,steps", [("hidden", False, [1]), ("embeddings", True, [3, 1, 7]),
+                                                         ("hidden", True, [5, 11])])
+def test_streaming_equals_parallel_with_yarn_and_ttt(target_source, modulo, steps):
+    """Step-by-step streaming logits equal the parallel forward's, over several chunks, with
+    positions past the original length (YaRN) and steps that straddle chunk boundaries."""
+    m = tiny_model(context=64)
+    yarn.apply_yarn(m, 4.0, 32)  # context widened to 128: the KV cache holds the whole sequence
+    ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5, target_source=target_source)
+    randomise_ttt(m)
+    if modulo:
+        for g in freeze.ttt_modules(m):
+            g.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, 8)
+    x = torch.randint(0, 256, (2, 90))
+    ref = M.logits(m, x)
+    outs, t, i = [], 0, 0
+    with torch.no_grad(), m.streaming(2):
+        while t < x.shape[1]:
+            n = steps[i % len(steps)]
+            outs.append(M.logits(m, x[:, t:t + n]))
+            t, i = t + n, i + 1
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), m.streaming(2):  # the state starts fresh each time streaming starts
+        torch.testing.assert_close(M.logits(m, x[:, :20]), ref[:, :20], atol=1e-4, rtol=1e-4)
+        m.reset_streaming()
+        torch.testing.assert_close(M.logits(m, x[:, :20]), ref[:, :20], atol=1e-4, rtol=1e-4)
+
+
 def test_ttt_every_parameter_gets_gradient_by_second_step():
     """From the official init (zero conv, diagonal W_target): the port's all-zero init gave
     exactly zero gradient forever."""
@@ -516,6 +546,54 @@ def test_passkey_document_rejects_bad_input():
         data.passkey_document(200, 0.5, 123, b"x" * 200)
 
 
+@FAST
+@given(length=st.integers(-5, 400), depth=st.one_of(st.floats(-0.5, 1.5), st.just(float("nan"))),
+       key=st.integers(-10, 200_000), filler=st.binary(max_size=400))
+def test_passkey_document_any_input(length, depth, key, filler):
+    """Any lengths, depths, keys and filler bytes: a well-formed document or a clear ValueError."""
+    try:
+        doc, at, answer = data.passkey_document(length, depth, key, filler)
+    except ValueError as e:
+        assert any(w in str(e) for w in ("depth", "digits", "at least", "shorter")), e
+        return
+    assert len(doc) == length and doc[answer:] == str(key).encode()
+    assert doc[at:].startswith(data.needle(key)) and doc[:at] == filler[:at]
+
+
+@FAST
+@given(length=st.integers(90, 500), count=st.integers(1, 6), share=st.floats(0, 1), seed=st.integers(0, 10**6),
+       text=st.binary(min_size=1, max_size=50))
+def test_training_batch_any_sizes(length, count, share, seed, text):
+    corpus = np.frombuffer(text * (2000 // len(text) + 1), dtype=np.uint8)
+    try:
+        tokens, answer = data.training_batch(corpus, length, count, share, torch.Generator().manual_seed(seed))
+    except ValueError as e:
+        assert "at least" in str(e) and length + 1 < 110, e  # too short for a passkey document
+        return
+    assert tokens.shape == (count, length + 1) and answer.shape == (count, length)
+    assert tokens.dtype == torch.long and 0 <= tokens.min() and tokens.max() < 256
+    for row, mask in zip(tokens, answer):
+        assert mask.sum() in (0, 5)
+        if mask.any():  # a passkey document: the masked targets are its last 5 bytes, the key
+            assert bytes(row[-5:].tolist()).isdigit() and mask[-5:].all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(contents=st.lists(st.binary(max_size=200), min_size=1, max_size=3))
+def test_corpus_from_any_bytes(tmp_path_factory, contents):
+    folder = tmp_path_factory.mktemp("corpus")
+    paths = []
+    for i, content in enumerate(contents):
+        (folder / f"f{i}.txt").write_bytes(content)
+        paths.append(str(folder / f"f{i}.txt"))
+    try:
+        corpus = data.load_corpus(paths)
+    except ValueError as e:
+        assert any(w in str(e) for w in ("empty", "UTF-8", "too small")), e
+        return
+    assert corpus.files == len(contents) and len(corpus.train) >= 2 and len(corpus.val) >= 2
+
+
 def test_corpus_split_and_user_files(tmp_path):
     corpus = data.load_corpus()
     assert corpus.files > 100 and len(corpus.val) > 10_000 and len(corpus.train) > 10 * len(corpus.val)
@@ -550,6 +628,23 @@ def test_bits_per_byte_of_uniform_model_is_8():
     torch.nn.init.zeros_(m.text_linear.weight)  # constant logits: the uniform distribution
     corpus = data.load_corpus()
     assert eval_passkey.bits_per_byte(m, corpus.val, 64, 4, 0, "cpu") == pytest.approx(8.0, abs=1e-5)
+
+
+def test_streaming_passkey_decoding_equals_parallel_greedy():
+    m = tiny_model(context=64)
+    yarn.apply_yarn(m, 2.0, 64)
+    ttt.apply_ttt(m, [1, 3], chunk_size=16, eta=0.5)
+    randomise_ttt(m)
+    with torch.no_grad():
+        m.text_linear.weight[48:58] += 0.5
+    corpus = data.load_corpus()
+    tokens, _ = data.passkey_batch(corpus.val, 128, 3, torch.Generator().manual_seed(1))
+    got = eval_passkey.streaming_greedy(m, tokens[:, :-5], 5, piece=50)
+    prompt = tokens[:, :-5]
+    with torch.no_grad():
+        for _ in range(5):
+            prompt = torch.cat([prompt, M.logits(m, prompt)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(got, prompt[:, -5:])
 
 
 def test_teacher_forced_passkey_equals_greedy_decoding():
@@ -663,6 +758,31 @@ def test_train_bad_init_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_train_bad_data_and_checkpoints_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    (tmp_path / "short.txt").write_text("def f():\n    return 1\n" * 10)
+    torch.save({"a": torch.zeros(2)}, str(tmp_path / "other.pt"))
+    shapes = dict(model=dict(TINY, dim=64), original_len=128, yarn=None, ttt=None, window=None)
+    torch.save({"model": tiny_model().state_dict(), "settings": shapes}, str(tmp_path / "shape.pt"))
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "cannot read"),
+        (["--data", str(tmp_path / "empty.txt")], "empty"),
+        (["--data", str(tmp_path / "latin1.txt")], "UTF-8"),
+        (["--data", str(tmp_path / "short.txt")], "more text"),
+        (["--init", str(tmp_path / "other.pt")], "not a checkpoint"),
+        (["--init", str(tmp_path / "shape.pt")], "does not match"),
+        (["--ttt-layers", "0,9"], "out of range"),
+        (["--resume"], "does not exist"),
+    ]
+    for extra, message in cases:
+        r = run_train(QUICK + extra + ["--out", str(out)])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, r.stderr)
+    assert not out.exists()
+
+
 def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
     one = run_train(QUICK + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
@@ -679,7 +799,7 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
     logged = lambda r: [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
     assert logged(one) == pytest.approx(logged(two), abs=2e-3)  # the global batch's loss is logged
     # the evaluation script reads the checkpoint as trained, and with another RoPE at inference
-    for extra in ([], ["--method", "ntk", "--scale", "2"]):
+    for extra in ([], ["--method", "ntk", "--scale", "2"], ["--streaming"]):
         out = str(tmp_path / f"eval{len(extra)}.json")
         eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--lengths", "128,256", "--trials", "2",
                            "--windows", "2", "--out", out] + extra)
@@ -704,20 +824,62 @@ def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL at random moments (several times over one run, checkpoint writes included), then
+    --resume: the final weights equal an uninterrupted run's, bit for bit."""
     args = QUICK + ["--save-every", "1"]
     full = run_train(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
-    out = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(HERE, "train.py")] + args + ["--out", out]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for line in proc.stdout:
-        if line.startswith("step 4/6 | stage 0"):  # checkpoints of steps 1..3 exist by now
+    out = tmp_path / "killed"
+    rng, kills = random.Random(0), 0
+    for _ in range(3):
+        resume = ["--resume"] if (out / "ckpt.pt").exists() else []
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args + resume + ["--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # until a (new) checkpoint exists
+            if (out / "ckpt.pt").exists() and os.path.getmtime(out / "ckpt.pt") > started:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
             proc.kill()
-            break
-    proc.wait()
-    resumed = run_train(args + ["--resume", "--out", out])
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    resumed = run_train(args + ["--resume", "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_one_rank_dying_stops_the_other(tmp_path):
+    """torchrun with 2 processes: SIGKILL rank 1 mid-training; rank 0 must not hang."""
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py")] + QUICK + ["--pretrain-steps", "500", "--out", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith("step 3/500"):
+            break
+    rank1 = [int(p) for p in os.listdir("/proc") if p.isdigit() and is_rank(int(p), out, b"RANK=1")]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    start = time.time()
+    proc.stdout.close()
+    assert proc.wait(timeout=90) != 0
+    assert time.time() - start < 90
+
+
+def is_rank(pid, marker, rank):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if marker.encode() not in f.read():
+                return False
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return rank in f.read().split(b"\0")
+    except OSError:
+        return False

@@ -20,11 +20,13 @@ Usage:
                   chunk_size=1024, eta=0.3)       # moshi LMModel, gating MLPs replaced in place
     logits = model.forward_text(tokens)[1]       # identical to the base model at init
 
-Only the standard library and torch are used: copy this file alone.
+Only the standard library, torch and moshi's streaming base class are used: copy this file alone.
 """
 import typing as tp
+from dataclasses import dataclass
 
 import torch
+from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 from torch.nn import functional as F
 
@@ -141,7 +143,25 @@ def default_layers(num_layers: int) -> list[int]:
 # The module: a drop-in for moshi.modules.gating.ActivationGating.
 # ---------------------------------------------------------------------------------------------
 
-class TTTGating(nn.Module):
+@dataclass
+class _TTTState(State):
+    """Streaming state, one fast weight per sequence: the updates of the completed chunks, and
+    the raw inputs of the chunk being filled (its targets need the whole chunk's conv)."""
+    fast: torch.Tensor  # [B, d, h] float32: eta * sum over completed chunks of V_j^T Z_j
+    source: torch.Tensor  # [B, C, d] target-generator inputs of the partial chunk
+    Z: torch.Tensor  # [B, C, h] its (transformed) Z
+    filled: int = 0  # tokens in the partial chunk
+    offset: int = 0  # tokens seen since the start
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        if not bool(reset_mask.all()):
+            raise NotImplementedError("TTT streaming resets every sequence of the batch together")
+        self.fast.zero_()
+        self.filled = self.offset = 0
+
+
+class TTTGating(StreamingModule[_TTTState]):
     """Gated MLP whose down projection is a fast weight, updated chunk by chunk.
 
     Same `linear_in` (d -> 2h, gate then up) and `linear_out` (h -> d) as moshi's
@@ -151,6 +171,12 @@ class TTTGating(nn.Module):
     `z_transform(Z, positions)`, if set, is applied to Z in the fast-weight path only (the reads
     and writes of the fast weight, not the base product Z Wd_0^T), e.g. a modulo RoPE.
     `x0` is set by a hook on the transformer when targets come from the token embeddings.
+
+    Inside moshi's `with model.streaming(B):` it keeps its fast weight in the streaming state,
+    updates it each time a chunk completes (convolving the whole chunk, as the parallel form
+    does) and gives the parallel form's outputs step by step. All sequences of the batch advance
+    together (moshi's exec_mask is not honoured). The update is Python-side control flow: run
+    moshi's LMGen with CUDA graphs off (NO_CUDA_GRAPH=1), which would freeze it.
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
@@ -181,23 +207,55 @@ class TTTGating(nn.Module):
         """What TTT adds to the base MLP: the conv and W_target."""
         return [self.conv.weight, self.target.weight]
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x: [B, T, d] (the normed hidden states) -> [B, T, d]."""
+    def _init_streaming_state(self, batch_size: int) -> _TTTState:
+        W = self.linear_out.weight
+        (d, h), C = W.shape, self.chunk_size
+        return _TTTState(batch_size, W.device, fast=W.new_zeros(batch_size, d, h, dtype=torch.float32),
+                         source=W.new_zeros(batch_size, C, d), Z=W.new_zeros(batch_size, C, h))
+
+    def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
+                offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Z [B, T, h], the target source [B, T, d] and Z for the fast path, for x [B, T, d]."""
         B, T, _ = x.shape
         gate, up = self.linear_in(x).view(B, T, 2, -1).unbind(dim=2)
-        Z = self.activation(gate) * up  # [B, T, h]
-        source = x if self.target_source == "hidden" else self.x0
+        Z = self.activation(gate) * up
+        source = x if self.target_source == "hidden" else x0
         if source is None or source.shape[:2] != x.shape[:2]:
             raise RuntimeError("target_source='embeddings' needs the transformer hook of apply_ttt")
+        Zf = Z if self.z_transform is None else self.z_transform(Z, torch.arange(offset, offset + T, device=x.device))
+        return Z, source, Zf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d] (the normed hidden states) -> [B, T, d]."""
+        if self._streaming_state is not None:
+            return self._streaming_forward(x, self._streaming_state)
+        Z, source, Zf = self._inputs(x, self.x0, 0)
         W = self.linear_out.weight
         V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
-        Zf = Z if self.z_transform is None else self.z_transform(Z, torch.arange(offset, offset + T, device=x.device))
         # Base product and fast-weight path apart: Wd_i = Wd_0 + eta * sum_(j<i) V_j^T Z_j, where
         # the sum, small next to Wd_0, is kept in float32 inside ttt_scan. Cast to bf16 together
         # with Wd_0, the updates would round away.
         fast = ttt_scan(Zf, V.to(Zf.dtype), torch.zeros_like(W, dtype=torch.float32), self.eta, self.chunk_size)
-        O = F.linear(Z, W) + fast
-        return O.to(x.dtype)
+        return (F.linear(Z, W) + fast).to(x.dtype)
+
+    def _streaming_forward(self, x: torch.Tensor, state: _TTTState) -> torch.Tensor:
+        """The parallel form, a few tokens at a time: tokens of the partial chunk read the fast
+        weight left by the completed chunks; a completed chunk then writes its update."""
+        C, W, outputs, start = self.chunk_size, self.linear_out.weight, [], 0
+        while start < x.shape[1]:
+            n = min(x.shape[1] - start, C - state.filled)
+            x0 = self.x0[:, start:start + n] if self.x0 is not None else None
+            Z, source, Zf = self._inputs(x[:, start:start + n], x0, state.offset)
+            fast = torch.bmm(Zf, state.fast.to(Zf.dtype).transpose(1, 2))
+            outputs.append((F.linear(Z, W) + fast).to(x.dtype))
+            state.source[:, state.filled:state.filled + n] = source
+            state.Z[:, state.filled:state.filled + n] = Zf
+            state.filled, state.offset, start = state.filled + n, state.offset + n, start + n
+            if state.filled == C:
+                V = self.target(conv_within_chunks(state.source, self.conv, C))
+                state.fast.add_(torch.bmm(V.to(Zf.dtype).transpose(1, 2), state.Z.to(Zf.dtype)), alpha=self.eta)
+                state.filled = 0
+        return torch.cat(outputs, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +289,9 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         new.to(device=weight.device, dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
+    for m in model.modules():  # moshi caches the streaming children on first use
+        if isinstance(m, StreamingModule):
+            m._cached_children = None
     if target_source == "embeddings":
         ttt_modules = [transformer.layers[i].gating for i in layers]
 
