@@ -74,7 +74,11 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     at any moment leaves the previous checkpoint intact."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    prefix = f".{os.path.basename(path)}.tmp"
+    for stale in os.listdir(folder):  # left by a process killed while writing
+        if stale.startswith(prefix):
+            os.remove(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)

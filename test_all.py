@@ -776,8 +776,12 @@ def test_train_bad_data_and_checkpoints_exit_2_and_write_nothing(tmp_path):
         (["--ttt-layers", "0,9"], "out of range"),
         (["--resume"], "does not exist"),
     ]
+    resumable = tmp_path / "notresumable"
+    resumable.mkdir()
+    M.save_checkpoint(str(resumable / "ckpt.pt"), {"model": {}, "settings": shapes, "stage": 0})
+    cases.append((["--resume", "--out", str(resumable)], "cannot be resumed"))
     for extra, message in cases:
-        r = run_train(QUICK + extra + ["--out", str(out)])
+        r = run_train(QUICK + extra + ([] if "--out" in extra else ["--out", str(out)]))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, r.stderr)
     assert not out.exists()
@@ -849,6 +853,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         proc.wait()
     assert kills >= 2
     resumed = run_train(args + ["--resume", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["base.pt", "ckpt.pt", "results.json"]  # no stale temporary file
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for k in a:

@@ -119,6 +119,20 @@ def parse_args(argv=None):
     return args, fail
 
 
+def check_resumable(checkpoint: dict, path: str) -> None:
+    """The fields --resume reads, checked before any work: ValueError naming the first bad one."""
+    stages = checkpoint.get("stages")
+    if not (isinstance(stages, list) and stages and all(
+            isinstance(s, dict) and s.get("kind") in ("pretrain", "extend") and isinstance(s.get("length"), int)
+            and s["length"] > 0 and isinstance(s.get("scale"), float) and s["scale"] >= 1 for s in stages)):
+        raise ValueError(f"{path} cannot be resumed: no valid 'stages' (is it a base or final checkpoint?)")
+    stage, step = checkpoint.get("stage"), checkpoint.get("step")
+    if not (isinstance(stage, int) and 0 <= stage <= len(stages)):
+        raise ValueError(f"{path} cannot be resumed: 'stage' is {stage!r}, expected 0..{len(stages)}")
+    if not (isinstance(step, int) and step >= 0 and isinstance(checkpoint.get("optimizer"), dict)):
+        raise ValueError(f"{path} cannot be resumed: bad 'step' ({step!r}) or 'optimizer'")
+
+
 def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
     """Stage 0 pretrains at L0 (scale 1), then lengths double with the scale up to `scale`."""
     stages = [dict(kind="pretrain", length=original_len, scale=1.0)] if pretrain else []
@@ -174,6 +188,8 @@ def main(argv=None):
     try:
         corpus = data.load_corpus(args.data)
         resume = M.load_checkpoint(ckpt_path) if args.resume else None
+        if resume is not None:
+            check_resumable(resume, ckpt_path)
         init = M.load_checkpoint(args.init) if args.init else None
         start = resume or init
         if start is not None:
@@ -261,7 +277,10 @@ def main(argv=None):
         steps = args.steps if extending else args.pretrain_steps
         first_step = 0
         if resume is not None and stage_index == resume["stage"] and resume["step"] > 0:
-            optimizer.load_state_dict(resume["optimizer"])
+            try:
+                optimizer.load_state_dict(resume["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                fail(f"{ckpt_path}: its optimizer state does not fit this run's parameters ({e})")
             first_step = resume["step"]
         net = TextLM(model)
         if ddp:
