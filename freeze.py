@@ -8,6 +8,8 @@ base frozen by accident and dropped half the TTT state from saved adapters.
                 weight, the fast-weight initial value `linear_out` included, stays bit-identical.
 - `ttt_layers`: whole transformer layers that contain TTT train (attention, norms, MLP, TTT).
 - `full`:       everything trains.
+- `lora_ttt`:   moshi's LoRA (`moshi.modules.lora`) on every linear layer of the frozen base
+                (`apply_lora` first), its factors and what TTT added train.
 
 Usage:
     import ttt, freeze
@@ -16,11 +18,12 @@ Usage:
     print(freeze.format_summary(summary))
 """
 import torch
+from moshi.modules.lora import LoRALinear, replace_lora_with_linear
 from torch import nn
 
 from ttt import TTTGating
 
-MODES = ("ttt_only", "ttt_layers", "full")
+MODES = ("ttt_only", "ttt_layers", "full", "lora_ttt")
 
 
 def ttt_modules(model: nn.Module) -> list[TTTGating]:
@@ -32,6 +35,41 @@ def ttt_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "gating", None), TTTGating)]
 
 
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model: nn.Module, rank: int, scaling: float) -> nn.Module:
+    """Wraps every nn.Linear of the transformer in moshi's LoRALinear (W + scaling B A), except
+    TTT's W_target, which trains whole. B starts at zero: the model is unchanged at first. A TTT
+    layer's linear_out keeps being the fast weight's start, LoRA-merged (TTTGating.down_weight).
+    Checkpoint keys of the base weights load into it (moshi maps `weight` to `frozen_W.weight`)."""
+    if rank <= 0 or scaling <= 0:
+        raise ValueError(f"LoRA needs rank > 0 and scaling > 0, got {rank}, {scaling}")
+    keep = {id(m.target) for m in ttt_modules(model)}
+
+    def wrap(module):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and id(child) not in keep:
+                lora = LoRALinear(child.in_features, child.out_features, rank, scaling,
+                                  device=child.weight.device, dtype=child.weight.dtype)
+                lora.frozen_W = child
+                nn.init.zeros_(lora.lora_B.weight)
+                setattr(module, name, lora)
+            elif not isinstance(child, (LoRALinear, nn.Linear)):
+                wrap(child)
+    wrap(getattr(model, "transformer", model))
+    model.lora_settings = dict(rank=int(rank), scaling=float(scaling))
+    return model
+
+
+def fuse_lora(model: nn.Module) -> nn.Module:
+    """Folds every LoRA back into a plain weight W + scaling B A (moshi's own function), as
+    moshi-finetune does for export; the TTT layers keep their fast-weight behaviour."""
+    replace_lora_with_linear(model)
+    return model
+
+
 def trainable_parameters(model: nn.Module, mode: str) -> set[int]:
     """ids of the parameters that train under `mode`."""
     if mode not in MODES:
@@ -40,7 +78,12 @@ def trainable_parameters(model: nn.Module, mode: str) -> set[int]:
         return {id(p) for p in model.parameters()}
     if mode == "ttt_layers":
         return {id(p) for layer in ttt_layers(model) for p in layer.parameters()}
-    return {id(p) for m in ttt_modules(model) for p in m.ttt_parameters()}
+    ttt_ids = {id(p) for m in ttt_modules(model) for p in m.ttt_parameters()}
+    if mode == "lora_ttt":
+        if not lora_modules(model):
+            raise ValueError("freeze mode lora_ttt found no LoRA layer: call apply_lora first")
+        return ttt_ids | {id(p) for m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)}
+    return ttt_ids
 
 
 def apply_freeze(model: nn.Module, mode: str) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from moshi.models.lm import LMModel
 
+import freeze
 import rope_modulo
 import ttt
 import yarn
@@ -61,6 +62,8 @@ def install(model: LMModel, settings: dict) -> LMModel:
             for m in model.modules():
                 if isinstance(m, ttt.TTTGating):
                     m.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, period)
+    if settings.get("lora"):
+        freeze.apply_lora(model, settings["lora"]["rank"], settings["lora"]["scaling"])
     return model
 
 
@@ -105,12 +108,31 @@ def load_checkpoint(path: str) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoint") -> LMModel:
-    """Rebuilds the model a checkpoint describes (shape, YaRN, TTT, window) and loads its weights."""
+    """Rebuilds the model a checkpoint describes (shape, YaRN, TTT, LoRA, window) and loads its
+    weights. An adapter (`adapter_of` set: only the trained parameters) loads on top of the base
+    checkpoint it names."""
     settings = checkpoint["settings"]
+    adapter_of = checkpoint.get("adapter_of")
     try:
-        model = install(build_model(settings["model"]), settings)
-        model.load_state_dict(checkpoint["model"], strict=True)
+        if adapter_of:  # relative to the adapter's own folder
+            adapter_of = os.path.join(os.path.dirname(os.path.abspath(path)), adapter_of)
+            base = load_checkpoint(adapter_of)
+            model = install(model_from_checkpoint(base, "cpu", adapter_of), settings)
+            missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+            if unexpected:
+                raise ValueError(f"adapter parameters not in the model: {unexpected[:3]}")
+        else:
+            model = install(build_model(settings["model"]), settings)
+            model.load_state_dict(checkpoint["model"], strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} does not match the model it describes: "
                          f"{str(e).splitlines()[0][:200]}") from None
     return model.to(device)
+
+
+def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> None:
+    """Only the parameters that train (every one with requires_grad), the settings, and the path
+    of the base checkpoint they go on top of."""
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    base = os.path.relpath(os.path.abspath(base_path), os.path.dirname(os.path.abspath(path)))
+    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=base))

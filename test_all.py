@@ -476,11 +476,14 @@ def test_modulo_rope_wraps():
 
 def expected_trainable(names, mode, layers):
     in_ttt_layer = lambda n: any(n.startswith(f"transformer.layers.{i}.") for i in layers)
+    ttt_names = {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.target.weight"))}
     if mode == "full":
         return set(names)
     if mode == "ttt_layers":
         return {n for n in names if in_ttt_layer(n)}
-    return {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.target.weight"))}
+    if mode == "lora_ttt":
+        return ttt_names | {n for n in names if n.endswith(("lora_A.weight", "lora_B.weight"))}
+    return ttt_names
 
 
 @pytest.mark.parametrize("mode", freeze.MODES)
@@ -488,6 +491,11 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
     m = tiny_model()
     layers = [1, 3]
     ttt.apply_ttt(m, layers, chunk_size=8, eta=0.5)
+    if mode == "lora_ttt":
+        freeze.apply_lora(m, rank=2, scaling=2.0)
+        lora_names = [n for n, _ in m.named_parameters() if "lora_" in n]
+        # every linear of the transformer but W_target: attention in/out, gating in/out
+        assert len(lora_names) == 2 * 4 * 4 and not any("target" in n for n in lora_names)
     summary = freeze.apply_freeze(m, mode)
     names = [n for n, _ in m.named_parameters()]
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -509,6 +517,24 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
         if n not in trainable:
             assert torch.equal(p, before[n]), n
     assert "freeze mode" in freeze.format_summary(summary)
+
+
+def test_lora_starts_as_the_base_and_fuses_exactly():
+    m = tiny_model()
+    ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5)
+    randomise_ttt(m)
+    x = torch.randint(0, 256, (2, 40))
+    ref = M.logits(m, x)
+    freeze.apply_lora(m, rank=2, scaling=2.0)
+    torch.testing.assert_close(M.logits(m, x), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for lora in freeze.lora_modules(m):
+            lora.lora_B.weight.normal_(std=0.05)
+    trained = M.logits(m, x)
+    assert (trained - ref).abs().max() > 1e-3
+    freeze.fuse_lora(m)
+    assert not freeze.lora_modules(m)
+    torch.testing.assert_close(M.logits(m, x), trained, atol=1e-4, rtol=1e-4)
 
 
 def test_freeze_needs_ttt_and_known_mode():
@@ -810,6 +836,13 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
         result = json.load(open(out))
         assert [r["length"] for r in result["rows"]] == [128, 256] and result["corpus_files"] > 100
         assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
+    # the adapter holds exactly the trained parameters and reproduces the trained model on the base
+    adapter = M.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
+    assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.target.weight"))}
+    x = torch.randint(0, 256, (2, 100))
+    full = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))).eval()
+    on_base = M.model_from_checkpoint(adapter, path=str(tmp_path / "one" / "adapter.pt")).eval()
+    assert torch.equal(M.logits(on_base, x), M.logits(full, x))
     # the base checkpoint is reusable with --init, skipping pretraining
     again = run_train(QUICK + ["--init", str(tmp_path / "one" / "base.pt"), "--out", str(tmp_path / "three")])
     assert again.returncode == 0, again.stderr
@@ -825,6 +858,23 @@ def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
     assert r.returncode == 1 and "non-finite gradient in the ttt parameters" in r.stdout, r.stdout[-500:]
     kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0
     assert kept["stage"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_lora_ttt_training_and_adapter(tmp_path):
+    out = tmp_path / "lora"
+    r = run_train(QUICK + ["--mode", "lora_ttt", "--lora-rank", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    trained = M.model_from_checkpoint(M.load_checkpoint(str(out / "ckpt.pt"))).eval()
+    adapter = M.load_checkpoint(str(out / "adapter.pt"))
+    assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
+                                     if "lora_" in n or n.endswith(("gating.conv.weight", "gating.target.weight"))}
+    on_base = M.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
+    x = torch.randint(0, 256, (2, 100))
+    assert torch.equal(M.logits(on_base, x), M.logits(trained, x))
+    base = M.load_checkpoint(str(out / "base.pt"))["model"]  # frozen_W is the base, untouched
+    for n, p in trained.state_dict().items():
+        if ".frozen_W." in n:
+            assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -853,7 +903,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         proc.wait()
     assert kills >= 2
     resumed = run_train(args + ["--resume", "--out", str(out)])
-    assert sorted(os.listdir(out)) == ["base.pt", "ckpt.pt", "results.json"]  # no stale temporary file
+    assert sorted(os.listdir(out)) == ["adapter.pt", "base.pt", "ckpt.pt", "results.json"]  # no stale temp file
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for k in a:

@@ -58,6 +58,8 @@ def parse_args(argv=None):
     a("--ttt-target", default="hidden", choices=("hidden", "embeddings"), help="targets from the MLP input or X0")
     a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
     a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
+    a("--lora-rank", type=int, default=8, help="LoRA rank in --mode lora_ttt")
+    a("--lora-scaling", type=float, default=2.0, help="LoRA scaling in --mode lora_ttt")
     # optimisation
     a("--pretrain-steps", type=int, default=600)
     a("--steps", type=int, default=40, help="steps per extension stage")
@@ -82,11 +84,11 @@ def parse_args(argv=None):
         p.error(msg)  # one line on stderr, exit code 2, nothing written
 
     for name in ("original_len", "pretrain_steps", "steps", "batch", "grad_accum", "ttt_chunk",
-                 "eval_trials", "log_every", "save_every"):
+                 "eval_trials", "log_every", "save_every", "lora_rank"):
         if getattr(args, name) < (0 if name == "pretrain_steps" else 1):
             fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'pretrain_steps' else 1}, "
                  f"got {getattr(args, name)}")
-    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup", "answer_weight"):
+    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup", "answer_weight", "lora_scaling"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -259,6 +261,9 @@ def main(argv=None):
                 settings["ttt"], settings["ttt_rope_modulo"] = ttt_settings, args.ttt_rope_modulo
                 M.install(model, dict(ttt=ttt_settings, ttt_rope_modulo=args.ttt_rope_modulo))
                 model.to(device)
+            if args.mode == "lora_ttt" and not settings.get("lora"):
+                freeze.apply_lora(model, args.lora_rank, args.lora_scaling)
+                settings["lora"] = model.lora_settings
             if settings["ttt"]:
                 summary = freeze.apply_freeze(model, args.mode)
                 log(freeze.format_summary(summary))
@@ -357,8 +362,10 @@ def main(argv=None):
                 base_model = copy.deepcopy(model)
             M.save_checkpoint(ckpt_path, checkpoint)
             model.train()
-    # --- final table
+    # --- the trained parameters alone, to load on top of the base; then the final table
     if master:
+        if settings.get("base_path") and os.path.isfile(settings["base_path"]):
+            M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, settings["base_path"])
         final_table(args, model, base_model, settings, stages, corpus, device)
     if ddp:
         dist.barrier()

@@ -207,8 +207,16 @@ class TTTGating(StreamingModule[_TTTState]):
         """What TTT adds to the base MLP: the conv and W_target."""
         return [self.conv.weight, self.target.weight]
 
+    def down_weight(self) -> torch.Tensor:
+        """Wd_0 [d, h], the fast weight's starting value: linear_out's weight, or W + s B A when
+        moshi's LoRA wraps it (differentiable, so the LoRA factors train through the fast path)."""
+        out = self.linear_out
+        if hasattr(out, "frozen_W"):  # moshi.modules.lora.LoRALinear
+            return out.frozen_W.weight + out.scaling * (out.lora_B.weight @ out.lora_A.weight)
+        return out.weight
+
     def _init_streaming_state(self, batch_size: int) -> _TTTState:
-        W = self.linear_out.weight
+        W = self.down_weight()
         (d, h), C = W.shape, self.chunk_size
         return _TTTState(batch_size, W.device, fast=W.new_zeros(batch_size, d, h, dtype=torch.float32),
                          source=W.new_zeros(batch_size, C, d), Z=W.new_zeros(batch_size, C, h))
@@ -230,7 +238,7 @@ class TTTGating(StreamingModule[_TTTState]):
         if self._streaming_state is not None:
             return self._streaming_forward(x, self._streaming_state)
         Z, source, Zf = self._inputs(x, self.x0, 0)
-        W = self.linear_out.weight
+        W = self.down_weight()
         V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
         # Base product and fast-weight path apart: Wd_i = Wd_0 + eta * sum_(j<i) V_j^T Z_j, where
         # the sum, small next to Wd_0, is kept in float32 inside ttt_scan. Cast to bf16 together
@@ -241,7 +249,7 @@ class TTTGating(StreamingModule[_TTTState]):
     def _streaming_forward(self, x: torch.Tensor, state: _TTTState) -> torch.Tensor:
         """The parallel form, a few tokens at a time: tokens of the partial chunk read the fast
         weight left by the completed chunks; a completed chunk then writes its update."""
-        C, W, outputs, start = self.chunk_size, self.linear_out.weight, [], 0
+        C, W, outputs, start = self.chunk_size, self.down_weight(), [], 0
         while start < x.shape[1]:
             n = min(x.shape[1] - start, C - state.filled)
             x0 = self.x0[:, start:start + n] if self.x0 is not None else None
