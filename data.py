@@ -9,6 +9,10 @@ a single file is split 95 / 5 by position).
 Passkey documents follow the YaRN repository's protocol (after Landmark Attention), adapted to
 bytes: filler text, the line "The pass key is N. Remember it. N is the pass key." at a chosen
 depth, and the question "What is the pass key? The pass key is N" at the end.
+
+Multi-stream data for a Moshi-format model: pre-encoded token arrays, `.npy` files of shape
+[K, T] (the text stream, then the audio codebooks, as moshi-finetune builds them), split by file
+like text.
 """
 import hashlib
 import os
@@ -152,3 +156,49 @@ def training_batch(data: np.ndarray, length: int, count: int, passkey_share: flo
     answer[count - n_passkey:, -KEY_DIGITS:] = True
     order = torch.randperm(count, generator=generator)
     return torch.cat(parts)[order], answer[order]
+
+
+@dataclass
+class TokenCorpus:
+    train: list[np.ndarray]  # each [K, T] int64
+    val: list[np.ndarray]
+    files: int
+    sha256: str
+
+
+def load_token_arrays(paths: list[str], num_streams: int) -> TokenCorpus:
+    """Reads `.npy` token arrays of shape [num_streams, T]; ValueError naming the bad file."""
+    digest, train, val = hashlib.sha256(), [], []
+    for path in paths:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read token array {path}: {str(e).splitlines()[0][:100]}") from None
+        if array.ndim != 2 or array.shape[0] != num_streams or array.shape[1] < 2:
+            raise ValueError(f"token array {path} has shape {tuple(array.shape)}, expected "
+                             f"[{num_streams}, T >= 2] (text stream, then the audio codebooks)")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"token array {path} holds {array.dtype}, expected integers")
+        digest.update(os.path.basename(path).encode() + b"\0" + array.tobytes())
+        is_val = len(paths) > 1 and zlib.crc32(os.path.basename(path).encode()) % VAL_EVERY == 0
+        (val if is_val else train).append(array.astype(np.int64))
+    if not val and len(train) > 1:  # no file fell in validation: hold out the last one
+        val = [train.pop()]
+    elif not val:  # a single file: hold out its last tenth
+        cut = int(train[0].shape[1] * 0.9)
+        val, train = [train[0][:, cut:]], [train[0][:, :cut]]
+    return TokenCorpus(train, val, len(paths), digest.hexdigest())
+
+
+def token_windows(arrays: list[np.ndarray], length: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random windows of `length` steps from the arrays, [count, K, length] long."""
+    usable = [a for a in arrays if a.shape[1] >= length]
+    if not usable:
+        raise ValueError(f"windows of {length} steps need a token array that long "
+                         f"(longest: {max(a.shape[1] for a in arrays)})")
+    picks = torch.randint(0, len(usable), (count,), generator=generator).tolist()
+    windows = []
+    for i in picks:
+        start = int(torch.randint(0, usable[i].shape[1] - length + 1, (1,), generator=generator))
+        windows.append(torch.from_numpy(usable[i][:, start:start + length]))
+    return torch.stack(windows)

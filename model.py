@@ -14,6 +14,7 @@ import typing as tp
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi: compilation dominates small runs
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from moshi.models.lm import LMModel
 
@@ -30,8 +31,11 @@ PRESETS = {  # dim, heads, layers: "cpu" trains in minutes on 2 cores, "gpu" is 
 
 
 def build_model(model_settings: dict, device: tp.Union[str, torch.device] = "cpu") -> LMModel:
-    """A text-only moshi LMModel over bytes. model_settings: dim, num_heads, num_layers, context."""
+    """A text-only moshi LMModel over bytes (model_settings: dim, num_heads, num_layers, context),
+    or, when model_settings holds `lm_kwargs`, the Moshi-format model they describe."""
     s = model_settings
+    if "lm_kwargs" in s:
+        return LMModel(**s["lm_kwargs"], device=device)
     lm = LMModel(delays=[0], n_q=0, dep_q=0, text_card=VOCAB, dim=s["dim"],
                  num_heads=s["num_heads"], num_layers=s["num_layers"],
                  hidden_scale=s.get("hidden_scale", 4.125), norm="rms_norm_f32",
@@ -65,6 +69,45 @@ def install(model: LMModel, settings: dict) -> LMModel:
     if settings.get("lora"):
         freeze.apply_lora(model, settings["lora"]["rank"], settings["lora"]["scaling"])
     return model
+
+
+def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
+    """A Moshi-format model (safetensors weights plus the json of its LMModel arguments, bare or
+    under "lm_kwargs") through moshi's own loader, in float32. Returns (model, model settings)."""
+    import json
+    from moshi.models import loaders
+    try:
+        with open(config) as f:
+            lm_kwargs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the model config {config}: {e}") from None
+    lm_kwargs = lm_kwargs.get("lm_kwargs", lm_kwargs) if isinstance(lm_kwargs, dict) else None
+    if not isinstance(lm_kwargs, dict) or "dim" not in lm_kwargs:
+        raise ValueError(f"{config} does not hold LMModel arguments (no 'dim')")
+    for unsupported in ("conditioners", "fuser", "quantize", "lora"):
+        if lm_kwargs.get(unsupported):
+            raise ValueError(f"{config}: models with {unsupported!r} are not supported")
+    if not os.path.isfile(weights):
+        raise ValueError(f"model weights {weights} do not exist or are not a file")
+    try:
+        model = loaders.get_moshi_lm(weights, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=torch.float32)
+    except Exception as e:  # moshi's loader raises what safetensors or load_state_dict raise
+        raise ValueError(f"cannot load {weights} with {config}: {str(e).splitlines()[0][:200]}") from None
+    return model.train(), dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
+
+
+def multistream_loss(model: LMModel, codes: torch.Tensor, text_padding_weight: float = 0.5) -> torch.Tensor:
+    """moshi-finetune's loss over `LMModel.forward`: text cross-entropy with the padding token
+    weighted `text_padding_weight`, plus audio cross-entropy; codes [B, K, T]."""
+    out = model(codes)
+    text, text_mask = codes[:, :1], out.text_mask
+    weights = torch.where(text == model.text_padding_token_id, text_padding_weight, 1.0)[text_mask]
+    text_ce = F.cross_entropy(out.text_logits[text_mask].float(), text[text_mask], reduction="none")
+    loss = (text_ce * weights).sum() / weights.sum()
+    if model.dep_q > 0:
+        audio = codes[:, model.audio_offset:model.audio_offset + model.dep_q]
+        loss = loss + F.cross_entropy(out.logits[out.mask].float(), audio[out.mask])
+    return loss
 
 
 def logits(model: LMModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -114,10 +157,14 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
     settings = checkpoint["settings"]
     adapter_of = checkpoint.get("adapter_of")
     try:
-        if adapter_of:  # relative to the adapter's own folder
-            adapter_of = os.path.join(os.path.dirname(os.path.abspath(path)), adapter_of)
-            base = load_checkpoint(adapter_of)
-            model = install(model_from_checkpoint(base, "cpu", adapter_of), settings)
+        if adapter_of:  # paths relative to the adapter's own folder
+            here = os.path.dirname(os.path.abspath(path))
+            adapter_of = os.path.join(here, adapter_of)
+            if settings.get("base_config"):  # a Moshi-format base
+                model = load_moshi(adapter_of, os.path.join(here, settings["base_config"]))[0]
+            else:
+                model = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of)
+            model = install(model, settings)
             missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
             if unexpected:
                 raise ValueError(f"adapter parameters not in the model: {unexpected[:3]}")
@@ -134,5 +181,7 @@ def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> N
     """Only the parameters that train (every one with requires_grad), the settings, and the path
     of the base checkpoint they go on top of."""
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    base = os.path.relpath(os.path.abspath(base_path), os.path.dirname(os.path.abspath(path)))
-    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=base))
+    relative = lambda p: os.path.relpath(os.path.abspath(p), os.path.dirname(os.path.abspath(path)))
+    if settings.get("base_config"):
+        settings = dict(settings, base_config=relative(settings["base_config"]))
+    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=relative(base_path)))

@@ -877,6 +877,60 @@ def test_lora_ttt_training_and_adapter(tmp_path):
             assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
 
 
+def make_moshi_format_model(folder):
+    """A tiny multi-stream Moshi (text + 2 audio codebooks, a depformer) saved as Moshi ships
+    models: safetensors weights and the json of its LMModel arguments."""
+    from safetensors.torch import save_file
+    lm_kwargs = dict(dim=32, text_card=48, existing_text_padding_id=3, n_q=2, dep_q=2, card=16,
+                     num_heads=2, num_layers=4, hidden_scale=4.125, causal=True, context=128,
+                     max_period=10000, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
+                     depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1,
+                     depformer_dim_feedforward=32, depformer_multi_linear=True, depformer_pos_emb="none",
+                     delays=[0, 0, 1])
+    torch.manual_seed(0)
+    from moshi.models.lm import LMModel
+    lm = LMModel(**lm_kwargs)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"lm_kwargs": lm_kwargs}))
+    rng = np.random.default_rng(0)
+    for i in range(3):  # text stream (padding 3 most of the time), then two audio codebooks
+        text = np.where(rng.random(700) < 0.6, 3, rng.integers(0, 48, 700))
+        audio = rng.integers(0, 16, (2, 700))
+        np.save(folder / f"tokens{i}.npy", np.concatenate([text[None], audio]).astype(np.int32))
+    return lm, lm_kwargs
+
+
+def test_moshi_format_model_loads_trains_and_adapts(tmp_path):
+    lm, _ = make_moshi_format_model(tmp_path)
+    loaded, settings = M.load_moshi(str(tmp_path / "model.safetensors"), str(tmp_path / "config.json"))
+    codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :64].astype(np.int64))[None]
+    lm.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes).logits.nan_to_num(), lm(codes).logits.nan_to_num())
+    out = tmp_path / "out"
+    args = ["--init", str(tmp_path / "model.safetensors"), "--init-config", str(tmp_path / "config.json"),
+            "--data"] + [str(tmp_path / f"tokens{i}.npy") for i in range(3)] + [
+            "--original-len", "128", "--scale", "4", "--steps", "3", "--batch", "2", "--ttt-layers", "1,3",
+            "--ttt-chunk", "32", "--log-every", "1", "--out", str(out)]
+    r = run_train(args)
+    assert r.returncode == 0, r.stderr
+    assert "stage 1: extend at length 512" in r.stdout and "final table (validation loss" in r.stdout
+    losses = [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
+    assert all(math.isfinite(v) for v in losses) and len(losses) == 6
+    trained = M.model_from_checkpoint(M.load_checkpoint(str(out / "ckpt.pt"))).eval()
+    on_base = M.model_from_checkpoint(M.load_checkpoint(str(out / "adapter.pt")), path=str(out / "adapter.pt")).eval()
+    assert trained.transformer.layers[0].self_attn.context == 512  # widened by YaRN x4 of 128
+    assert isinstance(trained.transformer.layers[1].gating, ttt.TTTGating)
+    with torch.no_grad():
+        a, b = trained(codes), on_base(codes)
+    assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
+    assert torch.equal(a.text_logits.nan_to_num(), b.text_logits.nan_to_num())
+    bad = run_train(args[:4] + ["--out", str(tmp_path / "bad")])  # no token arrays
+    assert bad.returncode == 2 and "--data" in bad.stderr
+    wrong = run_train(args[:4] + ["--data", str(tmp_path / "config.json"), "--out", str(tmp_path / "bad")])
+    assert wrong.returncode == 2 and "token array" in wrong.stderr
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL at random moments (several times over one run, checkpoint writes included), then
     --resume: the final weights equal an uninterrupted run's, bit for bit."""

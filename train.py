@@ -42,7 +42,9 @@ def parse_args(argv=None):
     a("--scale", type=float, default=4.0, help="final YaRN scale; stages double the length up to it")
     a("--mode", default="ttt_only", choices=freeze.MODES, help="what trains in the extension stages")
     a("--method", default="yarn", choices=yarn.METHODS[1:], help="RoPE scaling in the extension stages")
-    a("--init", default=None, help="a checkpoint to extend (e.g. out/base.pt); skips pretraining")
+    a("--init", default=None, help="a checkpoint to extend (e.g. out/base.pt), or a Moshi-format "
+      "model.safetensors with --init-config; skips pretraining")
+    a("--init-config", default=None, help="json of the LMModel arguments of a .safetensors --init")
     a("--resume", action="store_true", help="continue from out/ckpt.pt")
     a("--original-len", type=int, default=256, help="L0: the length the base model is (pre)trained at")
     a("--window", type=int, default=None, help="keep attention to a sliding window of W steps")
@@ -114,6 +116,8 @@ def parse_args(argv=None):
         fail(f"--batch {args.batch} must be divisible by processes x --grad-accum = {world * args.grad_accum}")
     if not 0 <= args.seed < 10 ** 6:
         fail(f"--seed must be in [0, 1000000), got {args.seed}")
+    if bool(args.init and args.init.endswith(".safetensors")) != bool(args.init_config):
+        fail("--init-config goes with a .safetensors --init, and only with one")
     if args.init and args.resume:
         fail("--init and --resume exclude each other (--resume reads out/ckpt.pt)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -154,15 +158,34 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class TextLM(nn.Module):
-    """DDP wraps `forward`; moshi's text path is `forward_text`, so route it."""
+class Objective(nn.Module):
+    """A micro-batch's loss inside `forward`, so that DDP sees it (and moshi's text path,
+    `forward_text`, or its multi-stream `forward`)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, answer_weight: float):
         super().__init__()
-        self.lm = lm
+        self.lm, self.answer_weight = lm, answer_weight
 
-    def forward(self, tokens):
-        return M.logits(self.lm, tokens)
+    def forward(self, batch, is_answer=None):
+        if batch.dim() == 3:  # [B, K, T] token streams: moshi-finetune's loss
+            return M.multistream_loss(self.lm, batch)
+        out = M.logits(self.lm, batch[:, :-1])
+        losses = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        # Answer digits weigh --answer-weight; dividing by the token count (not the weights'
+        # sum) keeps the DDP mean equal to the single-process one.
+        weights = 1 + (self.answer_weight - 1) * is_answer.flatten().float()
+        return (losses * weights).sum() / losses.numel()
+
+
+@torch.no_grad()
+def validation_loss(model, arrays, length: int, windows: int, device) -> float:
+    """Mean multi-stream loss over random validation windows (seeded apart from training)."""
+    model.eval()
+    tokens = data.token_windows(arrays, length, windows, torch.Generator().manual_seed(eval_passkey.EVAL_SEED))
+    loss = sum(M.multistream_loss(model, tokens[i:i + 4].to(device)).item() * len(tokens[i:i + 4])
+               for i in range(0, windows, 4)) / windows
+    model.train()
+    return loss
 
 
 def main(argv=None):
@@ -187,25 +210,30 @@ def main(argv=None):
 
     # --- data and starting point, all checked before any training
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    moshi_init = bool(args.init) and args.init.endswith(".safetensors")
     try:
-        corpus = data.load_corpus(args.data)
         resume = M.load_checkpoint(ckpt_path) if args.resume else None
         if resume is not None:
             check_resumable(resume, ckpt_path)
-        init = M.load_checkpoint(args.init) if args.init else None
-        start = resume or init
+        if moshi_init:  # a Moshi-format model through moshi's loader
+            model, model_settings = M.load_moshi(args.init, args.init_config)
+            settings = dict(model=model_settings, original_len=args.original_len, trained_len=args.original_len,
+                            yarn=None, ttt=None, ttt_rope_modulo=False, window=None, mode="full",
+                            base_path=args.init, base_config=args.init_config)
+        start = resume or (M.load_checkpoint(args.init) if args.init and not moshi_init else None)
         if start is not None:
             model = M.model_from_checkpoint(start, "cpu", ckpt_path if resume else args.init)
             settings = copy.deepcopy(start["settings"])
-        # The starting point, kept for the final comparison: --init itself, or the base.pt that
-        # stage 0 wrote (absent while a resumed run is still in stage 0).
-        base_path = resume["settings"].get("base_path") if resume else args.init
-        base = init
-        if resume and base_path and os.path.isfile(base_path):
-            base = M.load_checkpoint(base_path)
+            if not resume:
+                settings["base_path"] = args.init
+        multistream = "lm_kwargs" in settings["model"] if (start or moshi_init) else False
+        if multistream and not args.data:
+            fail("a Moshi-format model trains on --data token arrays (.npy, [K, T])")
+        corpus = (data.load_token_arrays(args.data, model.num_codebooks) if multistream
+                  else data.load_corpus(args.data))
     except ValueError as e:
         fail(str(e))
-    if start is None:
+    if start is None and not moshi_init:
         model_settings = dict(M.PRESETS[args.preset], context=args.original_len)
         settings = dict(model=model_settings, original_len=args.original_len, trained_len=args.original_len,
                         yarn=None, ttt=None, ttt_rope_modulo=False, window=None, mode="full",
@@ -213,18 +241,19 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model = M.build_model(model_settings)
     else:
-        if init is not None:
-            settings["base_path"] = args.init
-        if start is init and settings["original_len"] != args.original_len:
+        if settings["original_len"] != args.original_len and not resume:
             log(f"using the checkpoint's original length {settings['original_len']}")
         args.original_len = settings["original_len"]
-    stages = curriculum(args.scale, args.original_len, pretrain=start is None)
+    stages = curriculum(args.scale, args.original_len, pretrain=start is None and not moshi_init)
     if resume is not None:
         stages = resume["stages"]
-    if max(s["length"] for s in stages) + 1 > min(len(corpus.train), len(corpus.val)):
-        fail(f"stage length {max(s['length'] for s in stages)} needs more text than the corpus has "
-             f"({len(corpus.train)} train, {len(corpus.val)} validation bytes)")
-    num_layers = settings["model"]["num_layers"]
+    longest = max(s["length"] for s in stages)
+    have = (min(max(a.shape[1] for a in corpus.train), max(a.shape[1] for a in corpus.val)) if multistream
+            else min(len(corpus.train), len(corpus.val)) - 1)
+    if longest > have:
+        fail(f"stage length {longest} needs more {'token steps' if multistream else 'text'} than the corpus "
+             f"has (the shorter of train and validation: {have})")
+    num_layers = len(model.transformer.layers)
     ttt_layers = (ttt.default_layers(num_layers) if args.ttt_layers == "default"
                   else [] if args.ttt_layers == "none" else args.ttt_layers)
     if any(not 0 <= i < num_layers for i in ttt_layers):
@@ -241,7 +270,6 @@ def main(argv=None):
         f"sha256 {corpus.sha256[:16]}")
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; "
         f"{world} process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
-    base_model = M.model_from_checkpoint(base, device, base_path) if base is not None else None
 
     first_stage = resume["stage"] if resume else 0
     for stage_index in range(first_stage, len(stages)):
@@ -287,7 +315,7 @@ def main(argv=None):
             except (ValueError, KeyError, RuntimeError) as e:
                 fail(f"{ckpt_path}: its optimizer state does not fit this run's parameters ({e})")
             first_step = resume["step"]
-        net = TextLM(model)
+        net = Objective(model, args.answer_weight)
         if ddp:
             net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
@@ -304,7 +332,11 @@ def main(argv=None):
             # whatever the number of processes, with or without --init, and after --resume.
             stage_seed = 2 * length + extending
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stage_seed * 100_003 + step)
-            batch, answer = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
+            if multistream:
+                batch = data.token_windows(corpus.train, length, args.batch, generator)
+                answer = torch.zeros(args.batch, dtype=torch.bool)  # no passkey documents here
+            else:
+                batch, answer = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
             mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
             batch, answer = batch[mine].to(device), answer[mine].to(device)
             loss_sum = 0.0
@@ -312,12 +344,7 @@ def main(argv=None):
                 x, is_answer = batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]
                 sync = k == args.grad_accum - 1  # all-reduce only on the last micro-step
                 with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
-                    out = net(x[:, :-1])
-                    losses = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-                    # Answer digits weigh --answer-weight; dividing by the token count (not the
-                    # weights' sum) keeps the DDP mean equal to the single-process one.
-                    weights = 1 + (args.answer_weight - 1) * is_answer.flatten().float()
-                    loss = (losses * weights).sum() / losses.numel() / args.grad_accum
+                    loss = net(x, is_answer) / args.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             # Clipped per group so the TTT parameters' small gradients are not scaled by the base's.
@@ -351,29 +378,44 @@ def main(argv=None):
         # --- stage end: validation, passkey, checkpoint
         if master:
             model.eval()
-            row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
-                                        8, device)[0]
-            log(f"stage {stage_index} done: validation {row['bpb']:.3f} bits/byte, passkey "
-                f"{100 * row['passkey']:.0f}% at length {length}")
+            if multistream:
+                log(f"stage {stage_index} done: validation loss {validation_loss(model, corpus.val, length, 8, device):.4f} "
+                    f"at length {length}")
+            else:
+                row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
+                                            8, device)[0]
+                log(f"stage {stage_index} done: validation {row['bpb']:.3f} bits/byte, passkey "
+                    f"{100 * row['passkey']:.0f}% at length {length}")
             checkpoint = dict(model=model.state_dict(), settings=settings, stages=stages,
                               stage=stage_index + 1, step=0, optimizer={})
             if not extending:
                 M.save_checkpoint(settings["base_path"], dict(checkpoint, stage=0))
-                base_model = copy.deepcopy(model)
             M.save_checkpoint(ckpt_path, checkpoint)
             model.train()
     # --- the trained parameters alone, to load on top of the base; then the final table
     if master:
-        if settings.get("base_path") and os.path.isfile(settings["base_path"]):
-            M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, settings["base_path"])
-        final_table(args, model, base_model, settings, stages, corpus, device)
+        base_path = settings.get("base_path")
+        if base_path and os.path.isfile(base_path):
+            M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, base_path)
+        base_model = None  # the starting point, for the comparison
+        if base_path and os.path.isfile(base_path):
+            base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
+                          else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
+        final_table(args, model, base_model, settings, stages, corpus, device, multistream)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def final_table(args, model, base_model, settings, stages, corpus, device):
+def final_table(args, model, base_model, settings, stages, corpus, device, multistream):
     lengths = sorted({args.original_len} | {s["length"] for s in stages})
+    if multistream:  # no passkey in token streams: validation loss of the base and the trained model
+        rows = {name: {L: validation_loss(m, corpus.val, L, 8, device) for L in lengths}
+                for name, m in (("base", base_model), ("trained", model)) if m is not None}
+        print("\nfinal table (validation loss, moshi-finetune's):")
+        for name, row in rows.items():
+            print(f"{name:<10}" + "".join(f"{L:>8}: {v:.4f}" for L, v in row.items()))
+        return
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
     rows = {}
     if base_model is not None:
