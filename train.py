@@ -46,6 +46,7 @@ def parse_args(argv=None):
       "model.safetensors with --init-config; skips pretraining")
     a("--init-config", default=None, help="json of the LMModel arguments of a .safetensors --init")
     a("--resume", action="store_true", help="continue from out/ckpt.pt")
+    a("--pretrain-only", action="store_true", help="stop after pretraining the base (out/base.pt)")
     a("--original-len", type=int, default=256, help="L0: the length the base model is (pre)trained at")
     a("--window", type=int, default=None, help="keep attention to a sliding window of W steps")
     a("--preset", default="cpu", choices=sorted(M.PRESETS), help="model size when pretraining")
@@ -245,6 +246,10 @@ def main(argv=None):
             log(f"using the checkpoint's original length {settings['original_len']}")
         args.original_len = settings["original_len"]
     stages = curriculum(args.scale, args.original_len, pretrain=start is None and not moshi_init)
+    if args.pretrain_only:
+        if stages[0]["kind"] != "pretrain":
+            fail("--pretrain-only needs a run that pretrains (no --init)")
+        stages = stages[:1]
     if resume is not None:
         stages = resume["stages"]
     longest = max(s["length"] for s in stages)
@@ -258,7 +263,7 @@ def main(argv=None):
                   else [] if args.ttt_layers == "none" else args.ttt_layers)
     if any(not 0 <= i < num_layers for i in ttt_layers):
         fail(f"--ttt-layers {ttt_layers} out of range: the model has layers 0..{num_layers - 1}")
-    shortest = min(s["length"] for s in stages if s["kind"] == "extend")
+    shortest = min((s["length"] for s in stages if s["kind"] == "extend"), default=math.inf)
     if ttt_layers and args.ttt_chunk >= shortest:
         fail(f"--ttt-chunk {args.ttt_chunk} must be shorter than the sequences ({shortest}): "
              f"with one chunk the fast weights never update")
@@ -393,7 +398,7 @@ def main(argv=None):
             M.save_checkpoint(ckpt_path, checkpoint)
             model.train()
     # --- the trained parameters alone, to load on top of the base; then the final table
-    if master:
+    if master and not args.pretrain_only:
         base_path = settings.get("base_path")
         if base_path and os.path.isfile(base_path):
             M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, base_path)

@@ -1,0 +1,152 @@
+"""Setting A of the YaRN paper in miniature: one base model, every RoPE method, fine-tuning with
+and without TTT, passkey accuracy and bits per byte at L0, 2 L0, 4 L0 and 8 L0.
+
+    python sweep.py                    # the whole sweep (CUDA: the GPU preset; CPU: a small version)
+    python sweep.py --rows vanilla,yarn_x8    # some rows only; rows already in the JSON are skipped
+    python sweep.py --tables           # rebuild the markdown table and the plot from the JSON
+
+Every row starts from the same base checkpoint (pretrained here at L0 with full attention), with
+the same data, steps and seed where it trains. Results are written to the JSON after each row,
+so an interrupted sweep resumes where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = [  # name, label, what to do: evaluate the base with another RoPE, or fine-tune it
+    ("vanilla", "vanilla RoPE, no training", ["--method", "none"]),
+    ("pi_x8", "PI x8, no training", ["--method", "pi", "--scale", "8"]),
+    ("ntk_x8", "NTK-aware x8, no training", ["--method", "ntk", "--scale", "8"]),
+    ("yarn_x8", "YaRN x8, no training", ["--method", "yarn", "--scale", "8"]),
+    ("dynamic_yarn", "dynamic YaRN, no training", ["--method", "yarn", "--dynamic"]),
+    ("yarn_ft", "YaRN x4 fine-tuned, no TTT (control)", ["train", "--ttt-layers", "none", "--mode", "full"]),
+    ("ttt_only", "YaRN x4 + TTT, ttt_only", ["train", "--mode", "ttt_only"]),
+    ("ttt_layers", "YaRN x4 + TTT, ttt_layers", ["train", "--mode", "ttt_layers"]),
+    ("ttt_full", "YaRN x4 + TTT, full", ["train", "--mode", "full"]),
+    ("ttt_full_modulo", "YaRN x4 + TTT, full, modulo RoPE", ["train", "--mode", "full", "--ttt-rope-modulo"]),
+]
+PRESETS = {
+    "cuda": dict(preset="gpu", L0=1024, pretrain_steps=1200, pretrain_batch=32, steps=100, batch=16,
+                 lr="1e-3", chunk=256, trials=20, windows=16),
+    "cpu": dict(preset="cpu", L0=128, pretrain_steps=150, pretrain_batch=8, steps=8, batch=4,
+                lr="2e-3", chunk=32, trials=2, windows=2),
+}
+
+
+def run(cmd):
+    """Runs a step of the sweep, its output shown as it comes; stops the sweep if it fails."""
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=HERE).returncode != 0:
+        sys.exit(f"sweep: step failed: {' '.join(cmd)}")
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % confidence interval of a proportion (Wilson score)."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def tables(results: dict, path: str) -> None:
+    """The markdown table (accuracy with its 95 % interval, bits per byte) and the plot."""
+    rows = [(name, label) for name, label, _ in ROWS if name in results["rows"]]
+    if not rows:
+        return
+    lengths = [r["length"] for r in results["rows"][rows[0][0]]["rows"]]
+    n = results["config"]["trials"] * 5
+    lines = [f"Passkey accuracy (95 % interval, {n} documents per cell over 5 depths) and bits per byte.",
+             "", "| row | " + " | ".join(str(L) for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for name, label in rows:
+        cells = []
+        for r in results["rows"][name]["rows"]:
+            low, high = wilson(r["passkey"], n)
+            cells.append(f"{100 * r['passkey']:.0f}% ({100 * low:.0f}-{100 * high:.0f}), {r['bpb']:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, label in rows:
+        rs = results["rows"][name]["rows"]
+        ax1.plot(lengths, [100 * r["passkey"] for r in rs], marker="o", label=label)
+        ax2.plot(lengths, [r["bpb"] for r in rs], marker="o", label=label)
+    for ax, title in ((ax1, "passkey accuracy (%)"), (ax2, "bits per byte")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.set_xlabel("context length (bytes)")
+        ax.set_title(title)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".png")
+    plt.close(fig)
+    print(f"wrote {path}.md and {path}.png")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join("results", "sweep_a"), help="JSON / md / png path stem")
+    p.add_argument("--work", default=os.path.join("out", "sweep_a"), help="checkpoints go here")
+    p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
+    p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    known = [name for name, _, _ in ROWS]
+    wanted = known if args.rows is None else args.rows.split(",")
+    if any(r not in known for r in wanted):
+        p.error(f"--rows must be among {known}, got {args.rows}")
+    json_path = args.out + ".json"
+    results = json.load(open(json_path)) if os.path.exists(json_path) else None
+    if args.tables:
+        if results is None:
+            p.error(f"no results at {json_path}")
+        return tables(results, args.out)
+    c = PRESETS["cuda" if torch.cuda.is_available() else "cpu"]
+    if results is None:
+        hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        results = dict(config=dict(c, seed=args.seed, hardware=hardware, torch=torch.__version__), rows={})
+    lengths = ",".join(str(c["L0"] * 2 ** k) for k in range(4))
+    base = os.path.join(args.work, "base", "base.pt")
+    common = ["--original-len", str(c["L0"]), "--seed", str(args.seed), "--lr", c["lr"], "--lr-ttt", c["lr"]]
+    if not os.path.exists(base):
+        run([sys.executable, "train.py", "--pretrain-only", "--preset", c["preset"], "--pretrain-steps",
+             str(c["pretrain_steps"]), "--batch", str(c["pretrain_batch"]), "--log-every", "100",
+             "--out", os.path.join(args.work, "base")] + common)
+    for name, label, spec in ROWS:
+        if name not in wanted or name in results["rows"]:
+            continue
+        start = time.time()
+        checkpoint, method = base, spec
+        if spec[0] == "train":
+            folder = os.path.join(args.work, name)
+            run([sys.executable, "train.py", "--init", base, "--scale", "4", "--steps", str(c["steps"]),
+                 "--batch", str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1",
+                 "--log-every", "50", "--out", folder] + common + spec[1:])
+            checkpoint, method = os.path.join(folder, "ckpt.pt"), []
+        eval_json = os.path.join(args.work, f"{name}_eval.json")
+        run([sys.executable, "eval_passkey.py", checkpoint, "--lengths", lengths, "--trials", str(c["trials"]),
+             "--windows", str(c["windows"]), "--out", eval_json] + method)
+        row = json.load(open(eval_json))
+        row["label"], row["seconds_total"] = label, round(time.time() - start, 1)
+        results["rows"][name] = row
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(json_path + ".tmp", json_path)
+    tables(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
