@@ -12,6 +12,7 @@ is where greedy decoding would leave the key), so one forward pass per document 
     python eval_passkey.py out/ckpt.pt --streaming                # step by step, as Moshi runs
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -90,6 +91,51 @@ def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, w
         bpb = bits_per_byte(model, val, length, windows, seed + length, device)
         rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb))
     return rows
+
+
+@torch.no_grad()
+def validation_loss(model, arrays, length: int, windows: int, device) -> float:
+    """Mean multi-stream loss over random validation windows (seeded apart from training)."""
+    model.eval()
+    tokens = data.token_windows(arrays, length, windows, torch.Generator().manual_seed(EVAL_SEED))
+    loss = sum(M.multistream_loss(model, tokens[i:i + 4].to(device)).item() * len(tokens[i:i + 4])
+               for i in range(0, windows, 4)) / windows
+    model.train()
+    return loss
+
+
+def final_table(model, base_model, settings: dict, lengths: list[int], corpus, trials: int, device,
+                multistream: bool, method: str, scale: float):
+    """train.py's closing comparison at every stage length: the base as it is, with dynamic and
+    fixed-scale RoPE scaling and no training, and the trained model. Prints it; returns the
+    rows with the corpus identity (None for token streams, whose table is validation loss)."""
+    if multistream:  # no passkey in token streams: validation loss of the base and the trained model
+        rows = {name: {L: validation_loss(m, corpus.val, L, 8, device) for L in lengths}
+                for name, m in (("base", base_model), ("trained", model)) if m is not None}
+        print("\nfinal table (validation loss, moshi-finetune's):")
+        for name, row in rows.items():
+            print(f"{name:<10}" + "".join(f"{L:>8}: {v:.4f}" for L, v in row.items()))
+        return None
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    rows = {}
+    if base_model is not None:
+        for name, row_method, row_scale, dynamic in (
+                ("base, vanilla RoPE", "none", 1.0, False),
+                (f"base + dynamic {method}, no training", method, 1.0, True),
+                (f"base + {method} x{scale:g}, no training", method, scale, False)):
+            m = copy.deepcopy(base_model)
+            override_rope(m, row_method, row_scale, settings["original_len"], dynamic)
+            M.set_context(m, settings.get("window"))
+            rows[name] = evaluate(m, corpus.val, lengths, depths, trials, 16, device)
+    trained = copy.deepcopy(model)
+    M.set_context(trained, settings.get("window"))
+    ttt_text = f"TTT layers {settings['ttt']['layers']}" if settings["ttt"] else "no TTT"
+    name = f"trained: {method} x{scale:g}, {ttt_text}, {settings['mode']}"
+    rows[name] = evaluate(trained, corpus.val, lengths, depths, trials, 16, device)
+    print(f"\nfinal table ({trials * len(depths)} passkey documents per cell, depths {depths}):")
+    for title, r in rows.items():
+        print(format_rows(title, r))
+    return dict(settings=settings, corpus_files=corpus.files, corpus_sha256=corpus.sha256, depths=depths, rows=rows)
 
 
 def format_rows(title: str, rows: list[dict]) -> str:

@@ -178,17 +178,6 @@ class Objective(nn.Module):
         return (losses * weights).sum() / losses.numel()
 
 
-@torch.no_grad()
-def validation_loss(model, arrays, length: int, windows: int, device) -> float:
-    """Mean multi-stream loss over random validation windows (seeded apart from training)."""
-    model.eval()
-    tokens = data.token_windows(arrays, length, windows, torch.Generator().manual_seed(eval_passkey.EVAL_SEED))
-    loss = sum(M.multistream_loss(model, tokens[i:i + 4].to(device)).item() * len(tokens[i:i + 4])
-               for i in range(0, windows, 4)) / windows
-    model.train()
-    return loss
-
-
 def main(argv=None):
     args, fail = parse_args(argv)
 
@@ -227,7 +216,7 @@ def main(argv=None):
             settings = copy.deepcopy(start["settings"])
             if not resume:
                 settings["base_path"] = args.init
-        multistream = "lm_kwargs" in settings["model"] if (start or moshi_init) else False
+        multistream = moshi_init or bool(start and "lm_kwargs" in start["settings"]["model"])
         if multistream and not args.data:
             fail("a Moshi-format model trains on --data token arrays (.npy, [K, T])")
         corpus = (data.load_token_arrays(args.data, model.num_codebooks) if multistream
@@ -271,7 +260,8 @@ def main(argv=None):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)
     model.transformer.checkpointing = args.grad_checkpointing
-    log(f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
+    unit = "token arrays" if multistream else "bytes"
+    log(f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation {unit}, "
         f"sha256 {corpus.sha256[:16]}")
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; "
         f"{world} process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
@@ -384,7 +374,7 @@ def main(argv=None):
         if master:
             model.eval()
             if multistream:
-                log(f"stage {stage_index} done: validation loss {validation_loss(model, corpus.val, length, 8, device):.4f} "
+                log(f"stage {stage_index} done: validation loss {eval_passkey.validation_loss(model, corpus.val, length, 8, device):.4f} "
                     f"at length {length}")
             else:
                 row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
@@ -399,54 +389,24 @@ def main(argv=None):
             model.train()
     # --- the trained parameters alone, to load on top of the base; then the final table
     if master and not args.pretrain_only:
-        base_path = settings.get("base_path")
+        base_path, base_model = settings.get("base_path"), None
         if base_path and os.path.isfile(base_path):
             M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, base_path)
-        base_model = None  # the starting point, for the comparison
-        if base_path and os.path.isfile(base_path):
             base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
                           else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
-        final_table(args, model, base_model, settings, stages, corpus, device, multistream)
+        lengths = sorted({args.original_len} | {s["length"] for s in stages})
+        results = eval_passkey.final_table(model, base_model, settings, lengths, corpus, args.eval_trials, device,
+                                           multistream, args.method, args.scale)
+        if results is not None:
+            results = dict(results, args=vars(args))
+            path = os.path.join(args.out, "results.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+            print(f"wrote {path}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def final_table(args, model, base_model, settings, stages, corpus, device, multistream):
-    lengths = sorted({args.original_len} | {s["length"] for s in stages})
-    if multistream:  # no passkey in token streams: validation loss of the base and the trained model
-        rows = {name: {L: validation_loss(m, corpus.val, L, 8, device) for L in lengths}
-                for name, m in (("base", base_model), ("trained", model)) if m is not None}
-        print("\nfinal table (validation loss, moshi-finetune's):")
-        for name, row in rows.items():
-            print(f"{name:<10}" + "".join(f"{L:>8}: {v:.4f}" for L, v in row.items()))
-        return
-    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
-    rows = {}
-    if base_model is not None:
-        for name, method, scale, dynamic in (
-                ("base, vanilla RoPE", "none", 1.0, False),
-                (f"base + dynamic {args.method}, no training", args.method, 1.0, True),
-                (f"base + {args.method} x{args.scale:g}, no training", args.method, args.scale, False)):
-            m = copy.deepcopy(base_model)
-            eval_passkey.override_rope(m, method, scale, args.original_len, dynamic)
-            M.set_context(m, settings.get("window"))
-            rows[name] = eval_passkey.evaluate(m, corpus.val, lengths, depths, args.eval_trials, 16, device)
-    trained = copy.deepcopy(model)
-    M.set_context(trained, settings.get("window"))
-    ttt_text = f"TTT layers {settings['ttt']['layers']}" if settings["ttt"] else "no TTT"
-    name = f"trained: {args.method} x{args.scale:g}, {ttt_text}, {settings['mode']}"
-    rows[name] = eval_passkey.evaluate(trained, corpus.val, lengths, depths, args.eval_trials, 16, device)
-    print(f"\nfinal table ({args.eval_trials * len(depths)} passkey documents per cell, depths {depths}):")
-    for title, r in rows.items():
-        print(eval_passkey.format_rows(title, r))
-    results = dict(args=vars(args), settings=settings, corpus_files=corpus.files,
-                   corpus_sha256=corpus.sha256, depths=depths, rows=rows)
-    path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
