@@ -112,7 +112,9 @@ def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
              chunk_size: int) -> torch.Tensor:
     """The same output as ttt_chunked, with one [B, d, h] float32 fast weight in memory instead
     of one per chunk (autograd would keep every chunk's weight for the backward pass).
-    Z and V share a dtype; the products run in it, the weight accumulates in float32."""
+    Z and V share a dtype; the products run in it, the weight accumulates in float32. With bf16
+    inputs each chunk's product casts the weight to bf16: pass W_down = 0 and add Z W_down^T
+    apart (as TTTGating does), or updates small next to W_down round away."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size))
