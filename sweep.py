@@ -1,7 +1,12 @@
-"""Setting A of the YaRN paper in miniature: one base model, every RoPE method, fine-tuning with
-and without TTT, passkey accuracy and bits per byte at L0, 2 L0, 4 L0 and 8 L0.
+"""The experiments in miniature, from one base model per setting:
 
-    python sweep.py                    # the whole sweep (CUDA: the GPU preset; CPU: a small version)
+Setting A (the YaRN paper's): every RoPE method, fine-tuning with and without TTT, passkey
+accuracy and bits per byte at L0, 2 L0, 4 L0 and 8 L0.
+Setting B (Moshi's own): attention kept to a sliding window W, sequences of 4 W; passkey accuracy
+for needles near (inside the window) and far (only reachable through the fast weights).
+
+    python sweep.py                    # setting A (CUDA: the GPU preset; CPU: a small version)
+    python sweep.py --setting b        # setting B
     python sweep.py --rows vanilla,yarn_x8    # some rows only; rows already in the JSON are skipped
     python sweep.py --tables           # rebuild the markdown table and the plot from the JSON
 
@@ -19,6 +24,8 @@ import time
 
 import torch
 
+import data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = [  # name, label, what to do: evaluate the base with another RoPE, or fine-tune it
     ("vanilla", "vanilla RoPE, no training", ["--method", "none"]),
@@ -32,6 +39,21 @@ ROWS = [  # name, label, what to do: evaluate the base with another RoPE, or fin
     ("ttt_full", "YaRN x4 + TTT, full", ["train", "--mode", "full"]),
     ("ttt_full_modulo", "YaRN x4 + TTT, full, modulo RoPE", ["train", "--mode", "full", "--ttt-rope-modulo"]),
 ]
+ROWS_B = [
+    ("window_base", "windowed base, no TTT", ["--method", "none"]),
+    ("b_control", "full fine-tuning, no TTT (control)", ["train", "--mode", "full", "--ttt-layers", "none"]),
+    ("b_ttt_only", "TTT ttt_only on the frozen base", ["train", "--mode", "ttt_only"]),
+    ("b_ttt_only_lr", "TTT ttt_only, lr-ttt 1e-2", ["train", "--mode", "ttt_only", "--lr-ttt", "1e-2"]),
+    ("b_ttt_layers", "TTT ttt_layers", ["train", "--mode", "ttt_layers"]),
+    ("b_ttt_full", "TTT full", ["train", "--mode", "full"]),
+]
+DEPTHS_B = [0.0, 0.25, 0.5, 0.75, 0.95]
+PRESETS_B = {
+    "cuda": dict(preset="gpu", L0=1024, window=256, pretrain_steps=1800, pretrain_batch=32, steps=300, batch=16,
+                 lr="1e-3", chunk=128, eta="1.0", trials=20, windows=16),
+    "cpu": dict(preset="cpu", L0=512, window=128, pretrain_steps=150, pretrain_batch=8, steps=8, batch=4,
+                lr="2e-3", chunk=64, eta="1.0", trials=2, windows=2),
+}
 PRESETS = {
     "cuda": dict(preset="gpu", L0=1024, pretrain_steps=1200, pretrain_batch=32, steps=100, batch=16,
                  lr="1e-3", chunk=256, trials=20, windows=16),
@@ -52,6 +74,37 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def is_far(length: int, depth: float, window: int) -> bool:
+    """Whether a needle at this depth starts more than `window` steps before the answer."""
+    fixed = len(data.needle(10000)) + len(data.question()) + data.KEY_DIGITS
+    at = round(depth * (length - fixed))
+    return (length - data.KEY_DIGITS) - at > window
+
+
+def tables_b(results: dict, path: str) -> None:
+    rows = [(name, label) for name, label, _ in ROWS_B if name in results["rows"]]
+    if not rows:
+        return
+    c, lines = results["config"], []
+    lengths = [r["length"] for r in results["rows"][rows[0][0]]["rows"]]
+    lines += [f"Window W = {c['window']}; near: needle inside the window, far: beyond it ({c['trials']} "
+              f"documents per depth; depths {DEPTHS_B}). Bits per byte at each length.", "",
+              "| row | " + " | ".join(f"near {L} | far {L} | bpb {L}" for L in lengths) + " |",
+              "|---" * (3 * len(lengths) + 1) + "|"]
+    for name, label in rows:
+        cells = []
+        for r in results["rows"][name]["rows"]:
+            split = {far: [a for d, a in zip(DEPTHS_B, r["by_depth"]) if is_far(r["length"], d, c["window"]) == far]
+                     for far in (False, True)}
+            n = {far: len(v) * c["trials"] for far, v in split.items()}
+            acc = {far: sum(v) / len(v) if v else float("nan") for far, v in split.items()}
+            cells += [f"{100 * acc[far]:.0f}% (n {n[far]})" for far in (False, True)] + [f"{r['bpb']:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def tables(results: dict, path: str) -> None:
@@ -97,13 +150,18 @@ def tables(results: dict, path: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("results", "sweep_a"), help="JSON / md / png path stem")
-    p.add_argument("--work", default=os.path.join("out", "sweep_a"), help="checkpoints go here")
+    p.add_argument("--setting", default="a", choices=("a", "b"))
+    p.add_argument("--out", default=None, help="JSON / md / png path stem (default results/sweep_<setting>)")
+    p.add_argument("--work", default=None, help="checkpoints go here (default out/sweep_<setting>)")
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    known = [name for name, _, _ in ROWS]
+    rows_spec = ROWS if args.setting == "a" else ROWS_B
+    args.out = args.out or os.path.join("results", f"sweep_{args.setting}")
+    args.work = args.work or os.path.join("out", f"sweep_{args.setting}")
+    table = tables if args.setting == "a" else tables_b
+    known = [name for name, _, _ in rows_spec]
     wanted = known if args.rows is None else args.rows.split(",")
     if any(r not in known for r in wanted):
         p.error(f"--rows must be among {known}, got {args.rows}")
@@ -112,32 +170,36 @@ def main():
     if args.tables:
         if results is None:
             p.error(f"no results at {json_path}")
-        return tables(results, args.out)
-    c = PRESETS["cuda" if torch.cuda.is_available() else "cpu"]
+        return table(results, args.out)
+    c = (PRESETS if args.setting == "a" else PRESETS_B)["cuda" if torch.cuda.is_available() else "cpu"]
     if results is None:
         hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         results = dict(config=dict(c, seed=args.seed, hardware=hardware, torch=torch.__version__), rows={})
-    lengths = ",".join(str(c["L0"] * 2 ** k) for k in range(4))
+    lengths = ",".join(str(c["L0"] * 2 ** k) for k in (range(4) if args.setting == "a" else range(2)))
     base = os.path.join(args.work, "base", "base.pt")
     common = ["--original-len", str(c["L0"]), "--seed", str(args.seed), "--lr", c["lr"], "--lr-ttt", c["lr"]]
+    scale, extra_eval = "4", []
+    if args.setting == "b":  # no RoPE extension: the window keeps positions in range
+        common += ["--window", str(c["window"]), "--ttt-eta", c["eta"]]
+        scale, extra_eval = "1", ["--depths", ",".join(str(d) for d in DEPTHS_B)]
     if not os.path.exists(base):
         run([sys.executable, "train.py", "--pretrain-only", "--preset", c["preset"], "--pretrain-steps",
              str(c["pretrain_steps"]), "--batch", str(c["pretrain_batch"]), "--log-every", "100",
              "--out", os.path.join(args.work, "base")] + common)
-    for name, label, spec in ROWS:
+    for name, label, spec in rows_spec:
         if name not in wanted or name in results["rows"]:
             continue
         start = time.time()
         checkpoint, method = base, spec
         if spec[0] == "train":
             folder = os.path.join(args.work, name)
-            run([sys.executable, "train.py", "--init", base, "--scale", "4", "--steps", str(c["steps"]),
+            run([sys.executable, "train.py", "--init", base, "--scale", scale, "--steps", str(c["steps"]),
                  "--batch", str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1",
                  "--log-every", "50", "--out", folder] + common + spec[1:])
             checkpoint, method = os.path.join(folder, "ckpt.pt"), []
         eval_json = os.path.join(args.work, f"{name}_eval.json")
         run([sys.executable, "eval_passkey.py", checkpoint, "--lengths", lengths, "--trials", str(c["trials"]),
-             "--windows", str(c["windows"]), "--out", eval_json] + method)
+             "--windows", str(c["windows"]), "--out", eval_json] + method + extra_eval)
         row = json.load(open(eval_json))
         row["label"], row["seconds_total"] = label, round(time.time() - start, 1)
         results["rows"][name] = row
@@ -145,7 +207,7 @@ def main():
         with open(json_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(json_path + ".tmp", json_path)
-    tables(results, args.out)
+    table(results, args.out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from out/ckpt.pt")
     a("--pretrain-only", action="store_true", help="stop after pretraining the base (out/base.pt)")
     a("--original-len", type=int, default=256, help="L0: the length the base model is (pre)trained at")
-    a("--window", type=int, default=None, help="keep attention to a sliding window of W steps")
+    a("--window", type=int, default=None, help="keep attention to a sliding window of W steps, in every stage")
     a("--preset", default="cpu", choices=sorted(M.PRESETS), help="model size when pretraining")
     a("--data", nargs="+", default=None, help="UTF-8 text files (default: the Python stdlib source)")
     a("--passkey-share", type=float, default=0.5, help="share of training sequences that are passkey documents")
@@ -274,9 +274,10 @@ def main(argv=None):
         if extending:
             yarn.apply_yarn(model, stage["scale"], args.original_len, method=args.method)
             settings["yarn"] = model.yarn_settings
-            if args.window:
-                M.set_context(model, args.window)
-                settings["window"] = args.window
+        if args.window:  # Moshi's own setting: a sliding window, in pretraining too
+            M.set_context(model, args.window)
+            settings["window"] = args.window
+        if extending:
             if ttt_layers and not settings["ttt"]:
                 torch.manual_seed(args.seed + 1)  # the same W_target init on every rank
                 ttt_settings = dict(layers=ttt_layers, chunk_size=args.ttt_chunk, eta=args.ttt_eta,
