@@ -46,6 +46,11 @@ ROWS_B = [
     ("b_ttt_only_lr", "TTT ttt_only, lr-ttt 1e-2", ["train", "--mode", "ttt_only", "--lr-ttt", "1e-2"]),
     ("b_ttt_layers", "TTT ttt_layers", ["train", "--mode", "ttt_layers"]),
     ("b_ttt_full", "TTT full", ["train", "--mode", "full"]),
+    # what moves ttt_only (the frozen-base recipe), one change at a time
+    ("b_ttt_only_eta3", "ttt_only, eta 3", ["train", "--mode", "ttt_only", "--ttt-eta", "3"]),
+    ("b_ttt_only_lr3e-3", "ttt_only, lr-ttt 3e-3", ["train", "--mode", "ttt_only", "--lr-ttt", "3e-3"]),
+    ("b_ttt_only_long", "ttt_only, 3x the steps", ["train", "--mode", "ttt_only", "--steps", "900"]),
+    ("b_ttt_only_emb", "ttt_only, targets from token embeddings", ["train", "--mode", "ttt_only", "--ttt-target", "embeddings"]),
 ]
 DEPTHS_B = [0.0, 0.25, 0.5, 0.75, 0.95]
 PRESETS_B = {
