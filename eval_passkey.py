@@ -117,6 +117,9 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
             print(f"{name:<10}" + "".join(f"{L:>8}: {v:.4f}" for L, v in row.items()))
         return None
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    for m in model.modules():  # TTT's kept embeddings (a graph, after training) block deepcopy
+        if getattr(m, "x0", None) is not None:
+            m.x0 = None
     rows = {}
     if base_model is not None:
         for name, row_method, row_scale, dynamic in (

@@ -272,6 +272,15 @@ class TTTGating(StreamingModule[_TTTState]):
 # Installing it into a moshi model.
 # ---------------------------------------------------------------------------------------------
 
+def _keep_embeddings(transformer: nn.Module, args: tuple) -> None:
+    """Hands the transformer's input [B, T, d] (the summed token embeddings, the paper's X0) to
+    its TTT layers. It reads the layers from the module it is called on, so a copy of the model
+    (copy.deepcopy) feeds its own layers."""
+    for layer in transformer.layers:
+        if isinstance(layer.gating, TTTGating):
+            layer.gating.x0 = args[0]
+
+
 def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
               kernel_size: int = 5, target_source: str = "hidden",
               target_init_std: float = 0.02) -> nn.Module:
@@ -303,12 +312,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         if isinstance(m, StreamingModule):
             m._cached_children = None
     if target_source == "embeddings":
-        ttt_modules = [transformer.layers[i].gating for i in layers]
-
-        def keep_embeddings(module, args):
-            for m in ttt_modules:
-                m.x0 = args[0]  # [B, T, d]: the transformer's input, the summed token embeddings
-        transformer.register_forward_pre_hook(keep_embeddings)
+        transformer.register_forward_pre_hook(_keep_embeddings)
     model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
                               kernel_size=int(kernel_size), target_source=target_source,
                               target_init_std=float(target_init_std))
