@@ -8,6 +8,7 @@ YaRN, TTT, modulo RoPE, attention window, freeze mode); `install` re-applies YaR
 it, so evaluation needs no flags repeated. Checkpoints are written atomically and read with
 `torch.load(weights_only=True)` only.
 """
+import json
 import os
 import typing as tp
 
@@ -74,8 +75,7 @@ def install(model: LMModel, settings: dict) -> LMModel:
 def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     """A Moshi-format model (safetensors weights plus the json of its LMModel arguments, bare or
     under "lm_kwargs") through moshi's own loader, in float32. Returns (model, model settings)."""
-    import json
-    from moshi.models import loaders
+    from moshi.models import loaders  # here: only Moshi-format inits need it
     try:
         with open(config) as f:
             lm_kwargs = json.load(f)
