@@ -166,7 +166,6 @@ def bench_train_step(preset, T, B, chunk, dtype, device, reps):
             opt.zero_grad(set_to_none=True)
         ms, _ = measure(run, device, reps)
         rows[name] = dict(ms=ms, tokens_per_s=B * T / ms * 1000)
-        del lm, opt
     ratio = rows["ttt"]["tokens_per_s"] / rows["plain"]["tokens_per_s"]
     print(f"  {preset} preset, B {B} x T {T}: {rows['plain']['tokens_per_s']:,.0f} tok/s without TTT, "
           f"{rows['ttt']['tokens_per_s']:,.0f} with: {ratio:.2f}x", flush=True)

@@ -17,7 +17,6 @@ Usage:
     summary = freeze.apply_freeze(model, "ttt_only")
     print(freeze.format_summary(summary))
 """
-import torch
 from moshi.modules.lora import LoRALinear, replace_lora_with_linear
 from torch import nn
 

@@ -21,7 +21,6 @@ Usage:
 Only the standard library, torch and moshi's module types are used: copy this file alone.
 """
 import math
-import typing as tp
 
 import torch
 from torch import nn
