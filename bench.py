@@ -3,9 +3,11 @@
     python bench.py                 # CUDA if available (bf16), else a smaller CPU version (fp32)
     python bench.py --out bench.json --quick
 
+0. The fast path's error against a float64 reference on the same (e.g. bf16) inputs.
 1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.
-2. The same for the paper's prefix-sum form (official In-Place TTT; kept here as the anchor) and
-   for the readable reference `ttt.ttt_chunked` (a Python loop that autograd unrolls).
+2. The same for the paper's prefix-sum form (official In-Place TTT; kept here as the anchor), for
+   `ttt.ttt_scan` one chunk per step (group = chunk), and for the readable reference
+   `ttt.ttt_chunked` (a Python loop that autograd unrolls).
 3. YaRN RoPE vs moshi's apply_rope: forward + backward over q, k.
 4. A full training step (forward, backward, AdamW) with and without TTT layers: tokens/s.
 
@@ -14,6 +16,7 @@ what a forward + backward allocates beyond its inputs and parameters (CUDA only)
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -106,7 +109,9 @@ def bench_gating(d, h, B, T, chunks, dtype, device, reps):
         g.load_state_dict(plain.state_dict(), strict=False)
         torch.nn.init.normal_(g.conv.weight, std=0.02)
         row = dict(d=d, h=h, B=B, T=T, chunk=C, plain_ms=t_plain, plain_mib=m_plain)
-        for name, fn in (("scan", ttt.ttt_scan), ("prefix_sum", prefix_sum_form), ("loop", ttt.ttt_chunked)):
+        paths = (("scan", ttt.ttt_scan), ("chunkwise", functools.partial(ttt.ttt_scan, group=C)),
+                 ("prefix_sum", prefix_sum_form), ("loop", ttt.ttt_chunked))
+        for name, fn in paths:
             if name == "loop" and T // C > 64:
                 continue  # autograd unrolls one weight per chunk: too slow and large to be useful
             with fast_weight_path(fn):
@@ -118,8 +123,28 @@ def bench_gating(d, h, B, T, chunks, dtype, device, reps):
         rows.append(row)
         print(f"  T {T:>6} C {C:>5}: plain {t_plain:8.2f} ms {m_plain:8.0f} MiB | " + " | ".join(
             f"{n} {row[n + '_ms'] / t_plain:5.2f}x time {row[n + '_mib'] / m_plain:5.2f}x mem"
-            for n in ("scan", "prefix_sum", "loop") if n + "_ms" in row), flush=True)
+            for n in ("scan", "chunkwise", "prefix_sum", "loop") if n + "_ms" in row), flush=True)
     return rows
+
+
+def check_scan(d, h, T, chunk, dtype, device):
+    """Relative error of ttt_scan (the default group on this device) and its gradients against
+    ttt_chunked in float64 on the same inputs: bf16 inputs should land between 1e-3 and 1e-2."""
+    g = torch.Generator(device).manual_seed(0)
+    Z = torch.randn(2, T, h, device=device, generator=g).to(dtype)
+    V = (0.1 * torch.randn(2, T, d, device=device, generator=g)).to(dtype)
+    W = (torch.randn(d, h, device=device, generator=g) / h ** 0.5).to(dtype)
+    dO = torch.randn(2, T, d, device=device, generator=g)
+    results = []
+    for fn, cast in ((ttt.ttt_chunked, torch.float64), (ttt.ttt_scan, dtype)):
+        xs = [x.to(cast).requires_grad_() for x in (Z, V, W)]
+        out = fn(*xs, 0.01, chunk)
+        out.backward(dO.to(out.dtype))
+        results.append([out] + [x.grad for x in xs])
+    errors = {name: ((got.double() - ref).norm() / ref.norm()).item()
+              for name, ref, got in zip(("O", "dZ", "dV", "dW"), *results)}
+    print(f"  T {T}, chunk {chunk}, {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+    return dict(T=T, chunk=chunk, **errors)
 
 
 def bench_rope(shape, dtype, device, reps):
@@ -197,14 +222,17 @@ def main():
         revision = ""
     revision = revision or os.environ.get("REVISION", "unknown")
     print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
-    print(f"1-2. TTT gating fwd+bwd vs moshi ActivationGating (d {d}, h {h}), scan / prefix-sum / loop:")
+    print("0. ttt_scan vs ttt_chunked in float64, relative error of the output and gradients:")
+    check = check_scan(d, h, lengths[0], chunks[0], dtype, device)
+    print(f"1-2. TTT gating fwd+bwd vs moshi ActivationGating (d {d}, h {h}), "
+          f"scan (group {ttt.GPU_GROUP_TOKENS if cuda else 'chunk'}) / chunkwise scan / prefix-sum / loop:")
     gating = [r for T in lengths for r in bench_gating(d, h, B, T, chunks, dtype, device, reps)]
     print("3. RoPE fwd+bwd:")
     rope = bench_rope(rope_shape, dtype if cuda else torch.float32, device, reps)
     print("4. training step:")
     step = bench_train_step(*step_cfg, dtype, device, reps)
     result = dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), revision=revision,
-                  gating=gating, rope=rope, train_step=step)
+                  scan_error=check, gating=gating, rope=rope, train_step=step)
     with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

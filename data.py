@@ -125,15 +125,15 @@ def passkey_document(length: int, depth: float, key: int, filler: bytes) -> tupl
 
 
 def passkey_batch(data: np.ndarray, length: int, count: int, generator: torch.Generator,
-                  depths: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  depths: list[float] | None = None, max_depth: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` passkey documents with random keys, filler from random windows of `data`, and
-    uniform random depths (or the given ones, one per document).
+    depths uniform in [0, max_depth] (or the given ones, one per document).
     Returns (tokens [count, length] long, keys [count] long)."""
     fixed = len(needle(10000)) + len(question()) + KEY_DIGITS
     filler = random_windows(data, max(length - fixed, 1), count, generator)
     keys = torch.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS, (count,), generator=generator)
     if depths is None:
-        depths = torch.rand(count, generator=generator).tolist()
+        depths = (torch.rand(count, generator=generator) * max_depth).tolist()
     docs = []
     for i in range(count):
         doc, _, _ = passkey_document(length, depths[i], int(keys[i]), bytes(filler[i].tolist()))
@@ -142,16 +142,17 @@ def passkey_batch(data: np.ndarray, length: int, count: int, generator: torch.Ge
 
 
 def training_batch(data: np.ndarray, length: int, count: int, passkey_share: float,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator, max_depth: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of `length + 1` byte sequences (inputs and shifted targets), a share of them
-    passkey documents, and a mask of the targets that are passkey answer digits.
+    passkey documents (needle depths uniform in [0, max_depth]: below 1, only needles further
+    from the question), and a mask of the targets that are passkey answer digits.
     Deterministic given the generator's state. Returns (tokens [count, length + 1] long,
     answer mask [count, length] bool)."""
     n_passkey = int(torch.binomial(torch.tensor(float(count)), torch.tensor(passkey_share),
                                    generator=generator)) if passkey_share > 0 else 0
     parts = [random_windows(data, length + 1, count - n_passkey, generator)]
     if n_passkey:
-        parts.append(passkey_batch(data, length + 1, n_passkey, generator)[0])
+        parts.append(passkey_batch(data, length + 1, n_passkey, generator, max_depth=max_depth)[0])
     answer = torch.zeros(count, length, dtype=torch.bool)
     answer[count - n_passkey:, -KEY_DIGITS:] = True
     order = torch.randperm(count, generator=generator)

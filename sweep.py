@@ -9,10 +9,13 @@ for needles near (inside the window) and far (only reachable through the fast we
     python sweep.py --setting b        # setting B
     python sweep.py --rows vanilla,yarn_x8    # some rows only; rows already in the JSON are skipped
     python sweep.py --tables           # rebuild the markdown table and the plot from the JSON
+    python sweep.py --setting b --eval-seed 1 --out results/sweep_b_report --rows ...
+                                       # the same checkpoints on other passkey documents
 
 Every row starts from the same base checkpoint (pretrained here at L0 with full attention), with
-the same data, steps and seed where it trains. Results are written to the JSON after each row,
-so an interrupted sweep resumes where it stopped.
+the same data, steps and seed where it trains, except the from-scratch row. Results are written
+to the JSON after each row, so an interrupted sweep resumes where it stopped; a row whose
+training finished (its folder holds results.json) is evaluated again, not retrained.
 """
 import argparse
 import json
@@ -51,6 +54,18 @@ ROWS_B = [
     ("b_ttt_only_lr3e-3", "ttt_only, lr-ttt 3e-3", ["train", "--mode", "ttt_only", "--lr-ttt", "3e-3"]),
     ("b_ttt_only_long", "ttt_only, 3x the steps", ["train", "--mode", "ttt_only", "--steps", "900"]),
     ("b_ttt_only_emb", "ttt_only, targets from token embeddings", ["train", "--mode", "ttt_only", "--ttt-target", "embeddings"]),
+    ("b_ttt_only_chunk64", "ttt_only, chunk 64", ["train", "--mode", "ttt_only", "--ttt-chunk", "64"]),
+    ("b_ttt_only_all_layers", "ttt_only, TTT in all 8 layers", ["train", "--mode", "ttt_only", "--ttt-layers", "0,1,2,3,4,5,6,7"]),
+    ("b_ttt_only_std0.1", "ttt_only, W_target init std 0.1", ["train", "--mode", "ttt_only", "--ttt-target-std", "0.1"]),
+    ("b_ttt_only_far", "ttt_only, training needles all far (depth <= 0.8)", ["train", "--mode", "ttt_only", "--passkey-max-depth", "0.8"]),
+    ("b_ttt_only_emb_375", "ttt_only, embeddings targets, 375 steps (10% of the base's bytes)",
+     ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--steps", "375"]),
+    # a second fine-tuning seed (batches and W_target init) for the rows that compare TTT with its control
+    ("b_control_seed1", "full fine-tuning, no TTT (control), seed 1", ["train", "--mode", "full", "--ttt-layers", "none", "--seed", "1"]),
+    ("b_ttt_layers_seed1", "TTT ttt_layers, seed 1", ["train", "--mode", "ttt_layers", "--seed", "1"]),
+    ("b_ttt_full_seed1", "TTT full, seed 1", ["train", "--mode", "full", "--seed", "1"]),
+    # reference: TTT trained from scratch, as many steps and bytes as the base's pretraining
+    ("b_scratch_ttt", "TTT from scratch (full mode, the base's steps and batch)", ["scratch", "--mode", "full"]),
 ]
 DEPTHS_B = [0.0, 0.25, 0.5, 0.75, 0.95]
 PRESETS_B = {
@@ -81,11 +96,15 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def distance(length: int, depth: float) -> int:
+    """How many steps before the answer a needle at this depth starts."""
+    fixed = len(data.needle(10000)) + len(data.question()) + data.KEY_DIGITS
+    return (length - data.KEY_DIGITS) - round(depth * (length - fixed))
+
+
 def is_far(length: int, depth: float, window: int) -> bool:
     """Whether a needle at this depth starts more than `window` steps before the answer."""
-    fixed = len(data.needle(10000)) + len(data.question()) + data.KEY_DIGITS
-    at = round(depth * (length - fixed))
-    return (length - data.KEY_DIGITS) - at > window
+    return distance(length, depth) > window
 
 
 def tables_b(results: dict, path: str) -> None:
@@ -110,6 +129,33 @@ def tables_b(results: dict, path: str) -> None:
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, label in rows:
+        points = sorted((distance(r["length"], depth), 100 * acc)
+                        for r in results["rows"][name]["rows"] for depth, acc in zip(DEPTHS_B, r["by_depth"]))
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.axvline(c["window"], color="grey", linestyle="--", label=f"window W = {c['window']}")
+    ax.set_xlabel("needle distance before the question (bytes)")
+    ax.set_ylabel(f"passkey accuracy (%), {c['trials']} documents per point")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".png")
+    plt.close(fig)
+    print(f"wrote {path}.md and {path}.png")
+
+
+def _pyplot():
+    """matplotlib's pyplot, headless, or None where it is not installed (the tables still come)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def tables(results: dict, path: str) -> None:
@@ -130,11 +176,8 @@ def tables(results: dict, path: str) -> None:
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, label in rows:
@@ -161,6 +204,7 @@ def main():
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seed", type=int, default=None, help="passkey documents' seed (default eval_passkey's)")
     args = p.parse_args()
     rows_spec = ROWS if args.setting == "a" else ROWS_B
     args.out = args.out or os.path.join("results", f"sweep_{args.setting}")
@@ -179,7 +223,10 @@ def main():
     c = (PRESETS if args.setting == "a" else PRESETS_B)["cuda" if torch.cuda.is_available() else "cpu"]
     if results is None:
         hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        results = dict(config=dict(c, seed=args.seed, hardware=hardware, torch=torch.__version__), rows={})
+        results = dict(config=dict(c, seed=args.seed, eval_seed=args.eval_seed or "default", hardware=hardware,
+                                   torch=torch.__version__), rows={})
+    elif results["config"].get("eval_seed", "default") != (args.eval_seed or "default"):
+        p.error(f"{json_path} holds results of another --eval-seed; pick another --out")
     lengths = ",".join(str(c["L0"] * 2 ** k) for k in (range(4) if args.setting == "a" else range(2)))
     base = os.path.join(args.work, "base", "base.pt")
     common = ["--original-len", str(c["L0"]), "--seed", str(args.seed), "--lr", c["lr"], "--lr-ttt", c["lr"]]
@@ -196,15 +243,21 @@ def main():
             continue
         start = time.time()
         checkpoint, method = base, spec
-        if spec[0] == "train":
+        if spec[0] in ("train", "scratch"):
             folder = os.path.join(args.work, name)
-            run([sys.executable, "train.py", "--init", base, "--scale", scale, "--steps", str(c["steps"]),
-                 "--batch", str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1",
-                 "--log-every", "50", "--out", folder] + common + spec[1:])
+            if spec[0] == "train":
+                start_from = ["--init", base, "--steps", str(c["steps"]), "--batch", str(c["batch"])]
+            else:  # no base: stage 0 is empty, the one extension stage (scale 1) trains TTT from scratch
+                start_from = ["--preset", c["preset"], "--pretrain-steps", "0", "--steps", str(c["pretrain_steps"]),
+                              "--batch", str(c["pretrain_batch"])]
+            if not os.path.exists(os.path.join(folder, "results.json")):
+                run([sys.executable, "train.py", "--scale", scale, "--ttt-chunk", str(c["chunk"]), "--eval-trials",
+                     "1", "--log-every", "50", "--out", folder] + start_from + common + spec[1:])
             checkpoint, method = os.path.join(folder, "ckpt.pt"), []
         eval_json = os.path.join(args.work, f"{name}_eval.json")
+        seed = ["--seed", str(args.eval_seed)] if args.eval_seed is not None else []
         run([sys.executable, "eval_passkey.py", checkpoint, "--lengths", lengths, "--trials", str(c["trials"]),
-             "--windows", str(c["windows"]), "--out", eval_json] + method + extra_eval)
+             "--windows", str(c["windows"]), "--out", eval_json] + method + extra_eval + seed)
         row = json.load(open(eval_json))
         row["label"], row["seconds_total"] = label, round(time.time() - start, 1)
         results["rows"][name] = row

@@ -4,6 +4,7 @@ transformers' numbers kept in testdata/, a float64 formula, a naive loop), never
     python -m pytest -q test_all.py
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -266,13 +267,15 @@ def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta):
 
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 50), C=st.integers(1, 20), h=st.integers(1, 9),
-       d=st.integers(1, 7), eta=st.floats(0.0, 1.0))
-def test_ttt_scan_equals_reference_with_gradients(B, T, C, h, d, eta):
+       d=st.integers(1, 7), eta=st.floats(0.0, 1.0), group=st.integers(1, 60))
+def test_ttt_scan_equals_reference_with_gradients(B, T, C, h, d, eta, group):
+    """Any group size (one chunk: the plain scan; several: the within-group dual form; ragged
+    last chunk and group) gives ttt_chunked's output and gradients."""
     g = torch.Generator().manual_seed(T * 100 + C)
     inputs = [torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)]
     dO = torch.randn(B, T, d, generator=g)
     results = []
-    for fn in (ttt.ttt_chunked, ttt.ttt_scan):
+    for fn in (ttt.ttt_chunked, functools.partial(ttt.ttt_scan, group=group)):
         xs = [x.clone().requires_grad_() for x in inputs]
         out = fn(*xs, eta, C)
         out.backward(dO)
@@ -286,7 +289,12 @@ def test_ttt_scan_gradients_in_float64():
     inputs = [torch.randn(2, 13, 4, dtype=torch.float64, requires_grad=True),
               torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True),
               torch.randn(3, 4, dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda Z, V, W: ttt.ttt_scan(Z, V, W, 0.7, 4), inputs)
+    for group in (4, 8, 12):  # the plain scan; groups of 2 and 3 chunks, the last one ragged
+        assert torch.autograd.gradcheck(lambda Z, V, W: ttt.ttt_scan(Z, V, W, 0.7, 4, group), inputs)
+    Z, V = inputs[0].detach(), inputs[1].detach()
+    fast_only = ttt.ttt_scan(Z, V, None, 0.7, 4, 8)
+    torch.testing.assert_close(fast_only, ttt.ttt_chunked(Z, V, torch.zeros_like(inputs[2]), 0.7, 4))
+    assert torch.autograd.gradcheck(lambda Z, V: ttt.ttt_scan(Z, V, None, 0.7, 4, 8), inputs[:2])
 
 
 @FAST
@@ -413,14 +421,15 @@ def test_ttt_z_transform_identity_equals_plain_path():
 
 
 def test_ttt_small_updates_survive_bf16():
-    """Under bf16 the fast weight's updates, tiny next to Wd_0, must still act: TTTGating keeps
-    them apart from Wd_0 and ttt_scan accumulates them in float32 (cast to bf16 together with
-    Wd_0, updates below 2^-8 of it would round away)."""
+    """Under bf16 the fast weight's updates, tiny next to Wd_0, must still act: ttt_scan keeps
+    their sum apart from Wd_0 and accumulates it in float32 (cast to bf16 together with Wd_0,
+    updates below 2^-8 of it would round away)."""
     Z, V = torch.randn(2, 512, 16), torch.randn(2, 512, 12)
     ref = ttt.ttt_chunked(Z.double(), V.double(), torch.zeros(12, 16, dtype=torch.float64), 1e-3, 8)
-    got = ttt.ttt_scan(Z.bfloat16(), V.bfloat16(), torch.zeros(12, 16), 1e-3, 8)
-    assert got.dtype == torch.bfloat16
-    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for group in (8, 64):
+        got = ttt.ttt_scan(Z.bfloat16(), V.bfloat16(), None, 1e-3, 8, group)
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
     m = tiny_model()
     ttt.apply_ttt(m, [0], chunk_size=8, eta=0.5)
     randomise_ttt(m)
@@ -655,6 +664,19 @@ def test_training_batch_is_deterministic_and_mixed():
     assert all(bytes(r.tolist()).count(b"The pass key is") == 2 for r in all_passkey) and mask.sum() == 20
 
 
+@FAST
+@given(max_depth=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_training_needles_stay_within_max_depth(max_depth, seed):
+    """--passkey-max-depth: every training needle starts at most max_depth of the filler span in,
+    i.e. at least (1 - max_depth) of the span before the question."""
+    corpus = np.frombuffer(bytes(range(97, 123)) * 200, dtype=np.uint8)
+    tokens, _ = data.training_batch(corpus, 400, 6, 1.0, torch.Generator().manual_seed(seed), max_depth)
+    span = 401 - (len(data.needle(10000)) + len(data.question()) + data.KEY_DIGITS)
+    for row in tokens:
+        at = bytes(row.tolist()).index(data.needle(10000)[:15])
+        assert at <= round(max_depth * span)
+
+
 def test_bits_per_byte_of_uniform_model_is_8():
     m = tiny_model()
     torch.nn.init.zeros_(m.text_linear.weight)  # constant logits: the uniform distribution
@@ -742,6 +764,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
+    ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     a("--data", nargs="+", default=None, help="UTF-8 text files (default: the Python stdlib source)")
     a("--passkey-share", type=float, default=0.5, help="share of training sequences that are passkey documents")
     a("--answer-weight", type=float, default=20.0, help="loss weight of the passkey answer digits")
+    a("--passkey-max-depth", type=float, default=1.0, help="training needles at depths in [0, this]: "
+      "below 1, only needles far from the question (e.g. beyond --window)")
     # TTT
     a("--ttt-layers", default="default", help="comma list of layer indices, 'default' (every 6th, or "
       "every 2nd below 12 layers) or 'none' (YaRN alone, needs --mode full)")
@@ -60,6 +62,7 @@ def parse_args(argv=None):
     a("--ttt-eta", type=float, default=0.3, help="TTT inner learning rate eta")
     a("--ttt-target", default="hidden", choices=("hidden", "embeddings"), help="targets from the MLP input or X0")
     a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
+    a("--ttt-target-std", type=float, default=0.02, help="std of W_target's initial diagonal")
     a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
     a("--lora-rank", type=int, default=8, help="LoRA rank in --mode lora_ttt")
     a("--lora-scaling", type=float, default=2.0, help="LoRA scaling in --mode lora_ttt")
@@ -91,7 +94,8 @@ def parse_args(argv=None):
         if getattr(args, name) < (0 if name == "pretrain_steps" else 1):
             fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'pretrain_steps' else 1}, "
                  f"got {getattr(args, name)}")
-    for name in ("lr", "lr_ttt", "ttt_eta", "weight_decay", "grad_clip", "warmup", "answer_weight", "lora_scaling"):
+    for name in ("lr", "lr_ttt", "ttt_eta", "ttt_target_std", "weight_decay", "grad_clip", "warmup", "answer_weight",
+                 "lora_scaling"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -99,6 +103,8 @@ def parse_args(argv=None):
         fail(f"--scale must be >= 1, got {args.scale}")
     if not 0 <= args.passkey_share <= 1:
         fail(f"--passkey-share must be in [0, 1], got {args.passkey_share}")
+    if not 0 <= args.passkey_max_depth <= 1:
+        fail(f"--passkey-max-depth must be in [0, 1], got {args.passkey_max_depth}")
     if args.ttt_kernel < 1 or args.ttt_kernel % 2 == 0:
         fail(f"--ttt-kernel must be odd and >= 1, got {args.ttt_kernel}")
     if args.window is not None and args.window < 1:
@@ -281,7 +287,8 @@ def main(argv=None):
             if ttt_layers and not settings["ttt"]:
                 torch.manual_seed(args.seed + 1)  # the same W_target init on every rank
                 ttt_settings = dict(layers=ttt_layers, chunk_size=args.ttt_chunk, eta=args.ttt_eta,
-                                    kernel_size=args.ttt_kernel, target_source=args.ttt_target)
+                                    kernel_size=args.ttt_kernel, target_source=args.ttt_target,
+                                    target_init_std=args.ttt_target_std)
                 settings["ttt"], settings["ttt_rope_modulo"] = ttt_settings, args.ttt_rope_modulo
                 M.install(model, dict(ttt=ttt_settings, ttt_rope_modulo=args.ttt_rope_modulo))
                 model.to(device)
@@ -332,7 +339,8 @@ def main(argv=None):
                 batch = data.token_windows(corpus.train, length, args.batch, generator)
                 answer = torch.zeros(args.batch, dtype=torch.bool)  # no passkey documents here
             else:
-                batch, answer = data.training_batch(corpus.train, length, args.batch, args.passkey_share, generator)
+                batch, answer = data.training_batch(corpus.train, length, args.batch, args.passkey_share,
+                                                    generator, args.passkey_max_depth)
             mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
             batch, answer = batch[mine].to(device), answer[mine].to(device)
             loss_sum = 0.0

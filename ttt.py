@@ -57,67 +57,128 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     return torch.cat(outputs, dim=1)
 
 
-class _FastWeightScan(torch.autograd.Function):
-    """ttt_chunked with memory independent of the number of chunks.
+def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
+    """S += alpha * A @ B in place, S float32 (or float64), A and B maybe bf16: one kernel on a
+    GPU (float32 output from bf16 operands), a product then an add elsewhere."""
+    if A.dtype == S.dtype:
+        S.baddbmm_(A, B, alpha=alpha)
+    elif S.is_cuda:
+        torch.baddbmm(S, A, B, alpha=alpha, out_dtype=S.dtype, out=S)
+    else:
+        S.add_(torch.bmm(A, B).to(S.dtype), alpha=alpha)
 
-    Forward carries one fast weight per sequence across the chunks, in float32 whatever the
-    inputs' dtype (each chunk's products run in that dtype, e.g. bf16, but the small updates
-    accumulate in float32), and saves only Z, V, W_down and the weight the last chunk used.
-    Backward walks the chunks in reverse, undoing each update to recover the weight chunk i
-    used, and carries R = sum over later chunks k of dO_k^T Z_k:
-        dZ_i = dO_i W_i + eta V_i R,   dV_i = eta Z_i R^T,   dW_down = sum over all chunks of dO_i^T Z_i.
+
+class _FastWeightScan(torch.autograd.Function):
+    """ttt_chunked with memory independent of the number of chunks, in groups of G chunks.
+
+    The base product Z W_down^T is one product over the whole sequence. The sum of the updates,
+    S, is carried across groups of L = G * C tokens, one per sequence, in float32 whatever the
+    inputs' dtype (the products run in that dtype, e.g. bf16; cast to bf16 together with W_down,
+    updates smaller than 2^-8 of it would round away). Inside a group, chunk i also reads the
+    updates of the earlier chunks j of the same group, in the dual (linear-attention) form,
+    without forming their weights:
+        O_g = Z_g (W_down + S_g)^T + eta (M * Z_g Z_g^T) V_g,   M[t, u] = 1 if chunk(t) > chunk(u) else 0
+        S_(g+1) = S_g + eta * V_g^T Z_g,                  S_0 = 0
+    G = 1 is the plain chunk-by-chunk scan. Larger groups cost L * (h + d) more multiply-adds per
+    token but 1/G as many sequential steps: worth it where each step's launches, not its
+    arithmetic, are the cost (a GPU at these sizes).
+
+    Saves only Z, V, W_down and the last group's S. Backward walks the groups in reverse, undoing
+    each update to recover S_g, and carries R = sum over later groups k of dO_k^T Z_k:
+        dZ_g = dO_g (W_down + S_g) + eta V_g R + eta (dP + dP^T) Z_g,   dP = M * (dO_g V_g^T)
+        dV_g = eta Z_g R^T + eta (M * Z_g Z_g^T)^T dO_g,   dW_down = sum over all groups of dO_g^T Z_g
+    (the last is R once the walk is done: W_down's gradient costs nothing more).
     """
 
     @staticmethod
-    def forward(ctx, Z, V, W_down, eta, chunk_size):
-        B, T, _ = Z.shape
-        starts = list(range(0, T, chunk_size))
+    def forward(ctx, Z, V, W_down, eta, chunk_size, group):
+        B, T, h = Z.shape
+        Z, V = Z.contiguous(), V.contiguous()
         state = torch.promote_types(Z.dtype, torch.float32)  # float32, or float64 for checks
-        W = W_down.to(state).expand(B, *W_down.shape).clone()  # [B, d, h]
-        O = Z.new_empty(B, T, W_down.shape[0])
-        for n, s in enumerate(starts):
-            Z_i, V_i = Z[:, s:s + chunk_size], V[:, s:s + chunk_size]
-            O[:, s:s + chunk_size] = torch.bmm(Z_i, W.to(Z.dtype).transpose(1, 2))
-            if n < len(starts) - 1:  # the last chunk's update is never used
-                W.add_(torch.bmm(V_i.transpose(1, 2), Z_i), alpha=eta)
-        ctx.save_for_backward(Z, V, W_down, W)
-        ctx.eta, ctx.chunk_size = eta, chunk_size
+        S = Z.new_zeros(B, V.shape[-1], h, dtype=state)  # [B, d, h]
+        O = F.linear(Z, W_down.to(Z.dtype)) if W_down is not None else Z.new_zeros(B, T, V.shape[-1])
+        M = _within_group_mask(group, chunk_size, Z)
+        last = (T - 1) // group
+        for n in range(last + 1):
+            g = slice(n * group, (n + 1) * group)
+            Z_g, V_g, O_g = Z[:, g], V[:, g], O[:, g]
+            if n > 0:  # the updates of earlier groups
+                O_g.baddbmm_(Z_g, S.to(Z.dtype).transpose(1, 2))
+            if M is not None:  # the updates of earlier chunks of this group
+                L = Z_g.shape[1]
+                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])  # [B, L, L]
+                O_g.baddbmm_(A, V_g, alpha=eta)
+            if n < last:  # the last group's update is never used
+                _accumulate(S, V_g.transpose(1, 2), Z_g, eta)
+        ctx.save_for_backward(Z, V, W_down, S)
+        ctx.eta, ctx.chunk_size, ctx.group = eta, chunk_size, group
         return O
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dO):
-        Z, V, W_down, W = ctx.saved_tensors
-        eta, C, dtype = ctx.eta, ctx.chunk_size, Z.dtype
-        starts = list(range(0, Z.shape[1], C))
-        W = W.clone()  # the weight of the last chunk; walked back one update per chunk
-        R = torch.zeros_like(W)
-        dZ, dV = torch.empty_like(Z), torch.zeros_like(V)
-        dO = dO.to(dtype)
-        for n in reversed(range(len(starts))):
-            s = starts[n]
-            Z_i, V_i, dO_i = Z[:, s:s + C], V[:, s:s + C], dO[:, s:s + C]
-            if n < len(starts) - 1:
-                W.add_(torch.bmm(V_i.transpose(1, 2), Z_i), alpha=-eta)  # W_(i+1) -> W_i
+        Z, V, W_down, S = ctx.saved_tensors
+        eta, group, dtype = ctx.eta, ctx.group, Z.dtype
+        M = _within_group_mask(group, ctx.chunk_size, Z)
+        last = (Z.shape[1] - 1) // group
+        dO = dO.to(dtype).contiguous()
+        S = S.clone()  # the sum the last group read; walked back one update per group
+        R = torch.zeros_like(S)
+        dZ = torch.matmul(dO, W_down.to(dtype)) if W_down is not None else torch.zeros_like(Z)  # [B, T, h]
+        dV = torch.zeros_like(V)
+        for n in range(last, -1, -1):
+            g = slice(n * group, (n + 1) * group)
+            Z_g, V_g, dO_g, dZ_g, dV_g = Z[:, g], V[:, g], dO[:, g], dZ[:, g], dV[:, g]
+            if n < last:  # this group's update reaches the later groups
                 R_low = R.to(dtype)
-                dZ[:, s:s + C] = torch.baddbmm(torch.bmm(dO_i, W.to(dtype)), V_i, R_low, alpha=eta)
-                dV[:, s:s + C] = eta * torch.bmm(Z_i, R_low.transpose(1, 2))
-            else:
-                dZ[:, s:s + C] = torch.bmm(dO_i, W.to(dtype))
-            R.add_(torch.bmm(dO_i.transpose(1, 2), Z_i))
-        return dZ, dV, R.sum(0).to(W_down.dtype), None, None
+                dZ_g.baddbmm_(V_g, R_low, alpha=eta)
+                dV_g.baddbmm_(Z_g, R_low.transpose(1, 2), alpha=eta)
+                if n > 0:
+                    _accumulate(S, V_g.transpose(1, 2), Z_g, -eta)  # S_(n+1) -> S_n
+            if n > 0:
+                dZ_g.baddbmm_(dO_g, S.to(dtype))
+            if M is not None:  # within the group
+                L = Z_g.shape[1]
+                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])
+                dV_g.baddbmm_(A.transpose(1, 2), dO_g, alpha=eta)
+                dP = torch.bmm(dO_g, V_g.transpose(1, 2)).mul_(M[:L, :L])
+                dZ_g.baddbmm_(dP + dP.transpose(1, 2), Z_g, alpha=eta)
+            _accumulate(R, dO_g.transpose(1, 2), Z_g, 1.0)
+        dW_down = R.sum(0).to(W_down.dtype) if W_down is not None else None
+        return dZ, dV, dW_down, None, None, None
 
 
-def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
-             chunk_size: int) -> torch.Tensor:
-    """The same output as ttt_chunked, with one [B, d, h] float32 fast weight in memory instead
-    of one per chunk (autograd would keep every chunk's weight for the backward pass).
-    Z and V share a dtype; the products run in it, the weight accumulates in float32. With bf16
-    inputs each chunk's product casts the weight to bf16: pass W_down = 0 and add Z W_down^T
-    apart (as TTTGating does), or updates small next to W_down round away."""
+def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Optional[torch.Tensor]:
+    """[L, L]: 1 where position t's chunk comes after position u's, else 0; None for one chunk."""
+    if group == chunk_size:
+        return None
+    chunk = torch.arange(group, device=like.device) // chunk_size
+    return (chunk[:, None] > chunk[None, :]).to(like.dtype)
+
+
+# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
+# arithmetic: measured best of 1024 / 2048 / 4096 on an H100 at d 1024, h 2816 (bench.py).
+# A CPU is bound by arithmetic instead and scans chunk by chunk.
+GPU_GROUP_TOKENS = 2048
+
+
+def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor], eta: float,
+             chunk_size: int, group: tp.Optional[int] = None) -> torch.Tensor:
+    """The same output as ttt_chunked, with one [B, d, h] float32 sum of updates in memory instead
+    of one weight per chunk (autograd would keep every chunk's weight for the backward pass).
+    Z and V share a dtype; the products run in it. The updates accumulate in float32 and their
+    product is kept apart from Z W_down^T, so bf16 does not round away updates small next to W_down.
+    W_down None: the fast part alone, as W_down = 0 without its product.
+    `group`: tokens per sequential step, rounded down to whole chunks (at least one); by default
+    GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size))
+    if group is None:
+        group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
+    if group <= 0:
+        raise ValueError(f"group must be > 0 tokens, got {group}")
+    group = chunk_size * max(1, group // chunk_size)
+    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group))
 
 
 def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> torch.Tensor:
@@ -242,10 +303,11 @@ class TTTGating(StreamingModule[_TTTState]):
         Z, source, Zf = self._inputs(x, self.x0, 0)
         W = self.down_weight()
         V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
-        # Base product and fast-weight path apart: Wd_i = Wd_0 + eta * sum_(j<i) V_j^T Z_j, where
-        # the sum, small next to Wd_0, is kept in float32 inside ttt_scan. Cast to bf16 together
-        # with Wd_0, the updates would round away.
-        fast = ttt_scan(Zf, V.to(Zf.dtype), torch.zeros_like(W, dtype=torch.float32), self.eta, self.chunk_size)
+        V = V.to(Zf.dtype)
+        if self.z_transform is None:  # O_i = Z_i (Wd_0 + eta * sum_(j<i) V_j^T Z_j)^T
+            return ttt_scan(Z, V, W, self.eta, self.chunk_size).to(x.dtype)
+        # The fast path reads and writes a transformed Z; the base product keeps the plain one.
+        fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size)
         return (F.linear(Z, W) + fast).to(x.dtype)
 
     def _streaming_forward(self, x: torch.Tensor, state: _TTTState) -> torch.Tensor:
