@@ -60,6 +60,9 @@ ROWS_B = [
     ("b_ttt_only_far", "ttt_only, training needles all far (depth <= 0.8)", ["train", "--mode", "ttt_only", "--passkey-max-depth", "0.8"]),
     ("b_ttt_only_emb_375", "ttt_only, embeddings targets, 375 steps (10% of the base's bytes)",
      ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--steps", "375"]),
+    ("b_ttt_only_combined", "ttt_only, embeddings targets, all 8 layers, far needles, 375 steps",
+     ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--ttt-layers", "0,1,2,3,4,5,6,7",
+      "--passkey-max-depth", "0.8", "--steps", "375"]),
     # a second fine-tuning seed (batches and W_target init) for the rows that compare TTT with its control
     ("b_control_seed1", "full fine-tuning, no TTT (control), seed 1", ["train", "--mode", "full", "--ttt-layers", "none", "--seed", "1"]),
     ("b_ttt_layers_seed1", "TTT ttt_layers, seed 1", ["train", "--mode", "ttt_layers", "--seed", "1"]),
