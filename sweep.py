@@ -237,7 +237,8 @@ def main():
     if args.setting == "b":  # no RoPE extension: the window keeps positions in range
         common += ["--window", str(c["window"]), "--ttt-eta", c["eta"]]
         scale, extra_eval = "1", ["--depths", ",".join(str(d) for d in DEPTHS_B)]
-    if not os.path.exists(base):
+    needs_base = any(spec[0] != "scratch" for name, _, spec in rows_spec if name in wanted)
+    if needs_base and not os.path.exists(base):
         run([sys.executable, "train.py", "--pretrain-only", "--preset", c["preset"], "--pretrain-steps",
              str(c["pretrain_steps"]), "--batch", str(c["pretrain_batch"]), "--log-every", "100",
              "--out", os.path.join(args.work, "base")] + common)
