@@ -215,12 +215,14 @@ def main():
         hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if args.quick:
         lengths, reps = lengths[:1], 3
-    try:  # a copy without .git (e.g. on a rented GPU) can name its revision in $REVISION
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        revision = ""
-    revision = revision or os.environ.get("REVISION", "unknown")
+    revision = os.environ.get("REVISION")  # names the revision where .git is absent or stale (a rented GPU)
+    if not revision:
+        try:
+            revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            revision = ""
+    revision = revision or "unknown"
     print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
     print("0. ttt_scan vs ttt_chunked in float64, relative error of the output and gradients:")
     check = check_scan(d, h, lengths[0], chunks[0], dtype, device)
