@@ -135,15 +135,16 @@ def tables_b(results: dict, path: str) -> None:
     plt = _pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, label in rows:
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, label) in enumerate(rows):
         points = sorted((distance(r["length"], depth), 100 * acc)
                         for r in results["rows"][name]["rows"] for depth, acc in zip(DEPTHS_B, r["by_depth"]))
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.axvline(c["window"], color="grey", linestyle="--", label=f"window W = {c['window']}")
-    ax.set_xlabel("needle distance before the question (bytes)")
+        ax.plot(*zip(*points), marker="o", color=colors[i % 20], linestyle="-" if i < 10 else "--", label=label)
+    ax.axvline(c["window"], color="grey", linestyle=":", label=f"window W = {c['window']}")
+    ax.set_xlabel("needle distance before the question (bytes), lengths 1x and 2x the training length")
     ax.set_ylabel(f"passkey accuracy (%), {c['trials']} documents per point")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path + ".png")
     plt.close(fig)
