@@ -2,6 +2,7 @@
 
     python bench.py                 # CUDA if available (bf16), else a smaller CPU version (fp32)
     python bench.py --out bench.json --quick
+    python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
 
 0. The fast path's error against a float64 reference on the same (e.g. bf16) inputs.
 1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.
@@ -197,14 +198,54 @@ def bench_train_step(preset, T, B, chunk, dtype, device, reps):
     return dict(preset=preset, T=T, B=B, chunk=chunk, **rows, ratio=ratio)
 
 
+def profile_gating(d, h, T, chunk, dtype, device):
+    """torch.profiler's table of one TTT gating forward + backward (after warm-up): kernel count,
+    device time and the ops that take it."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    g = ttt.TTTGating(d, h, F.silu, chunk, 0.3).to(device)
+    torch.nn.init.normal_(g.conv.weight, std=0.02)
+    x = torch.randn(1, T, d, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def run():
+        with autocast:
+            out = g(x)
+        out.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    events = prof.key_averages()
+    where = f"TTT gating fwd+bwd, d {d}, h {h}, T {T}, chunk {chunk}, {dtype}"
+    if device.type == "cuda":
+        kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+        print(f"{where}: {kernels} kernels, {sum(e.self_device_time_total for e in events) / 1000:.2f} ms of device time")
+    else:
+        print(f"{where}: {sum(e.self_cpu_time_total for e in events) / 1000:.2f} ms of host time")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    p.add_argument("--profile", type=int, default=None, metavar="T",
+                   help="only profile one TTT gating forward + backward at length T (chunk 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.profile is not None:
+        if args.profile < 1:
+            p.error(f"--profile must be a length >= 1, got {args.profile}")
+        return profile_gating(1024 if cuda else 256, 2816 if cuda else 704, args.profile, 256,
+                              torch.bfloat16 if cuda else torch.float32, device)
     if cuda:
         d, h, B, lengths, chunks, dtype, reps = 1024, 2816, 1, [4096, 16384, 32768], [256, 1024], torch.bfloat16, 10
         rope_shape, step_cfg = (4, 16, 8192, 64), ("gpu", 4096, 4, 256)
