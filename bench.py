@@ -223,8 +223,9 @@ def profile_gating(d, h, T, chunk, dtype, device):
     events = prof.key_averages()
     where = f"TTT gating fwd+bwd, d {d}, h {h}, T {T}, chunk {chunk}, {dtype}"
     if device.type == "cuda":
-        kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
-        print(f"{where}: {kernels} kernels, {sum(e.self_device_time_total for e in events) / 1000:.2f} ms of device time")
+        kernels = [e for e in events if e.device_type.name == "CUDA"]  # the kernels, not the ops that launch them
+        print(f"{where}: {sum(e.count for e in kernels)} kernels, "
+              f"{sum(e.self_device_time_total for e in kernels) / 1000:.2f} ms of device time")
     else:
         print(f"{where}: {sum(e.self_cpu_time_total for e in events) / 1000:.2f} ms of host time")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
