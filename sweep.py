@@ -58,8 +58,10 @@ ROWS_B = [
     ("b_ttt_only_all_layers", "ttt_only, TTT in all 8 layers", ["train", "--mode", "ttt_only", "--ttt-layers", "0,1,2,3,4,5,6,7"]),
     ("b_ttt_only_std0.1", "ttt_only, W_target init std 0.1", ["train", "--mode", "ttt_only", "--ttt-target-std", "0.1"]),
     ("b_ttt_only_far", "ttt_only, training needles all far (depth <= 0.8)", ["train", "--mode", "ttt_only", "--passkey-max-depth", "0.8"]),
-    ("b_ttt_only_emb_375", "ttt_only, embeddings targets, 375 steps (10% of the base's bytes)",
+    ("b_ttt_only_emb_375", "ttt_only, embeddings targets, 375 steps (10.4% of the base's bytes)",
      ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--steps", "375"]),
+    ("b_ttt_only_emb_360", "ttt_only, embeddings targets, 360 steps (10.0% of the base's bytes)",
+     ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--steps", "360"]),
     ("b_ttt_only_combined", "ttt_only, embeddings targets, all 8 layers, far needles, 375 steps",
      ["train", "--mode", "ttt_only", "--ttt-target", "embeddings", "--ttt-layers", "0,1,2,3,4,5,6,7",
       "--passkey-max-depth", "0.8", "--steps", "375"]),
@@ -117,7 +119,8 @@ def tables_b(results: dict, path: str) -> None:
     c, lines = results["config"], []
     lengths = [r["length"] for r in results["rows"][rows[0][0]]["rows"]]
     lines += [f"Window W = {c['window']}; near: needle inside the window, far: beyond it ({c['trials']} "
-              f"documents per depth; depths {DEPTHS_B}). Bits per byte at each length.", "",
+              f"documents per depth; depths {DEPTHS_B}). Accuracy (95 % interval, documents); bits per byte "
+              f"at each length.", "",
               "| row | " + " | ".join(f"near {L} | far {L} | bpb {L}" for L in lengths) + " |",
               "|---" * (3 * len(lengths) + 1) + "|"]
     for name, label in rows:
@@ -127,7 +130,10 @@ def tables_b(results: dict, path: str) -> None:
                      for far in (False, True)}
             n = {far: len(v) * c["trials"] for far, v in split.items()}
             acc = {far: sum(v) / len(v) if v else float("nan") for far, v in split.items()}
-            cells += [f"{100 * acc[far]:.0f}% (n {n[far]})" for far in (False, True)] + [f"{r['bpb']:.2f}"]
+            for far in (False, True):
+                low, high = wilson(acc[far], n[far]) if n[far] else (float("nan"), float("nan"))
+                cells.append(f"{100 * acc[far]:.0f}% ({100 * low:.0f}-{100 * high:.0f}, n {n[far]})")
+            cells.append(f"{r['bpb']:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
