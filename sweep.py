@@ -41,6 +41,9 @@ ROWS = [  # name, label, what to do: evaluate the base with another RoPE, or fin
     ("ttt_layers", "YaRN x4 + TTT, ttt_layers", ["train", "--mode", "ttt_layers"]),
     ("ttt_full", "YaRN x4 + TTT, full", ["train", "--mode", "full"]),
     ("ttt_full_modulo", "YaRN x4 + TTT, full, modulo RoPE", ["train", "--mode", "full", "--ttt-rope-modulo"]),
+    # a second fine-tuning seed (batches and W_target init) for TTT against its control
+    ("yarn_ft_seed1", "YaRN x4 fine-tuned, no TTT (control), seed 1", ["train", "--ttt-layers", "none", "--mode", "full", "--seed", "1"]),
+    ("ttt_full_seed1", "YaRN x4 + TTT, full, seed 1", ["train", "--mode", "full", "--seed", "1"]),
 ]
 ROWS_B = [
     ("window_base", "windowed base, no TTT", ["--method", "none"]),
