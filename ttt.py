@@ -157,8 +157,9 @@ def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Op
 
 
 # Tokens per group of the scan on a GPU, where each sequential step costs launches more than
-# arithmetic: measured best of 1024 / 2048 / 4096 on an H100 at d 1024, h 2816 (bench.py).
-# A CPU is bound by arithmetic instead and scans chunk by chunk.
+# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
+# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
+# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
 GPU_GROUP_TOKENS = 2048
 
 
