@@ -9,6 +9,7 @@ for needles near (inside the window) and far (only reachable through the fast we
     python sweep.py --setting b        # setting B
     python sweep.py --rows vanilla,yarn_x8    # some rows only; rows already in the JSON are skipped
     python sweep.py --tables           # rebuild the markdown table and the plot from the JSON
+    python sweep.py --setting b --heatmaps b_ttt_layers   # length x depth heatmaps of some rows
     python sweep.py --setting b --eval-seed 1 --out results/sweep_b_report --rows ...
                                        # the same checkpoints on other passkey documents
 
@@ -216,6 +217,8 @@ def main():
     p.add_argument("--work", default=None, help="checkpoints go here (default out/sweep_<setting>)")
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
+    p.add_argument("--heatmaps", default=None, help="comma list of rows: only write their length x depth "
+                   "heatmaps (<out>_heatmap_<row>.png) from the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seed", type=int, default=None, help="passkey documents' seed (default eval_passkey's)")
     args = p.parse_args()
@@ -229,10 +232,19 @@ def main():
         p.error(f"--rows must be among {known}, got {args.rows}")
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
-    if args.tables:
+    if args.tables or args.heatmaps:
         if results is None:
             p.error(f"no results at {json_path}")
-        return table(results, args.out)
+        if not args.heatmaps:
+            return table(results, args.out)
+        import eval_passkey  # its heatmap, as eval_passkey.py draws it for one checkpoint
+        for name in args.heatmaps.split(","):
+            if name not in results["rows"]:
+                p.error(f"--heatmaps: no row {name!r} in {json_path}")
+            row, path = results["rows"][name], f"{args.out}_heatmap_{name}.png"
+            if eval_passkey.save_heatmap(path, row["rows"], row["depths"]):
+                print(f"wrote {path}")
+        return
     c = (PRESETS if args.setting == "a" else PRESETS_B)["cuda" if torch.cuda.is_available() else "cpu"]
     if results is None:
         hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
