@@ -28,6 +28,7 @@ import eval_passkey
 import freeze
 import model as M
 import rope_modulo
+import sweep
 import train
 import ttt
 import yarn
@@ -662,6 +663,25 @@ def test_training_batch_is_deterministic_and_mixed():
             assert bytes(row[1:][mask].tolist()) == bytes(row[-5:].tolist())
     all_passkey, mask = data.training_batch(corpus.train, 300, 4, 1.0, g1)
     assert all(bytes(r.tolist()).count(b"The pass key is") == 2 for r in all_passkey) and mask.sum() == 20
+
+
+@FAST
+@given(length=st.integers(110, 5000), depth=st.floats(0, 1))
+def test_sweep_needle_distance_matches_the_document(length, depth):
+    """The near / far split of Setting B's tables: the distance sweep.py computes from (length,
+    depth) is where passkey_document puts the needle, counted back from the answer."""
+    _, at, answer = data.passkey_document(length, depth, 12345, b"x" * length)
+    assert sweep.distance(length, depth) == answer - at
+    assert sweep.is_far(length, depth, answer - at - 1) and not sweep.is_far(length, depth, answer - at)
+
+
+def test_sweep_wilson_interval():
+    """Against the closed forms at the edges (0 or n successes: [0, z^2 / (n + z^2)] and its
+    mirror) and the textbook 50 of 100: [0.404, 0.596]."""
+    z2 = 1.96 ** 2
+    assert sweep.wilson(0.0, 80) == pytest.approx((0.0, z2 / (80 + z2)))
+    assert sweep.wilson(1.0, 80) == pytest.approx((80 / (80 + z2), 1.0))
+    assert sweep.wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
 
 
 @FAST
