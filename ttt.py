@@ -22,6 +22,7 @@ Usage:
 
 Only the standard library, torch and moshi's streaming base class are used: copy this file alone.
 """
+import functools
 import typing as tp
 from dataclasses import dataclass
 
@@ -152,8 +153,14 @@ def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Op
     """[L, L]: 1 where position t's chunk comes after position u's, else 0; None for one chunk."""
     if group == chunk_size:
         return None
-    chunk = torch.arange(group, device=like.device) // chunk_size
-    return (chunk[:, None] > chunk[None, :]).to(like.dtype)
+    return _block_mask(group, chunk_size, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Made once per size, dtype and device (each call would be three more kernel launches)."""
+    chunk = torch.arange(group, device=device) // chunk_size
+    return (chunk[:, None] > chunk[None, :]).to(dtype)
 
 
 # Tokens per group of the scan on a GPU, where each sequential step costs launches more than
@@ -190,8 +197,9 @@ def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> tor
     """
     B, T, d = x.shape
     n = -(-T // chunk_size)
-    x = F.pad(x, (0, 0, 0, n * chunk_size - T))
-    x = x.view(B * n, chunk_size, d).transpose(1, 2)  # [B * n, d, C]
+    if n * chunk_size != T:
+        x = F.pad(x, (0, 0, 0, n * chunk_size - T))
+    x = x.reshape(B * n, chunk_size, d).transpose(1, 2)  # [B * n, d, C]
     y = conv(x).transpose(1, 2).reshape(B, n * chunk_size, d)
     return y[:, :T]
 
@@ -298,7 +306,8 @@ class TTTGating(StreamingModule[_TTTState]):
         return Z, source, Zf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, d] (the normed hidden states) -> [B, T, d]."""
+        """x: [B, T, d] (the normed hidden states) -> [B, T, d], in the products' dtype (bf16 under
+        autocast), as moshi's ActivationGating returns it."""
         if self._streaming_state is not None:
             return self._streaming_forward(x, self._streaming_state)
         Z, source, Zf = self._inputs(x, self.x0, 0)
@@ -306,10 +315,10 @@ class TTTGating(StreamingModule[_TTTState]):
         V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
         V = V.to(Zf.dtype)
         if self.z_transform is None:  # O_i = Z_i (Wd_0 + eta * sum_(j<i) V_j^T Z_j)^T
-            return ttt_scan(Z, V, W, self.eta, self.chunk_size).to(x.dtype)
+            return ttt_scan(Z, V, W, self.eta, self.chunk_size)
         # The fast path reads and writes a transformed Z; the base product keeps the plain one.
         fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size)
-        return (F.linear(Z, W) + fast).to(x.dtype)
+        return F.linear(Z, W) + fast
 
     def _streaming_forward(self, x: torch.Tensor, state: _TTTState) -> torch.Tensor:
         """The parallel form, a few tokens at a time: tokens of the partial chunk read the fast
@@ -320,7 +329,7 @@ class TTTGating(StreamingModule[_TTTState]):
             x0 = self.x0[:, start:start + n] if self.x0 is not None else None
             Z, source, Zf = self._inputs(x[:, start:start + n], x0, state.offset)
             fast = torch.bmm(Zf, state.fast.to(Zf.dtype).transpose(1, 2))
-            outputs.append((F.linear(Z, W) + fast).to(x.dtype))
+            outputs.append(F.linear(Z, W) + fast)
             state.source[:, state.filled:state.filled + n] = source
             state.Z[:, state.filled:state.filled + n] = Zf
             state.filled, state.offset, start = state.filled + n, state.offset + n, start + n
