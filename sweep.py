@@ -139,9 +139,7 @@ def tables_b(results: dict, path: str) -> None:
                 cells.append(f"{100 * acc[far]:.0f}% ({100 * low:.0f}-{100 * high:.0f}, n {n[far]})")
             cells.append(f"{r['bpb']:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_markdown(path, lines)
     plt = _pyplot()
     if plt is None:
         return
@@ -159,6 +157,13 @@ def tables_b(results: dict, path: str) -> None:
     fig.savefig(path + ".png")
     plt.close(fig)
     print(f"wrote {path}.md and {path}.png")
+
+
+def _write_markdown(path: str, lines: list[str]) -> None:
+    """The table as <path>.md, and on stdout."""
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _pyplot():
@@ -187,9 +192,7 @@ def tables(results: dict, path: str) -> None:
             low, high = wilson(r["passkey"], n)
             cells.append(f"{100 * r['passkey']:.0f}% ({100 * low:.0f}-{100 * high:.0f}), {r['bpb']:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_markdown(path, lines)
     plt = _pyplot()
     if plt is None:
         return
