@@ -324,10 +324,14 @@ def main(argv=None):
         log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
             f"{steps} steps, batch {args.batch}")
 
-        # --- the loop
+        # --- the loop. The host does not wait for the GPU inside a step: the loss stays a tensor, and
+        # the first step with a non-finite gradient norm is recorded on the device and read before
+        # any log line or save, so no checkpoint is ever written from non-finite weights.
         micro = args.batch // world // args.grad_accum
         model.train()
         t0, tokens_done = time.time(), 0
+        group_names = [name for name, params in (("ttt", ttt_params), ("base", base_params)) if params]
+        first_bad = torch.full((len(group_names),), -1, device=device)
         for step in range(first_step, steps):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, steps, args.lr_ttt if g["name"] == "ttt" else args.lr, args.warmup)
@@ -343,38 +347,40 @@ def main(argv=None):
                                                     generator, args.passkey_max_depth)
             mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
             batch, answer = batch[mine].to(device), answer[mine].to(device)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for k in range(args.grad_accum):
                 x, is_answer = batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]
                 sync = k == args.grad_accum - 1  # all-reduce only on the last micro-step
                 with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
                     loss = net(x, is_answer) / args.grad_accum
                 loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
             # Clipped per group so the TTT parameters' small gradients are not scaled by the base's.
+            # The gradients are all-reduced, so every rank sees the same norms and stops together.
             norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                      for name, params in (("ttt", ttt_params), ("base", base_params)) if params}
-            # The gradients are all-reduced, so every rank sees the same norms and stops together.
-            bad = [name for name, norm in norms.items() if not torch.isfinite(norm)]
-            if bad:
-                log(f"stopping: non-finite gradient in the {' and '.join(bad)} parameters at stage "
-                    f"{stage_index} step {step + 1} (loss {loss_sum}); try a smaller --lr / --lr-ttt or "
-                    f"--ttt-eta. The last checkpoint ({ckpt_path}) is kept as it was.")
-                sys.exit(1)
-            ttt_norm = norms.get("ttt")
+            finite = torch.stack([norms[name].isfinite() for name in group_names])
+            first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_done += args.batch * length
-            if step % args.log_every == 0 or step == steps - 1:
+            last = step == steps - 1
+            if step % args.log_every == 0 or last or (step + 1) % args.save_every == 0:
+                bad = [(name, at) for name, at in zip(group_names, first_bad.tolist()) if at >= 0]
+                if bad:
+                    log(f"stopping: non-finite gradient in the {' and '.join(name for name, _ in bad)} parameters "
+                        f"at stage {stage_index} step {min(at for _, at in bad) + 1}; try a smaller --lr / "
+                        f"--lr-ttt or --ttt-eta. The last checkpoint ({ckpt_path}) is kept as it was.")
+                    sys.exit(1)
+            if step % args.log_every == 0 or last:
                 if ddp:  # log the global batch's loss, not rank 0's share
-                    total = torch.tensor(loss_sum, device=device)
-                    dist.all_reduce(total)
-                    loss_sum = total.item() / world
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
                 elapsed = time.time() - t0
-                ttt_text = f" | ttt grad {ttt_norm.item():.3e}" if ttt_norm is not None else ""
-                log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum:.4f} | "
+                ttt_text = f" | ttt grad {norms['ttt'].item():.3e}" if "ttt" in norms else ""
+                log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum.item():.4f} | "
                     f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s{ttt_text}")
-            if master and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            if master and (step + 1) % args.save_every == 0 and not last:
                 M.save_checkpoint(ckpt_path, dict(model=model.state_dict(), settings=settings, stages=stages,
                                                   stage=stage_index, step=step + 1,
                                                   optimizer=optimizer.state_dict()))

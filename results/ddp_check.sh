@@ -2,11 +2,12 @@
 # DDP check: N processes against 1, same global batch. Prints the weights' difference after
 # STEPS steps (against the run-to-run spread of 1 process with itself) and tokens/s.
 #   bash results/ddp_check.sh            # 2 GPUs over NCCL, gpu preset (results/ddp_h100x2.log)
-#   PRESET=cpu DEVICE=cpu STEPS=3 BATCH=4 SPEED_STEPS=6 SPEED_BATCHES=4 bash results/ddp_check.sh
+#   PRESET=cpu DEVICE=cpu STEPS=3 BATCH=4 SPEED_STEPS=6 LOG_EVERY=2 SPEED_BATCHES=4 bash results/ddp_check.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
 N=${N:-2} PRESET=${PRESET:-gpu} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-20} BATCH=${BATCH:-32}
-SPEED_STEPS=${SPEED_STEPS:-200} SPEED_BATCHES=${SPEED_BATCHES:-"32 64"} OUTDIR=${OUTDIR:-out/ddp}
+SPEED_STEPS=${SPEED_STEPS:-100} LOG_EVERY=${LOG_EVERY:-25} SPEED_BATCHES=${SPEED_BATCHES:-"32 32 64 128"}
+OUTDIR=${OUTDIR:-out/ddp}
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 echo "revision ${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}"
@@ -50,15 +51,19 @@ for name in ("one_again", "many"):
 print(f"(1 process vs itself is the run-to-run spread; {n} processes vs 1 should be of the same order)")
 EOF
 
-# 2. tokens/s: longer runs, so the first steps' warm-up weighs little; the last log line counts all steps
+# 2. tokens/s: 1 and N processes in turn, each batch of SPEED_BATCHES (a batch named twice runs twice);
+# the steady rate leaves out the steps before the second log line (warm-up, compilation)
+i=0
 for b in $SPEED_BATCHES; do
-    train 1 "$OUTDIR/speed1_b$b" --pretrain-steps "$SPEED_STEPS" --batch "$b" --log-every ${LOG_EVERY:-50} --eval-trials 1
-    train "$N" "$OUTDIR/speed${N}_b$b" --pretrain-steps "$SPEED_STEPS" --batch "$b" --log-every ${LOG_EVERY:-50} --eval-trials 1
+    i=$((i + 1))
+    for n in 1 "$N"; do
+        train "$n" "$OUTDIR/speed${i}_n${n}_b$b" --pretrain-steps "$SPEED_STEPS" --batch "$b" \
+            --log-every "$LOG_EVERY" --eval-trials 1
+    done
 done
+i=0
 for b in $SPEED_BATCHES; do
-    one=$(steady "$OUTDIR/speed1_b$b.log" "$b") many=$(steady "$OUTDIR/speed${N}_b$b.log" "$b")
-    all1=$(grep "^step $SPEED_STEPS/" "$OUTDIR/speed1_b$b.log" | awk '{print $(NF-1)}')
-    allN=$(grep "^step $SPEED_STEPS/" "$OUTDIR/speed${N}_b$b.log" | awk '{print $(NF-1)}')
-    echo "batch $b: all steps $all1 vs $allN tok/s; after the first log line $one vs $many tok/s," \
-         "$N processes / 1 = $(python3 -c "print(f'{$many / $one:.2f}')")x"
+    i=$((i + 1)) one=$(steady "$OUTDIR/speed${i}_n1_b$b.log" "$b") many=$(steady "$OUTDIR/speed${i}_n${N}_b$b.log" "$b")
+    echo "batch $b (run $i): steady $one tok/s with 1 process, $many with $N:" \
+         "$(python3 -c "print(f'{$many / $one:.2f}')")x"
 done
