@@ -784,7 +784,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
-    ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"],
+    ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -907,6 +907,19 @@ def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
     assert r.returncode == 1 and "non-finite gradient in the ttt parameters" in r.stdout, r.stdout[-500:]
     kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0
     assert kept["stage"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_non_finite_step_between_log_lines_stops_before_the_save(tmp_path):
+    # Step 1 is finite (and logged); its huge update makes step 2 non-finite. Step 2 is no log
+    # step but a save step: the non-finite check, read late to spare a host sync per step, must
+    # still come before that save.
+    out = tmp_path / "out"
+    r = run_train(QUICK + ["--lr-ttt", "1e36", "--log-every", "100", "--save-every", "2", "--out", str(out)])
+    assert r.returncode == 1 and "non-finite gradient in the ttt parameters at stage 1 step 2" in r.stdout, \
+        r.stdout[-500:]
+    assert "step 1/4 | stage 1" in r.stdout
+    kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0, not at stage 1 step 2
+    assert (kept["stage"], kept["step"]) == (1, 0) and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_lora_ttt_training_and_adapter(tmp_path):

@@ -99,6 +99,9 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("lr", "lr_ttt"):  # AdamW's first step divides by 0.1: past ~3e37 float32 overflows
+        if getattr(args, name) > 1e37:
+            fail(f"--{name.replace('_', '-')} must be <= 1e37, got {getattr(args, name)}")
     if not (math.isfinite(args.scale) and args.scale >= 1):
         fail(f"--scale must be >= 1, got {args.scale}")
     if not 0 <= args.passkey_share <= 1:
