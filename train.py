@@ -333,8 +333,8 @@ def main(argv=None):
         micro = args.batch // world // args.grad_accum
         model.train()
         t0, tokens_done = time.time(), 0
-        group_names = [name for name, params in (("ttt", ttt_params), ("base", base_params)) if params]
-        first_bad = torch.full((len(group_names),), -1, device=device)
+        clip_groups = [(name, params) for name, params in (("ttt", ttt_params), ("base", base_params)) if params]
+        first_bad = torch.full((len(clip_groups),), -1, device=device)
         for step in range(first_step, steps):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, steps, args.lr_ttt if g["name"] == "ttt" else args.lr, args.warmup)
@@ -360,22 +360,22 @@ def main(argv=None):
                 loss_sum += loss.detach()
             # Clipped per group so the TTT parameters' small gradients are not scaled by the base's.
             # The gradients are all-reduced, so every rank sees the same norms and stops together.
-            norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                     for name, params in (("ttt", ttt_params), ("base", base_params)) if params}
-            finite = torch.stack([norms[name].isfinite() for name in group_names])
+            norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip) for name, params in clip_groups}
+            finite = torch.stack([norm.isfinite() for norm in norms.values()])
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_done += args.batch * length
             last = step == steps - 1
-            if step % args.log_every == 0 or last or (step + 1) % args.save_every == 0:
-                bad = [(name, at) for name, at in zip(group_names, first_bad.tolist()) if at >= 0]
+            logging, saving = step % args.log_every == 0 or last, (step + 1) % args.save_every == 0 and not last
+            if logging or saving:
+                bad = [(name, at) for name, at in zip(norms, first_bad.tolist()) if at >= 0]
                 if bad:
                     log(f"stopping: non-finite gradient in the {' and '.join(name for name, _ in bad)} parameters "
                         f"at stage {stage_index} step {min(at for _, at in bad) + 1}; try a smaller --lr / "
                         f"--lr-ttt or --ttt-eta. The last checkpoint ({ckpt_path}) is kept as it was.")
                     sys.exit(1)
-            if step % args.log_every == 0 or last:
+            if logging:
                 if ddp:  # log the global batch's loss, not rank 0's share
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
@@ -383,7 +383,7 @@ def main(argv=None):
                 ttt_text = f" | ttt grad {norms['ttt'].item():.3e}" if "ttt" in norms else ""
                 log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum.item():.4f} | "
                     f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s{ttt_text}")
-            if master and (step + 1) % args.save_every == 0 and not last:
+            if master and saving:
                 M.save_checkpoint(ckpt_path, dict(model=model.state_dict(), settings=settings, stages=stages,
                                                   stage=stage_index, step=step + 1,
                                                   optimizer=optimizer.state_dict()))
