@@ -32,13 +32,23 @@ EVAL_SEED = 2 ** 40 + 10_007
 
 
 @torch.no_grad()
-def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int) -> torch.Tensor:
-    """Greedy decoding the way Moshi runs: inside `model.streaming(B)`, the prompt fed `piece`
-    steps at a time (no more than the attention's KV cache holds), then one token per step.
-    prompts: [B, T] -> [B, digits]."""
+def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int = 256) -> torch.Tensor:
+    """Greedy decoding the way Moshi runs: inside `model.streaming(B)`, the prompt fed in steps of
+    up to `piece` tokens, then one token per step. prompts: [B, T] -> [B, digits].
+
+    moshi's KV cache is a ring of exactly `context` keys: a step of n tokens at offset t is exact
+    only while t + n <= context (before the ring is full) or n == 1 (after, a longer step would
+    overwrite keys still inside the window), so the steps shrink to single tokens there."""
+    contexts = [layer.self_attn.context for layer in model.transformer.layers]
+    if any(c is None for c in contexts):
+        raise ValueError("streaming needs a finite attention context (the KV cache's capacity)")
+    context = min(contexts)
     with model.streaming(prompts.shape[0]):
-        for start in range(0, prompts.shape[1], piece):
-            out = M.logits(model, prompts[:, start:start + piece])
+        t = 0
+        while t < prompts.shape[1]:
+            n = min(piece, prompts.shape[1] - t, max(1, context - t))
+            out = M.logits(model, prompts[:, t:t + n])
+            t += n
         decoded = [out[:, -1].argmax(-1)]
         for _ in range(digits - 1):
             decoded.append(M.logits(model, decoded[-1][:, None])[:, -1].argmax(-1))
@@ -59,8 +69,7 @@ def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, 
         for start in range(0, trials, batch):
             x = tokens[start:start + batch].to(device)
             if streaming:
-                piece = min(256, model.transformer.layers[0].self_attn.context)
-                pred = streaming_greedy(model, x[:, :-data.KEY_DIGITS], data.KEY_DIGITS, piece)
+                pred = streaming_greedy(model, x[:, :-data.KEY_DIGITS], data.KEY_DIGITS)
             else:
                 pred = M.logits(model, x[:, :-1])[:, -data.KEY_DIGITS:].argmax(-1)
             correct += (pred == x[:, -data.KEY_DIGITS:]).all(dim=1).sum().item()
@@ -225,6 +234,9 @@ def parse_args(argv):
         fail(f"--scale must be >= 1, got {args.scale}")
     if (args.scale is not None or args.dynamic) and args.method is None:
         fail("--scale and --dynamic need --method")
+    if args.dynamic and args.streaming:
+        fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
+             "step); stream with a fixed --scale")
     return args, fail
 
 

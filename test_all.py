@@ -390,6 +390,121 @@ def test_streaming_equals_parallel_with_yarn_and_ttt(target_source, modulo, step
         torch.testing.assert_close(M.logits(m, x[:, :20]), ref[:, :20], atol=1e-4, rtol=1e-4)
 
 
+def streaming_model(window=24, chunk=8, seed=0):
+    """YaRN x4 (fixed), a window shorter than the test sequences, TTT on two layers with
+    embedding targets and modulo RoPE: everything a Moshi deployment streams."""
+    m = tiny_model(seed, context=window)
+    yarn.apply_yarn(m, 4.0, 16, widen_context=False)
+    ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings")
+    randomise_ttt(m, seed)
+    for g in freeze.ttt_modules(m):
+        g.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, chunk)
+    return m
+
+
+@FAST
+@given(B=st.integers(1, 3), T=st.integers(20, 60), window=st.integers(8, 32), chunk=st.integers(1, 12),
+       seed=st.integers(0, 2 ** 16))
+def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, seed):
+    """moshi's LMGen path: one token per step, a window shorter than the sequence (the ring KV
+    cache wraps), several chunk boundaries, batch > 1, against the parallel forward."""
+    chunk = min(chunk, window)
+    m = streaming_model(window, chunk, seed)
+    x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+    ref = M.logits(m, x)
+    with torch.no_grad(), m.streaming(B):
+        out = torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(T)], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_streaming_honours_exec_mask_and_per_sequence_reset():
+    """moshi's exec_mask: a sequence whose mask is False is left as if the step never happened;
+    reset_streaming(mask): only the masked sequences start again."""
+    m = streaming_model(window=16, chunk=4)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 256, (2, 40), generator=g), torch.randint(0, 256, (1, 30), generator=g)
+    ref_x, ref_y = M.logits(m, x), M.logits(m, y)
+    paused = {3, 4, 9, 10, 11, 17}  # steps at which sequence 1 does not run (it gets noise)
+    got0, got1, t1 = [], [], 0
+    with torch.no_grad(), m.streaming(2):
+        for t in range(40):
+            run = t not in paused
+            m.set_exec_mask(torch.tensor([True, run]))
+            step = torch.stack([x[0, t], x[1, t1] if run else torch.randint(0, 256, (), generator=g)])
+            out = M.logits(m, step[:, None])
+            got0.append(out[0, 0])
+            if run:
+                got1.append(out[1, 0])
+                t1 += 1
+        m.set_exec_mask(torch.tensor([True, True]))
+        m.reset_streaming(torch.tensor([False, True]))  # sequence 1 starts a new document
+        for t in range(30):
+            out = M.logits(m, torch.stack([x[0, 0], y[0, t]])[:, None])  # sequence 0 gets anything
+            torch.testing.assert_close(out[1, 0], ref_y[0, t], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(got0), ref_x[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(got1), ref_x[1, :t1], atol=1e-4, rtol=1e-4)
+
+
+class _DispatchTrace(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten call with its non-tensor arguments and its tensors' shapes and dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        describe = lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a
+        self.calls.append((str(func), torch.utils._pytree.tree_map(describe, (args, kwargs or {}))))
+        return func(*args, **(kwargs or {}))
+
+
+def test_streaming_step_keeps_no_state_on_the_host():
+    """What a CUDA graph needs, checked on a CPU: after the first step (LMGen's warm-up), every
+    step runs the same aten calls with the same arguments whatever its position (chunk
+    boundaries and a wrapping KV cache included), never reads a device value on the host, and
+    the TTT state changes only inside its tensors. A Python-side counter or a branch at a chunk
+    boundary (what froze under CUDA graphs) fails this."""
+    m = streaming_model(window=12, chunk=4)
+    x = torch.randint(0, 256, (2, 30))
+    states = lambda: [g._streaming_state for g in freeze.ttt_modules(m)]
+    with torch.no_grad(), m.streaming(2):
+        M.logits(m, x[:, :1])
+        host = [{k: v for k, v in vars(s).items() if not isinstance(v, torch.Tensor)} for s in states()]
+        pointers = [{k: v.data_ptr() for k, v in vars(s).items() if isinstance(v, torch.Tensor)} for s in states()]
+        traces = []
+        for t in range(1, 30):
+            step = x[:, None, t:t + 1].clone()
+            with _DispatchTrace() as trace:
+                m.forward_text(step)
+            traces.append(trace.calls)
+        assert [{k: v for k, v in vars(s).items() if not isinstance(v, torch.Tensor)} for s in states()] == host
+        assert [{k: v.data_ptr() for k, v in vars(s).items() if isinstance(v, torch.Tensor)} for s in states()] == pointers
+    assert not any("_local_scalar_dense" in name for name, _ in traces[0]), "a device value read on the host"
+    for t, calls in enumerate(traces[1:], start=2):
+        assert calls == traces[0], f"step {t} runs other calls than step 1"
+
+
+def test_dynamic_yarn_refuses_to_stream():
+    m = tiny_model(context=64)
+    yarn.apply_yarn(m, 2.0, 32, dynamic=True)
+    x = torch.randint(0, 256, (1, 40))
+    M.logits(m, x)  # the parallel form is fine
+    with torch.no_grad(), m.streaming(1), pytest.raises(RuntimeError, match="dynamic YaRN cannot stream"):
+        M.logits(m, x[:, :1])
+    yarn.apply_yarn(m, 2.0, 32)  # a fixed scale streams, and equals the parallel form
+    ref = M.logits(m, x)
+    with torch.no_grad(), m.streaming(1):
+        out = torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(40)], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_ttt_chunk_longer_than_the_window_is_refused():
+    m = tiny_model(context=16)
+    with pytest.raises(ValueError, match="longer than the attention window 16"):
+        ttt.apply_ttt(m, [1], chunk_size=32, eta=0.5)
+    ttt.apply_ttt(m, [1], chunk_size=16, eta=0.5)
+
+
 def test_ttt_every_parameter_gets_gradient_by_second_step():
     """From the official init (zero conv, diagonal W_target): the port's all-zero init gave
     exactly zero gradient forever."""
@@ -704,16 +819,20 @@ def test_bits_per_byte_of_uniform_model_is_8():
     assert eval_passkey.bits_per_byte(m, corpus.val, 64, 4, 0, "cpu") == pytest.approx(8.0, abs=1e-5)
 
 
-def test_streaming_passkey_decoding_equals_parallel_greedy():
+@pytest.mark.parametrize("window,piece", [(128, 50), (40, 256), (40, 7)])
+def test_streaming_passkey_decoding_equals_parallel_greedy(window, piece):
+    """With a window shorter than the document too (the ring KV cache wraps while the prompt is
+    fed), streaming decoding equals greedy decoding on the parallel form with the same window."""
     m = tiny_model(context=64)
-    yarn.apply_yarn(m, 2.0, 64)
+    yarn.apply_yarn(m, 2.0, 64, widen_context=False)
+    M.set_context(m, window)
     ttt.apply_ttt(m, [1, 3], chunk_size=16, eta=0.5)
     randomise_ttt(m)
     with torch.no_grad():
         m.text_linear.weight[48:58] += 0.5
     corpus = data.load_corpus()
     tokens, _ = data.passkey_batch(corpus.val, 128, 3, torch.Generator().manual_seed(1))
-    got = eval_passkey.streaming_greedy(m, tokens[:, :-5], 5, piece=50)
+    got = eval_passkey.streaming_greedy(m, tokens[:, :-5], 5, piece=piece)
     prompt = tokens[:, :-5]
     with torch.no_grad():
         for _ in range(5):

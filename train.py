@@ -265,6 +265,9 @@ def main(argv=None):
     if ttt_layers and args.ttt_chunk >= shortest:
         fail(f"--ttt-chunk {args.ttt_chunk} must be shorter than the sequences ({shortest}): "
              f"with one chunk the fast weights never update")
+    if ttt_layers and args.window and args.ttt_chunk > args.window:
+        fail(f"--ttt-chunk {args.ttt_chunk} is longer than --window {args.window}: tokens more than "
+             f"{args.window} steps into a chunk would be seen by neither attention nor the fast weight")
     if args.window and args.window > max(s["length"] for s in stages):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)

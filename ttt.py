@@ -217,20 +217,23 @@ def default_layers(num_layers: int) -> list[int]:
 
 @dataclass
 class _TTTState(State):
-    """Streaming state, one fast weight per sequence: the updates of the completed chunks, and
-    the raw inputs of the chunk being filled (its targets need the whole chunk's conv)."""
-    fast: torch.Tensor  # [B, d, h] float32: eta * sum over completed chunks of V_j^T Z_j
-    source: torch.Tensor  # [B, C, d] target-generator inputs of the partial chunk
-    Z: torch.Tensor  # [B, C, h] its (transformed) Z
-    filled: int = 0  # tokens in the partial chunk
-    offset: int = 0  # tokens seen since the start
+    """Streaming state of one TTTGating. Every field is a device tensor of fixed shape, changed in
+    place, and every step runs the same kernels whatever its position (see
+    `TTTGating._streaming_step`): a CUDA graph captured at one step replays correctly at all others.
+    Each sequence of the batch has its own position, so moshi's exec_mask and per-sequence
+    reset_streaming work as they do for moshi's own modules."""
+    offset: torch.Tensor  # [B] long: tokens seen; the token at offset t sits in slot t % C of its chunk
+    source: torch.Tensor  # [B, C, d] target-generator inputs of the chunk being filled, by slot
+    Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
+    Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
+    V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target (the whole chunk is known)
+    fast: torch.Tensor  # [B, d, h] float32: eta * sum of V_j^T Z_j over the completed chunks before
+    #                     the last, plus the rows of the last one folded in so far
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        if not bool(reset_mask.all()):
-            raise NotImplementedError("TTT streaming resets every sequence of the batch together")
-        self.fast.zero_()
-        self.filled = self.offset = 0
+        for buffer in (self.offset, self.source, self.Z, self.Z_prev, self.V_prev, self.fast):
+            buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
 class TTTGating(StreamingModule[_TTTState]):
@@ -244,11 +247,10 @@ class TTTGating(StreamingModule[_TTTState]):
     and writes of the fast weight, not the base product Z Wd_0^T), e.g. a modulo RoPE.
     `x0` is set by a hook on the transformer when targets come from the token embeddings.
 
-    Inside moshi's `with model.streaming(B):` it keeps its fast weight in the streaming state,
-    updates it each time a chunk completes (convolving the whole chunk, as the parallel form
-    does) and gives the parallel form's outputs step by step. All sequences of the batch advance
-    together (moshi's exec_mask is not honoured). The update is Python-side control flow: run
-    moshi's LMGen with CUDA graphs off (NO_CUDA_GRAPH=1), which would freeze it.
+    Inside moshi's `with model.streaming(B):` it gives the parallel form's outputs token by
+    token, keeping everything in device tensors (`_TTTState`), so moshi's LMGen can capture a
+    step in a CUDA graph (its default). See `_streaming_step` for how a chunk's update is folded
+    in without a branch.
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
@@ -289,28 +291,34 @@ class TTTGating(StreamingModule[_TTTState]):
 
     def _init_streaming_state(self, batch_size: int) -> _TTTState:
         W = self.down_weight()
-        (d, h), C = W.shape, self.chunk_size
-        return _TTTState(batch_size, W.device, fast=W.new_zeros(batch_size, d, h, dtype=torch.float32),
-                         source=W.new_zeros(batch_size, C, d), Z=W.new_zeros(batch_size, C, h))
+        (d, h), B, C = W.shape, batch_size, self.chunk_size
+        zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
+        return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, C, d),
+                         Z=zeros(B, C, h), Z_prev=zeros(B, C, h), V_prev=zeros(B, C, d),
+                         fast=zeros(B, d, h, dtype=torch.float32))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
-                offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Z [B, T, h], the target source [B, T, d] and Z for the fast path, for x [B, T, d]."""
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Z [B, T, h], the target source [B, T, d] and Z for the fast path, for x [B, T, d] at
+        `positions` ([T] or [B, T])."""
         B, T, _ = x.shape
         gate, up = self.linear_in(x).view(B, T, 2, -1).unbind(dim=2)
         Z = self.activation(gate) * up
         source = x if self.target_source == "hidden" else x0
         if source is None or source.shape[:2] != x.shape[:2]:
             raise RuntimeError("target_source='embeddings' needs the transformer hook of apply_ttt")
-        Zf = Z if self.z_transform is None else self.z_transform(Z, torch.arange(offset, offset + T, device=x.device))
+        Zf = Z if self.z_transform is None else self.z_transform(Z, positions)
         return Z, source, Zf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, d] (the normed hidden states) -> [B, T, d], in the products' dtype (bf16 under
         autocast), as moshi's ActivationGating returns it."""
-        if self._streaming_state is not None:
-            return self._streaming_forward(x, self._streaming_state)
-        Z, source, Zf = self._inputs(x, self.x0, 0)
+        state = self._streaming_state
+        if state is not None:  # one token at a time: the same step for every token
+            x0 = self.x0
+            return torch.cat([self._streaming_step(x[:, t:t + 1], None if x0 is None else x0[:, t:t + 1], state)
+                              for t in range(x.shape[1])], dim=1)
+        Z, source, Zf = self._inputs(x, self.x0, torch.arange(x.shape[1], device=x.device))
         W = self.down_weight()
         V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
         V = V.to(Zf.dtype)
@@ -320,24 +328,74 @@ class TTTGating(StreamingModule[_TTTState]):
         fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size)
         return F.linear(Z, W) + fast
 
-    def _streaming_forward(self, x: torch.Tensor, state: _TTTState) -> torch.Tensor:
-        """The parallel form, a few tokens at a time: tokens of the partial chunk read the fast
-        weight left by the completed chunks; a completed chunk then writes its update."""
-        C, W, outputs, start = self.chunk_size, self.down_weight(), [], 0
-        while start < x.shape[1]:
-            n = min(x.shape[1] - start, C - state.filled)
-            x0 = self.x0[:, start:start + n] if self.x0 is not None else None
-            Z, source, Zf = self._inputs(x[:, start:start + n], x0, state.offset)
-            fast = torch.bmm(Zf, state.fast.to(Zf.dtype).transpose(1, 2))
-            outputs.append(F.linear(Z, W) + fast)
-            state.source[:, state.filled:state.filled + n] = source
-            state.Z[:, state.filled:state.filled + n] = Zf
-            state.filled, state.offset, start = state.filled + n, state.offset + n, start + n
-            if state.filled == C:
-                V = self.target(conv_within_chunks(state.source, self.conv, C))
-                state.fast.add_(torch.bmm(V.to(Zf.dtype).transpose(1, 2), state.Z.to(Zf.dtype)), alpha=self.eta)
-                state.filled = 0
-        return torch.cat(outputs, dim=1)
+    def _streaming_step(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
+                        state: _TTTState) -> torch.Tensor:
+        """One token, x: [B, 1, d] -> [B, 1, d], equal to the parallel form's output for it.
+
+        A token in chunk i reads Wd_0 + eta * sum_(j<i) V_j^T Z_j: all of chunk i - 1's update,
+        which is complete only when chunk i opens. Adding a whole [d, h] update at that one step
+        would need a branch (or a masked add at every step, which moves the [d, h] state twice
+        more per step). Instead the update of chunk i - 1 (`Z_prev`, `V_prev`) is folded into
+        `fast` a slice of R = ceil(d / C) output rows per step, slice p at slot p, so it is all
+        in by the time chunk i + 1 opens; the rows not yet folded are read in the dual form
+        from the chunk itself:
+            O_t = Z_t Wd_0^T + Z_t fast^T + eta * mask_t * (Z_t Z_prev^T) V_prev
+        with mask_t = 1 on the rows after slice p. Every step runs the same kernels; which slot,
+        which slice and whether a chunk just opened are device tensors, so a CUDA graph of one
+        step replays correctly at every position. Sequences whose exec_mask is False keep
+        their state unchanged.
+        """
+        B, C, (d, h) = x.shape[0], self.chunk_size, state.fast.shape[1:]
+        R = -(-d // C)  # rows folded per step
+        run = state.exec_mask  # [B] bool
+        slot = state.offset % C  # [B]
+        Z, source, Zf = self._inputs(x, x0, state.offset[:, None])
+        Zf = Zf.to(state.Z.dtype)  # [B, 1, h]
+
+        # A token in slot 0 opens a chunk: the chunk before it is complete and becomes `prev`.
+        # (Its targets are computed at every step, the same kernels, and kept only here.)
+        opens = ((slot == 0) & run).view(B, 1, 1)
+        V_done = self.target(conv_within_chunks(state.source, self.conv, C)).to(state.V_prev.dtype)
+        state.V_prev.copy_(torch.where(opens, V_done, state.V_prev))
+        state.Z_prev.copy_(torch.where(opens, state.Z, state.Z_prev))
+
+        # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `fast`.
+        rows = slot[:, None] * R + torch.arange(R, device=x.device)  # [B, R]
+        keep = ((rows < d) & run[:, None]).unsqueeze(-1)  # rows past d (when C R > d) add nothing
+        rows = rows.clamp(max=d - 1)
+        V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
+        update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
+        state.fast.scatter_add_(1, rows[:, :, None].expand(B, R, h), update.mul_(keep * self.eta))
+
+        # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
+        unfolded = torch.arange(d, device=x.device) >= (slot[:, None] + 1) * R  # [B, d]
+        pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
+        fast = torch.bmm(Zf.float(), state.fast.transpose(1, 2))  # [B, 1, d] float32
+        fast = fast + self.eta * pending.float() * unfolded[:, None]
+        out = F.linear(Z, self.down_weight())
+        out = out + fast.to(out.dtype)
+
+        # The token joins its chunk at its slot.
+        _write_slot(state.source, slot, source, run)
+        _write_slot(state.Z, slot, Zf, run)
+        state.offset.add_(run.long())
+        return out
+
+
+def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B batched, in float32 whatever A and B's dtype (bf16 operands: one kernel on a GPU)."""
+    if A.dtype == torch.float32 or A.dtype == torch.float64:
+        return torch.bmm(A, B)
+    if A.is_cuda:
+        return torch.bmm(A, B, out_dtype=torch.float32)
+    return torch.bmm(A.float(), B.float())
+
+
+def _write_slot(buffer: torch.Tensor, slot: torch.Tensor, value: torch.Tensor, run: torch.Tensor) -> None:
+    """buffer[b, slot[b]] = value[b, 0] where run[b]; buffer: [B, C, D], value: [B, 1, D]."""
+    index = slot.view(-1, 1, 1).expand(-1, 1, buffer.shape[2])
+    old = buffer.gather(1, index)
+    buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), value.to(buffer.dtype), old))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,12 +419,17 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
 
     Checkpoint keys `...gating.linear_in.weight` / `...gating.linear_out.weight` are unchanged.
     The settings are recorded as `model.ttt_settings` so a checkpoint can carry them.
+
+    The chunk may not be longer than the attention window (moshi's `context`; Moshi 7B: 3000):
+    a token more than `context` steps into its chunk would be seen neither by attention nor
+    by the fast weight, which holds only completed chunks.
     """
     transformer = getattr(model, "transformer", model)
     num_layers = len(transformer.layers)
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
         raise ValueError(f"TTT layers must be a non-empty subset of 0..{num_layers - 1}, got {layers}")
+    check_chunk_fits_window(chunk_size, window(transformer))
     for i in layers:
         old = transformer.layers[i].gating
         if isinstance(old, TTTGating):
@@ -389,3 +452,18 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
                               kernel_size=int(kernel_size), target_source=target_source,
                               target_init_std=float(target_init_std))
     return model
+
+
+def window(transformer: nn.Module) -> tp.Optional[int]:
+    """The shortest attention window (`context`) of a moshi transformer's layers; None if none."""
+    contexts = [layer.self_attn.context for layer in transformer.layers
+                if getattr(layer.self_attn, "context", None) is not None]
+    return min(contexts, default=None)
+
+
+def check_chunk_fits_window(chunk_size: int, context: tp.Optional[int]) -> None:
+    """ValueError unless chunk_size <= context (None: full attention, any chunk fits)."""
+    if context is not None and chunk_size > context:
+        raise ValueError(f"TTT chunk {chunk_size} is longer than the attention window {context}: tokens more "
+                         f"than {context} steps into a chunk would be seen neither by attention nor by the "
+                         f"fast weight (it holds completed chunks only); use a chunk <= {context}")

@@ -9,7 +9,8 @@ leaves open (truncated correction range, clamping, the attention factor on both 
 - NTK-aware          base becomes b * s^(D/(D-2))                      (paper eq. 16)
 - YaRN               NTK-by-parts ramp between dim(beta_fast) and dim(beta_slow) (eq. 17-19)
                      plus the temperature sqrt(1/t) = 0.1 ln s + 1     (eq. 22)
-- dynamic scaling    s = max(s, T / L) recomputed from the current length T (section 3.3)
+- dynamic scaling    s = max(s, T / L) recomputed from the current length T (section 3.3);
+                     parallel forward only: refused in moshi's streaming (see apply_yarn)
 
 Usage:
     from moshi.models.lm import LMModel
@@ -236,6 +237,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
 # Installing it into a moshi model.
 # ---------------------------------------------------------------------------------------------
 
+def _refuse_dynamic_streaming(attention: nn.Module, args: tuple) -> None:
+    """Dynamic scaling cannot stream exactly through moshi's attention: its KV cache keeps keys
+    after RoPE, each rotated at the scale of its own step, while later queries use a larger scale
+    (the YaRN paper, section 3.3, caches keys before RoPE for this reason)."""
+    rope = getattr(attention, "rope", None)
+    if getattr(rope, "dynamic", False) and getattr(attention, "_streaming_state", None) is not None:
+        raise RuntimeError("dynamic YaRN cannot stream exactly: moshi's KV cache keeps keys rotated at the "
+                           "scale of their own step while later queries use a larger one; stream with a "
+                           "fixed scale (dynamic=False, scale = the longest length / original_len)")
+
+
 def apply_yarn(model: nn.Module, scale: float, original_len: int, method: str = "yarn",
                beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
                mscale: float = 1.0, mscale_all_dim: float = 0.0, dynamic: bool = False,
@@ -247,6 +259,10 @@ def apply_yarn(model: nn.Module, scale: float, original_len: int, method: str = 
     7B: 3000) is widened to at least ceil(scale * original_len): extending RoPE without it
     extends nothing. Pass `widen_context=False` to keep a deliberate window. The settings are
     recorded as `model.yarn_settings` so a checkpoint can carry them.
+
+    A fixed scale streams exactly (moshi's LMGen, CUDA graphs included). `dynamic=True` is
+    refused inside `model.streaming(...)`: moshi caches keys after RoPE, so keys rotated at an
+    earlier, smaller scale would meet queries at a larger one.
     """
     transformer = getattr(model, "transformer", model)
     old = getattr(transformer, "rope", None)
@@ -260,6 +276,9 @@ def apply_yarn(model: nn.Module, scale: float, original_len: int, method: str = 
     for layer in transformer.layers:
         attention = layer.self_attn
         attention.rope = rope
+        if not getattr(attention, "_yarn_checks_streaming", False):
+            attention.register_forward_pre_hook(_refuse_dynamic_streaming)
+            attention._yarn_checks_streaming = True
         if widen_context and attention.context is not None and attention.context < needed:
             attention.context = needed
     model.yarn_settings = dict(scale=float(scale), original_len=int(original_len), method=method,
