@@ -17,7 +17,9 @@ what a forward + backward allocates beyond its inputs and parameters (CUDA only)
 """
 import argparse
 import contextlib
+import copy
 import functools
+import gc
 import json
 import os
 import platform
@@ -232,16 +234,201 @@ def profile_gating(d, h, T, chunk, dtype, device):
     print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
 
 
+# ---------------------------------------------------------------------------------------------
+# Streaming the way Moshi is deployed: one step per 80 ms frame through LMGen, CUDA graphs on.
+# ---------------------------------------------------------------------------------------------
+
+def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, seed=0):
+    """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64
+    kept, TTT on two layers with embedding targets and modulo RoPE, non-zero conv and W_target."""
+    torch.manual_seed(seed)
+    m = M.build_model(dict(dim=128, num_heads=4, num_layers=4, context=window))
+    settings = dict(window=window)
+    if with_ttt:
+        settings.update(yarn=dict(scale=4.0, original_len=32, widen_context=False), ttt_rope_modulo=True,
+                        ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings"))
+    M.install(m, settings)
+    with torch.no_grad():
+        for g in m.modules():
+            if isinstance(g, ttt.TTTGating):
+                g.conv.weight.normal_(std=0.3)
+                g.target.weight.normal_(std=0.3)
+    return m.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def stream_check(device, T=256, B=2):
+    """The proof on the path users run: CUDAGraphed(lm.forward_text) one token per step against
+    eager streaming and the parallel forward, float32 and bf16; then LMGen's greedy tokens with and
+    without CUDA graphs against the parallel form. T 256 crosses 16 chunk boundaries and wraps the
+    window's KV cache 4 times. moshi's own model (no TTT, no YaRN) gives the bf16 floor."""
+    from moshi.models.lm import LMGen
+    from moshi.utils.compile import CUDAGraphed, no_cuda_graph
+    x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_ttt in (True, False):
+            m = small_streaming_model(dtype, device, with_ttt=with_ttt)
+            parallel = m.forward_text(x)[1].float()  # [B, 1, T, 256]
+            # the same (bf16-rounded) weights in float32: how far each bf16 path is from exact
+            reference = copy.deepcopy(m).float().forward_text(x)[1].float()
+            outs = {}
+            for name in ("eager", "graphed"):
+                with m.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
+                    step = CUDAGraphed(m.forward_text)
+                    outs[name] = torch.cat([step(x[..., t:t + 1])[1].float().clone() for t in range(T)], dim=2)
+                    offsets = [int(g._streaming_state.offset.min()) for g in m.modules() if isinstance(g, ttt.TTTGating)]
+                    assert all(o == T for o in offsets), f"TTT offsets {offsets} after {T} steps ({name})"
+            diff = lambda a, b: (a - b).abs().max().item()
+            row = dict(graphed_vs_eager=diff(outs["graphed"], outs["eager"]),
+                       graphed_vs_parallel=diff(outs["graphed"], parallel),
+                       eager_vs_parallel=diff(outs["eager"], parallel), logit_scale=parallel.abs().max().item(),
+                       parallel_vs_float32=diff(parallel, reference), graphed_vs_float32=diff(outs["graphed"], reference))
+            key = f"{'ttt_yarn' if with_ttt else 'moshi_base'}_{str(dtype).split('.')[-1]}"
+            result[key] = row
+            print(f"  {key:<20} max |logit difference|: graphed vs eager {row['graphed_vs_eager']:.2e}, "
+                  f"graphed vs parallel {row['graphed_vs_parallel']:.2e}, eager vs parallel "
+                  f"{row['eager_vs_parallel']:.2e} (logits up to {row['logit_scale']:.1f}); against float32: "
+                  f"parallel {row['parallel_vs_float32']:.2e}, graphed {row['graphed_vs_float32']:.2e}", flush=True)
+            if not with_ttt:
+                continue
+            # LMGen, greedy: the tokens it generates, with and without CUDA graphs, and whether each
+            # is the parallel form's arg-max given the tokens before it.
+            tokens = {}
+            for name in ("eager", "graphed"):
+                gen = LMGen(m, use_sampling=False)
+                with gen.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
+                    tokens[name] = torch.cat([gen.step(x[:, :0, :1])[:, 0] for _ in range(T)], dim=1)  # [B, T]
+            initial = torch.full((B, 1), m.text_initial_token_id, device=device)
+            fed = torch.cat([initial, tokens["graphed"][:, :-1]], dim=1)
+            logits = m.forward_text(fed[:, None])[1][:, 0].float()
+            agree = logits.argmax(-1) == tokens["graphed"]
+            first = int((~agree).any(0).float().argmax()) if not agree.all() else T
+            top2 = logits.topk(2, dim=-1).values
+            margin = (top2[..., 0] - top2[..., 1])[:, first].min().item() if first < T else None
+            gen_row = dict(graphed_equals_eager=bool(torch.equal(tokens["graphed"], tokens["eager"])),
+                           steps_agreeing_with_parallel=first, margin_at_first_disagreement=margin)
+            result[key + "_lmgen"] = gen_row
+            print(f"  {key + ' LMGen':<20} greedy tokens graphed == eager: {gen_row['graphed_equals_eager']}; "
+                  f"equal to the parallel arg-max for {first} of {T} steps"
+                  + (f" (top-2 margin there {margin:.2e})" if margin is not None else ""), flush=True)
+    return result
+
+
+def realtime(device, steps, eager_steps=20):
+    """LMGen.step of moshi's own 7B configuration (random weights, bf16, batch 1, CUDA graphs on, as
+    deployed), one configuration after another on the same weights: per-step wall time (host
+    clock around a step and a synchronisation) and peak memory. The frame budget is 80 ms."""
+    from moshi.models import loaders
+    from moshi.models.lm import LMGen, LMModel
+    from moshi.modules.streaming import StreamingModule
+    from moshi.utils.compile import no_cuda_graph
+    torch.manual_seed(0)
+    lm = LMModel(**loaders._lm_kwargs, device=device, dtype=torch.bfloat16).eval()
+    layers, L0 = lm.transformer.layers, loaders._lm_kwargs["context"]
+    gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
+    codes = torch.randint(0, lm.card, (1, lm.num_codebooks - lm.dep_q - 1, 1), device=device)
+
+    def configure(context=L0, yarn_scale=None, chunk=None):
+        for layer, gating in zip(layers, gatings):
+            layer.gating, layer.self_attn.rope, layer.self_attn.context = gating, rope, context
+        lm.transformer.rope = rope
+        for m in lm.modules():
+            if isinstance(m, StreamingModule):
+                m._cached_children = None
+        if yarn_scale:
+            yarn.apply_yarn(lm, yarn_scale, L0)
+        if chunk:
+            torch.manual_seed(1)
+            ttt.apply_ttt(lm, ttt.default_layers(len(layers)), chunk, eta=0.3)
+            with torch.no_grad():
+                for g in lm.modules():
+                    if isinstance(g, ttt.TTTGating):
+                        g.conv.weight.normal_(std=0.02)  # non-zero: the real work, not zeros
+
+    def run(n, graphs):
+        gen = LMGen(lm)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        with gen.streaming(1), (contextlib.nullcontext() if graphs else no_cuda_graph()):
+            for i in range(n + 3):  # eager warm-up, capture, a first replay
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                gen.step(codes)
+                torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(1000 * (time.perf_counter() - start))
+            for g in lm.modules():  # the TTT state advanced at every step, replays included
+                if isinstance(g, ttt.TTTGating):
+                    assert int(g._streaming_state.offset[0]) == n + 3, "TTT state did not advance"
+        times.sort()
+        return dict(median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+                    max_ms=times[-1], steps=n, graphs=graphs, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+    configs = [("base, window 3000", {}, None),
+               ("TTT chunk 256, window 3000", dict(chunk=256), "base, window 3000"),
+               ("TTT chunk 1024, window 3000", dict(chunk=1024), "base, window 3000"),
+               ("base, KV cache 12000 (no YaRN)", dict(context=4 * L0), "base, window 3000"),
+               ("YaRN x4 (KV cache 12000)", dict(context=4 * L0, yarn_scale=4), "base, window 3000"),
+               ("YaRN x4 + TTT chunk 256", dict(context=4 * L0, yarn_scale=4, chunk=256), "YaRN x4 (KV cache 12000)"),
+               ("base, window 3000, no CUDA graph", {}, None),
+               ("YaRN x4 + TTT 256, no CUDA graph", dict(context=4 * L0, yarn_scale=4, chunk=256), None)]
+    rows = {}
+    for name, config, against in configs:
+        configure(**config)
+        graphs = "no CUDA graph" not in name
+        row = rows[name] = dict(run(steps if graphs else eager_steps, graphs), **config)
+        if against:
+            row["ratio"] = row["median_ms"] / rows[against]["median_ms"]
+        print(f"  {name:<34} median {row['median_ms']:6.2f} ms, p99 {row['p99_ms']:6.2f}, max {row['max_ms']:6.2f}, "
+              f"peak {row['peak_gib']:5.1f} GiB" + (f", {row['ratio']:.3f}x {against}" if against else ""), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def revision_name() -> str:
+    """$REVISION where set (a GPU machine's copy has a stale or no .git), else git's short hash."""
+    revision = os.environ.get("REVISION")
+    if not revision:
+        try:
+            revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            revision = ""
+    return revision or "unknown"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     p.add_argument("--profile", type=int, default=None, metavar="T",
                    help="only profile one TTT gating forward + backward at length T (chunk 256)")
+    p.add_argument("--stream-check", action="store_true", help="only: streaming through CUDA graphs and "
+                   "LMGen against eager and the parallel form, small model, float32 and bf16 (CUDA)")
+    p.add_argument("--realtime", action="store_true", help="only: LMGen.step of moshi's 7B configuration, "
+                   "random weights, bf16, CUDA graphs, with and without YaRN and TTT (CUDA, ~40 GB)")
+    p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if (args.stream_check or args.realtime) and not cuda:
+        p.error("--stream-check and --realtime need a CUDA device (CUDA graphs, a 7B model)")
+    if args.steps < 10:
+        p.error(f"--steps must be >= 10, got {args.steps}")
+    if args.stream_check or args.realtime:
+        what = "stream_check" if args.stream_check else "realtime"
+        print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
+        result = stream_check(device) if args.stream_check else realtime(device, args.steps)
+        result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
+                      revision=revision_name(), **{what: result})
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"wrote {args.out}")
+        return
     if args.profile is not None:
         if args.profile < 1:
             p.error(f"--profile must be a length >= 1, got {args.profile}")
@@ -257,14 +444,7 @@ def main():
         hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if args.quick:
         lengths, reps = lengths[:1], 3
-    revision = os.environ.get("REVISION")  # names the revision where .git is absent or stale (a rented GPU)
-    if not revision:
-        try:
-            revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except OSError:
-            revision = ""
-    revision = revision or "unknown"
+    revision = revision_name()
     print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
     print("0. ttt_scan vs ttt_chunked in float64, relative error of the output and gradients:")
     check = check_scan(d, h, lengths[0], chunks[0], dtype, device)

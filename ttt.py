@@ -437,10 +437,11 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         if not (hasattr(old, "linear_in") and isinstance(old.linear_out, nn.Linear)):
             raise ValueError(f"layer {i} has no gating MLP (linear_in / linear_out) to convert")
         hidden, dim = old.linear_out.in_features, old.linear_out.out_features
-        new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
-                        target_source, target_init_std)
         weight = old.linear_out.weight
-        new.to(device=weight.device, dtype=weight.dtype)
+        with torch.device(weight.device):  # built where the model is (a 7B layer is 0.6 GB in float32)
+            new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
+                            target_source, target_init_std)
+        new.to(dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
     for m in model.modules():  # moshi caches the streaming children on first use
