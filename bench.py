@@ -315,7 +315,44 @@ def stream_check(device, T=256, B=2):
     return result
 
 
-def realtime(device, steps, eager_steps=20):
+@torch.no_grad()
+def gating_step(device, d=4096, h=11264, chunks=(256, 1024), reps=200):
+    """One streaming token through one MLP at Moshi 7B's size, bf16, captured in a CUDA graph and
+    replayed: moshi's ActivationGating against TTTGating, device time per step (CUDA events)."""
+    from moshi.modules.gating import ActivationGating
+    x = torch.randn(1, 1, d, device=device, dtype=torch.bfloat16)
+
+    def replay_ms(module):
+        for _ in range(3):
+            module(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(x)
+        for _ in range(10):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    with torch.device(device):
+        plain = ActivationGating(d, 3 * h // 2, F.silu).to(torch.bfloat16)
+    rows = dict(plain_ms=replay_ms(plain))
+    for C in chunks:
+        with torch.device(device):
+            g = ttt.TTTGating(d, h, F.silu, C, 0.3).to(torch.bfloat16)
+        torch.nn.init.normal_(g.conv.weight, std=0.02)
+        with g.streaming(1):
+            rows[f"ttt_{C}_ms"] = replay_ms(g)
+        print(f"  one MLP step (d {d}, h {h}, bf16, graphed): moshi gating {rows['plain_ms']:.3f} ms, TTT chunk {C} "
+              f"{rows[f'ttt_{C}_ms']:.3f} ms (+{rows[f'ttt_{C}_ms'] - rows['plain_ms']:.3f})", flush=True)
+    return rows
+
+
+def realtime(device, steps, eager_steps=20, rounds=2):
     """LMGen.step of moshi's own 7B configuration (random weights, bf16, batch 1, CUDA graphs on, as
     deployed), one configuration after another on the same weights: per-step wall time (host
     clock around a step and a synchronisation) and peak memory. The frame budget is 80 ms."""
@@ -347,6 +384,7 @@ def realtime(device, steps, eager_steps=20):
                         g.conv.weight.normal_(std=0.02)  # non-zero: the real work, not zeros
 
     def run(n, graphs):
+        """Per-step milliseconds of n steps after the warm-up, and the peak GiB allocated."""
         gen = LMGen(lm)
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -361,9 +399,7 @@ def realtime(device, steps, eager_steps=20):
             for g in lm.modules():  # the TTT state advanced at every step, replays included
                 if isinstance(g, ttt.TTTGating):
                     assert int(g._streaming_state.offset[0]) == n + 3, "TTT state did not advance"
-        times.sort()
-        return dict(median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
-                    max_ms=times[-1], steps=n, graphs=graphs, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        return times, torch.cuda.max_memory_allocated() / 2 ** 30
 
     configs = [("base, window 3000", {}, None),
                ("TTT chunk 256, window 3000", dict(chunk=256), "base, window 3000"),
@@ -374,16 +410,26 @@ def realtime(device, steps, eager_steps=20):
                ("base, window 3000, no CUDA graph", {}, None),
                ("YaRN x4 + TTT 256, no CUDA graph", dict(context=4 * L0, yarn_scale=4, chunk=256), None)]
     rows = {}
+    for round_ in range(rounds):  # configurations interleaved, so a drift of the card shows as spread
+        for name, config, against in configs:
+            configure(**config)
+            graphs = "no CUDA graph" not in name
+            times, peak = run(steps if graphs else eager_steps, graphs)
+            row = rows.setdefault(name, dict(config, graphs=graphs, times=[], round_medians=[]))
+            row["times"] += times
+            row["round_medians"].append(statistics.median(times))
+            row["peak_gib"] = peak
+            gc.collect()
+            torch.cuda.empty_cache()
     for name, config, against in configs:
-        configure(**config)
-        graphs = "no CUDA graph" not in name
-        row = rows[name] = dict(run(steps if graphs else eager_steps, graphs), **config)
+        row, times = rows[name], sorted(rows[name].pop("times"))
+        row.update(median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+                   max_ms=times[-1], steps=len(times))
         if against:
             row["ratio"] = row["median_ms"] / rows[against]["median_ms"]
-        print(f"  {name:<34} median {row['median_ms']:6.2f} ms, p99 {row['p99_ms']:6.2f}, max {row['max_ms']:6.2f}, "
+        print(f"  {name:<34} median {row['median_ms']:6.2f} ms (rounds " + ", ".join(
+              f"{m:.2f}" for m in row["round_medians"]) + f"), p99 {row['p99_ms']:6.2f}, max {row['max_ms']:6.2f}, "
               f"peak {row['peak_gib']:5.1f} GiB" + (f", {row['ratio']:.3f}x {against}" if against else ""), flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -421,7 +467,8 @@ def main():
     if args.stream_check or args.realtime:
         what = "stream_check" if args.stream_check else "realtime"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = stream_check(device) if args.stream_check else realtime(device, args.steps)
+        result = stream_check(device) if args.stream_check else dict(
+            mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         with open(args.out + ".tmp", "w") as f:

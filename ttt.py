@@ -229,10 +229,12 @@ class _TTTState(State):
     V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target (the whole chunk is known)
     fast: torch.Tensor  # [B, d, h] float32: eta * sum of V_j^T Z_j over the completed chunks before
     #                     the last, plus the rows of the last one folded in so far
+    fast_read: torch.Tensor  # [B, d, h] `fast` in the model's dtype, what a step reads (the parallel
+    #                          form reads its float32 sum cast the same way); `fast` itself in float32
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        for buffer in (self.offset, self.source, self.Z, self.Z_prev, self.V_prev, self.fast):
+        for buffer in (self.offset, self.source, self.Z, self.Z_prev, self.V_prev, self.fast, self.fast_read):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -293,9 +295,10 @@ class TTTGating(StreamingModule[_TTTState]):
         W = self.down_weight()
         (d, h), B, C = W.shape, batch_size, self.chunk_size
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
+        fast = zeros(B, d, h, dtype=torch.float32)
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, C, d),
-                         Z=zeros(B, C, h), Z_prev=zeros(B, C, h), V_prev=zeros(B, C, d),
-                         fast=zeros(B, d, h, dtype=torch.float32))
+                         Z=zeros(B, C, h), Z_prev=zeros(B, C, h), V_prev=zeros(B, C, d), fast=fast,
+                         fast_read=fast if W.dtype == torch.float32 else zeros(B, d, h))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -356,8 +359,8 @@ class TTTGating(StreamingModule[_TTTState]):
         # (Its targets are computed at every step, the same kernels, and kept only here.)
         opens = ((slot == 0) & run).view(B, 1, 1)
         V_done = self.target(conv_within_chunks(state.source, self.conv, C)).to(state.V_prev.dtype)
-        state.V_prev.copy_(torch.where(opens, V_done, state.V_prev))
-        state.Z_prev.copy_(torch.where(opens, state.Z, state.Z_prev))
+        torch.where(opens, V_done, state.V_prev, out=state.V_prev)
+        torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
 
         # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `fast`.
         rows = slot[:, None] * R + torch.arange(R, device=x.device)  # [B, R]
@@ -365,15 +368,16 @@ class TTTGating(StreamingModule[_TTTState]):
         rows = rows.clamp(max=d - 1)
         V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
         update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
-        state.fast.scatter_add_(1, rows[:, :, None].expand(B, R, h), update.mul_(keep * self.eta))
+        index = rows[:, :, None].expand(B, R, h)
+        state.fast.scatter_add_(1, index, update.mul_(keep * self.eta))
+        state.fast_read.scatter_(1, index, state.fast.gather(1, index).to(state.fast_read.dtype))
 
         # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
         unfolded = torch.arange(d, device=x.device) >= (slot[:, None] + 1) * R  # [B, d]
         pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
-        fast = torch.bmm(Zf.float(), state.fast.transpose(1, 2))  # [B, 1, d] float32
-        fast = fast + self.eta * pending.float() * unfolded[:, None]
         out = F.linear(Z, self.down_weight())
-        out = out + fast.to(out.dtype)
+        out = out + torch.bmm(Zf, state.fast_read.transpose(1, 2)).to(out.dtype)
+        out = out + (self.eta * pending * unfolded[:, None]).to(out.dtype)
 
         # The token joins its chunk at its slot.
         _write_slot(state.source, slot, source, run)
