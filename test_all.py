@@ -390,12 +390,12 @@ def test_streaming_equals_parallel_with_yarn_and_ttt(target_source, modulo, step
         torch.testing.assert_close(M.logits(m, x[:, :20]), ref[:, :20], atol=1e-4, rtol=1e-4)
 
 
-def streaming_model(window=24, chunk=8, seed=0):
+def streaming_model(window=24, chunk=8, seed=0, kernel=5):
     """YaRN x4 (fixed), a window shorter than the test sequences, TTT on two layers with
     embedding targets and modulo RoPE: everything a Moshi deployment streams."""
     m = tiny_model(seed, context=window)
     yarn.apply_yarn(m, 4.0, 16, widen_context=False)
-    ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings")
+    ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, kernel_size=kernel, target_source="embeddings")
     randomise_ttt(m, seed)
     for g in freeze.ttt_modules(m):
         g.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, chunk)
@@ -404,12 +404,12 @@ def streaming_model(window=24, chunk=8, seed=0):
 
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(20, 60), window=st.integers(8, 32), chunk=st.integers(1, 12),
-       seed=st.integers(0, 2 ** 16))
-def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, seed):
+       kernel=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2 ** 16))
+def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, kernel, seed):
     """moshi's LMGen path: one token per step, a window shorter than the sequence (the ring KV
     cache wraps), several chunk boundaries, batch > 1, against the parallel forward."""
     chunk = min(chunk, window)
-    m = streaming_model(window, chunk, seed)
+    m = streaming_model(window, chunk, seed, kernel)
     x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
     ref = M.logits(m, x)
     with torch.no_grad(), m.streaming(B):

@@ -221,12 +221,14 @@ class _TTTState(State):
     place, and every step runs the same kernels whatever its position (see
     `TTTGating._streaming_step`): a CUDA graph captured at one step replays correctly at all others.
     Each sequence of the batch has its own position, so moshi's exec_mask and per-sequence
-    reset_streaming work as they do for moshi's own modules."""
+    reset_streaming work as they do for moshi's own modules. `half` is the conv's kernel_size // 2."""
     offset: torch.Tensor  # [B] long: tokens seen; the token at offset t sits in slot t % C of its chunk
-    source: torch.Tensor  # [B, C, d] target-generator inputs of the chunk being filled, by slot
+    source: torch.Tensor  # [B, 2 half + C, d] target-generator inputs of the chunk being filled, slot s
+    #                       at row 2 half + s (the first rows stay zero: the conv's padding at the edge)
+    V: torch.Tensor  # [B, half + C, d] its targets as far as its inputs are known, slot s at row half + s
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
-    V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target (the whole chunk is known)
+    V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target
     fast: torch.Tensor  # [B, d, h] float32: eta * sum of V_j^T Z_j over the completed chunks before
     #                     the last, plus the rows of the last one folded in so far
     fast_read: torch.Tensor  # [B, d, h] `fast` in the model's dtype, what a step reads (the parallel
@@ -234,7 +236,8 @@ class _TTTState(State):
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        for buffer in (self.offset, self.source, self.Z, self.Z_prev, self.V_prev, self.fast, self.fast_read):
+        for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.fast,
+                       self.fast_read):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -293,11 +296,12 @@ class TTTGating(StreamingModule[_TTTState]):
 
     def _init_streaming_state(self, batch_size: int) -> _TTTState:
         W = self.down_weight()
-        (d, h), B, C = W.shape, batch_size, self.chunk_size
+        (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
         fast = zeros(B, d, h, dtype=torch.float32)
-        return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, C, d),
-                         Z=zeros(B, C, h), Z_prev=zeros(B, C, h), V_prev=zeros(B, C, d), fast=fast,
+        return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
+                         V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
+                         V_prev=zeros(B, C, d), fast=fast,
                          fast_read=fast if W.dtype == torch.float32 else zeros(B, d, h))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
@@ -343,27 +347,38 @@ class TTTGating(StreamingModule[_TTTState]):
         in by the time chunk i + 1 opens; the rows not yet folded are read in the dual form
         from the chunk itself:
             O_t = Z_t Wd_0^T + Z_t fast^T + eta * mask_t * (Z_t Z_prev^T) V_prev
-        with mask_t = 1 on the rows after slice p. Every step runs the same kernels; which slot,
-        which slice and whether a chunk just opened are device tensors, so a CUDA graph of one
-        step replays correctly at every position. Sequences whose exec_mask is False keep
-        their state unchanged.
+        with mask_t = 1 on the rows after slice p. The targets are built as the inputs come: a
+        token changes the conv outputs of the `half` slots before it and its own, and a slot's
+        output is final once the input `half` slots later is in, or at the end of the chunk.
+        Every step runs the same kernels; which slot, which slice and whether a chunk just
+        opened are device tensors, so a CUDA graph of one step replays correctly at every
+        position. Sequences whose exec_mask is False keep their state unchanged.
         """
         B, C, (d, h) = x.shape[0], self.chunk_size, state.fast.shape[1:]
-        R = -(-d // C)  # rows folded per step
+        half, R = self.conv.kernel_size[0] // 2, -(-d // C)  # R: rows folded per step
         run = state.exec_mask  # [B] bool
         slot = state.offset % C  # [B]
         Z, source, Zf = self._inputs(x, x0, state.offset[:, None])
         Zf = Zf.to(state.Z.dtype)  # [B, 1, h]
 
         # A token in slot 0 opens a chunk: the chunk before it is complete and becomes `prev`.
-        # (Its targets are computed at every step, the same kernels, and kept only here.)
         opens = ((slot == 0) & run).view(B, 1, 1)
-        V_done = self.target(conv_within_chunks(state.source, self.conv, C)).to(state.V_prev.dtype)
-        torch.where(opens, V_done, state.V_prev, out=state.V_prev)
         torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
+        torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
+
+        # The token joins its chunk. The conv outputs of slots slot - half .. slot read the inputs
+        # of slots slot - 2 half .. slot and, after the token, zeros (not known yet; at the end of
+        # the chunk, its edge padding). Later steps rewrite them until they are final.
+        arange = lambda n: torch.arange(n, device=x.device)
+        _write_rows(state.Z, slot[:, None], Zf, run)
+        _write_rows(state.source, slot[:, None] + 2 * half, source, run)
+        window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
+        inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
+        V_new = self.target(conv_within_chunks(inputs, self.conv, 3 * half + 1)[:, half:2 * half + 1])
+        _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
 
         # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `fast`.
-        rows = slot[:, None] * R + torch.arange(R, device=x.device)  # [B, R]
+        rows = slot[:, None] * R + arange(R)  # [B, R]
         keep = ((rows < d) & run[:, None]).unsqueeze(-1)  # rows past d (when C R > d) add nothing
         rows = rows.clamp(max=d - 1)
         V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
@@ -373,15 +388,11 @@ class TTTGating(StreamingModule[_TTTState]):
         state.fast_read.scatter_(1, index, state.fast.gather(1, index).to(state.fast_read.dtype))
 
         # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
-        unfolded = torch.arange(d, device=x.device) >= (slot[:, None] + 1) * R  # [B, d]
+        unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
         pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
         out = F.linear(Z, self.down_weight())
         out = out + torch.bmm(Zf, state.fast_read.transpose(1, 2)).to(out.dtype)
         out = out + (self.eta * pending * unfolded[:, None]).to(out.dtype)
-
-        # The token joins its chunk at its slot.
-        _write_slot(state.source, slot, source, run)
-        _write_slot(state.Z, slot, Zf, run)
         state.offset.add_(run.long())
         return out
 
@@ -395,11 +406,12 @@ def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.bmm(A.float(), B.float())
 
 
-def _write_slot(buffer: torch.Tensor, slot: torch.Tensor, value: torch.Tensor, run: torch.Tensor) -> None:
-    """buffer[b, slot[b]] = value[b, 0] where run[b]; buffer: [B, C, D], value: [B, 1, D]."""
-    index = slot.view(-1, 1, 1).expand(-1, 1, buffer.shape[2])
+def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, run: torch.Tensor) -> None:
+    """buffer[b, rows[b, j]] = values[b, j] where run[b]; buffer: [B, N, D], rows: [B, n] distinct
+    in each sequence, values: [B, n, D]."""
+    index = rows[..., None].expand(-1, -1, buffer.shape[2])
     old = buffer.gather(1, index)
-    buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), value.to(buffer.dtype), old))
+    buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), values.to(buffer.dtype), old))
 
 
 # ---------------------------------------------------------------------------------------------
