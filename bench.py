@@ -3,6 +3,8 @@
     python bench.py                 # CUDA if available (bf16), else a smaller CPU version (fp32)
     python bench.py --out bench.json --quick
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
+    python bench.py --stream-check       # streaming through CUDA graphs and LMGen = parallel form
+    python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
 
 0. The fast path's error against a float64 reference on the same (e.g. bf16) inputs.
 1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.

@@ -417,6 +417,22 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_streaming_with_lora_equals_parallel():
+    """moshi's LoRA on the fast weight's base (linear_out): streaming reads it through the module."""
+    m = streaming_model(window=16, chunk=4)
+    freeze.apply_lora(m, 4, 2.0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    assert any("linear_out.lora_B" in name for name, _ in m.named_parameters())
+    x = torch.randint(0, 256, (2, 40))
+    ref = M.logits(m, x)
+    with torch.no_grad(), m.streaming(2):
+        out = torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(40)], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_streaming_honours_exec_mask_and_per_sequence_reset():
     """moshi's exec_mask: a sequence whose mask is False is left as if the step never happened;
     reset_streaming(mask): only the masked sequences start again."""
@@ -904,6 +920,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
+    ["--window", "32", "--ttt-chunk", "64"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -914,7 +931,8 @@ def test_train_bad_flags_exit_2(argv, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--depths", "0,2"], ["--trials", "0"], ["--lengths", "10"],
-                                  ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"]])
+                                  ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"],
+                                  ["--method", "yarn", "--dynamic", "--streaming"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)

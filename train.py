@@ -112,6 +112,9 @@ def parse_args(argv=None):
         fail(f"--ttt-kernel must be odd and >= 1, got {args.ttt_kernel}")
     if args.window is not None and args.window < 1:
         fail(f"--window must be >= 1, got {args.window}")
+    if args.window and args.ttt_layers != "none" and args.ttt_chunk > args.window:
+        fail(f"--ttt-chunk {args.ttt_chunk} is longer than --window {args.window}: tokens more than "
+             f"{args.window} steps into a chunk would be seen by neither attention nor the fast weight")
     if args.original_len < 128:
         fail(f"--original-len must be >= 128 (a passkey document needs ~90 bytes), got {args.original_len}")
     if args.ttt_layers not in ("default", "none"):
@@ -265,9 +268,6 @@ def main(argv=None):
     if ttt_layers and args.ttt_chunk >= shortest:
         fail(f"--ttt-chunk {args.ttt_chunk} must be shorter than the sequences ({shortest}): "
              f"with one chunk the fast weights never update")
-    if ttt_layers and args.window and args.ttt_chunk > args.window:
-        fail(f"--ttt-chunk {args.ttt_chunk} is longer than --window {args.window}: tokens more than "
-             f"{args.window} steps into a chunk would be seen by neither attention nor the fast weight")
     if args.window and args.window > max(s["length"] for s in stages):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)

@@ -390,7 +390,7 @@ class TTTGating(StreamingModule[_TTTState]):
         # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
         unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
         pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
-        out = F.linear(Z, self.down_weight())
+        out = self.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
         out = out + torch.bmm(Zf, state.fast_read.transpose(1, 2)).to(out.dtype)
         out = out + (self.eta * pending * unfolded[:, None]).to(out.dtype)
         state.offset.add_(run.long())
