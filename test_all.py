@@ -417,6 +417,27 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@FAST
+@given(B=st.integers(1, 3), T=st.integers(1, 40), C=st.integers(1, 9), d=st.integers(1, 12),
+       h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16))
+def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed):
+    """One TTTGating fed token by token against ttt_chunked (the paper's loop) on the same Z and
+    targets, float64: every slot, every fold slice (R = ceil(d / C) rows, C > d included)."""
+    torch.manual_seed(seed)
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel).double()
+    with torch.no_grad():
+        g.conv.weight.normal_()
+        g.target.weight.normal_()
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
+    Z = torch.nn.functional.silu(gate) * up
+    V = torch.nn.functional.linear(ttt.conv_within_chunks(x, g.conv, C), g.target.weight)
+    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C)
+    with torch.no_grad(), g.streaming(B):
+        out = torch.cat([g(x[:, t:t + 1]) for t in range(T)], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
 def test_streaming_with_lora_equals_parallel():
     """moshi's LoRA on the fast weight's base (linear_out): streaming reads it through the module."""
     m = streaming_model(window=16, chunk=4)

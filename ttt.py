@@ -298,11 +298,11 @@ class TTTGating(StreamingModule[_TTTState]):
         W = self.down_weight()
         (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
-        fast = zeros(B, d, h, dtype=torch.float32)
+        fast = zeros(B, d, h, dtype=torch.promote_types(W.dtype, torch.float32))  # float64 for checks
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), fast=fast,
-                         fast_read=fast if W.dtype == torch.float32 else zeros(B, d, h))
+                         fast_read=fast if W.dtype == fast.dtype else zeros(B, d, h))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,7 +384,7 @@ class TTTGating(StreamingModule[_TTTState]):
         V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
         update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
         index = rows[:, :, None].expand(B, R, h)
-        state.fast.scatter_add_(1, index, update.mul_(keep * self.eta))
+        state.fast.scatter_add_(1, index, update.mul_(keep).mul_(self.eta))
         state.fast_read.scatter_(1, index, state.fast.gather(1, index).to(state.fast_read.dtype))
 
         # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
