@@ -254,7 +254,7 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, see
         for g in m.modules():
             if isinstance(g, ttt.TTTGating):
                 g.conv.weight.normal_(std=0.3)
-                g.target.weight.normal_(std=0.3)
+                g.W_target.normal_(std=0.3)
     return m.to(device=device, dtype=dtype).eval()
 
 

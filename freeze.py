@@ -8,8 +8,8 @@ base frozen by accident and dropped half the TTT state from saved adapters.
                 weight, the fast-weight initial value `linear_out` included, stays bit-identical.
 - `ttt_layers`: whole transformer layers that contain TTT train (attention, norms, MLP, TTT).
 - `full`:       everything trains.
-- `lora_ttt`:   moshi's LoRA (`moshi.modules.lora`) on every linear layer of the frozen base
-                (`apply_lora` first), its factors and what TTT added train.
+- `lora_ttt`:   moshi's LoRA (`moshi.modules.lora`) on every linear layer of the frozen model,
+                as moshi-finetune does (`apply_lora` first), its factors and what TTT added train.
 
 Usage:
     import ttt, freeze
@@ -38,27 +38,31 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model: nn.Module, rank: int, scaling: float) -> nn.Module:
-    """Wraps every nn.Linear of the transformer in moshi's LoRALinear (W + scaling B A), except
-    TTT's W_target, which trains whole. B starts at zero: the model is unchanged at first. A TTT
-    layer's linear_out keeps being the fast weight's start, LoRA-merged (TTTGating.down_weight).
-    Checkpoint keys of the base weights load into it (moshi maps `weight` to `frozen_W.weight`)."""
+def apply_lora(model: nn.Module, rank: int, scaling: float, scope: str = "model") -> nn.Module:
+    """Wraps every nn.Linear of the model in moshi's LoRALinear (W + scaling B A), as moshi's
+    `get_lora_moshi` does for moshi-finetune: the transformer, `text_linear`, the audio heads and
+    the depformer. TTT's W_target is a plain parameter and trains whole. B starts at zero: the
+    model is unchanged at first. A TTT layer's linear_out keeps being the fast weight's start,
+    LoRA-merged (TTTGating.down_weight). Checkpoint keys of the base weights load into it (moshi
+    maps `weight` to `frozen_W.weight`). `scope="transformer"` wraps the transformer alone, as
+    checkpoints written before the whole model was wrapped expect."""
     if rank <= 0 or scaling <= 0:
         raise ValueError(f"LoRA needs rank > 0 and scaling > 0, got {rank}, {scaling}")
-    keep = {id(m.target) for m in ttt_modules(model)}
+    if scope not in ("model", "transformer"):
+        raise ValueError(f"LoRA scope must be 'model' or 'transformer', got {scope!r}")
 
     def wrap(module):
         for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and id(child) not in keep:
+            if isinstance(child, nn.Linear):
                 lora = LoRALinear(child.in_features, child.out_features, rank, scaling,
                                   device=child.weight.device, dtype=child.weight.dtype)
                 lora.frozen_W = child
                 nn.init.zeros_(lora.lora_B.weight)
                 setattr(module, name, lora)
-            elif not isinstance(child, (LoRALinear, nn.Linear)):
+            elif not isinstance(child, LoRALinear):
                 wrap(child)
-    wrap(getattr(model, "transformer", model))
-    model.lora_settings = dict(rank=int(rank), scaling=float(scaling))
+    wrap(model if scope == "model" else getattr(model, "transformer", model))
+    model.lora_settings = dict(rank=int(rank), scaling=float(scaling), scope=scope)
     return model
 
 

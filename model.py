@@ -68,7 +68,8 @@ def install(model: LMModel, settings: dict) -> LMModel:
                 if isinstance(m, ttt.TTTGating):
                     m.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, period)
     if settings.get("lora"):
-        freeze.apply_lora(model, settings["lora"]["rank"], settings["lora"]["scaling"])
+        lora = settings["lora"]  # checkpoints from before the whole model was wrapped: the transformer
+        freeze.apply_lora(model, lora["rank"], lora["scaling"], lora.get("scope", "transformer"))
     return model
 
 

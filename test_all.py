@@ -49,7 +49,7 @@ def randomise_ttt(model, seed=0, eta=0.5):
     for m in freeze.ttt_modules(model):
         with torch.no_grad():
             m.conv.weight.copy_(torch.randn(m.conv.weight.shape, generator=g) * 0.3)
-            m.target.weight.copy_(torch.randn(m.target.weight.shape, generator=g) * 0.3)
+            m.W_target.copy_(torch.randn(m.W_target.shape, generator=g) * 0.3)
         m.eta = eta
 
 
@@ -326,6 +326,67 @@ def test_conv_stays_within_chunks(T, C, k):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def official_mlp_forward(x, t, sd, eta, chunk):
+    """The official In-Place TTT MLP forward (ByteDance-Seed/In-Place-TTT, hf_qwen3 `Qwen3MLP`),
+    transcribed: pad to whole chunks, conv each chunk, one update per chunk from the targets
+    `conv @ ttt_proj.weight` (einsum "b t c h, b t c d, d e -> b t e h"), the down projection
+    followed by the updates of the chunks before, an inclusive cumsum, then read per chunk."""
+    F_ = torch.nn.functional
+    B, T, d = x.shape
+    h = F_.silu(x @ sd["gate_proj.weight"].T) * (x @ sd["up_proj.weight"].T)
+    n, pad = -(-T // chunk), -T % chunk
+    tc = F_.pad(t, (0, 0, 0, pad)).view(B, n, chunk, d)
+    hc = F_.pad(h, (0, 0, 0, pad)).view(B, n, chunk, -1)
+    conv = F_.conv1d(tc.transpose(-1, -2).reshape(B * n, d, chunk), sd["ttt_conv.weight"], padding=2, groups=d)
+    conv = conv.transpose(-1, -2).reshape(B, n, chunk, d)
+    if "ttt_proj.weight" in sd:
+        dW = torch.einsum("btch,btcd,de->bteh", hc[:, :-1], conv[:, :-1], sd["ttt_proj.weight"])
+    else:
+        dW = torch.einsum("btch,btcd->btdh", hc[:, :-1], conv[:, :-1])
+    W = torch.cat([sd["down_proj.weight"].expand(B, 1, *sd["down_proj.weight"].shape), dW * eta], dim=1).cumsum(1)
+    return torch.einsum("btdh,btch->btcd", W, hc).reshape(B, n * chunk, d)[:, :T]
+
+
+@pytest.mark.parametrize("proj", [True, False])
+def test_official_mlp_loads_and_matches_the_official_forward(proj):
+    """An official-format state dict with a non-symmetric ttt_proj, loaded by load_official_mlp,
+    gives the official forward, in float64, parallel and streaming."""
+    torch.manual_seed(0)
+    d, h, C, eta = 6, 10, 4, 0.7
+    sd = {"gate_proj.weight": torch.randn(h, d), "up_proj.weight": torch.randn(h, d),
+          "down_proj.weight": torch.randn(d, h), "ttt_conv.weight": torch.randn(d, 1, 5)}
+    if proj:
+        sd["ttt_proj.weight"] = torch.randn(d, d)
+    sd = {k: v.double() for k, v in sd.items()}
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, eta, target=proj).double()
+    ttt.load_official_mlp(g, sd)
+    x = torch.randn(2, 13, d, dtype=torch.float64)
+    ref = official_mlp_forward(x, x, sd, eta, C)
+    torch.testing.assert_close(g(x), ref, atol=1e-10, rtol=1e-10)
+    with torch.no_grad(), g.streaming(2):
+        torch.testing.assert_close(torch.cat([g(x[:, t:t + 1]) for t in range(13)], 1), ref, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="missing"):
+        ttt.load_official_mlp(g, {k: v for k, v in sd.items() if k != "ttt_conv.weight"})
+
+
+def test_earlier_checkpoints_target_loads_as_its_transpose():
+    """Before W_target took the official orientation, `target` was an nn.Linear (conv(X) @ W^T)."""
+    torch.manual_seed(0)
+    g = ttt.TTTGating(6, 10, torch.nn.functional.silu, 4, 0.7).double()
+    W = torch.randn(6, 6, dtype=torch.float64)
+    state = {k: v for k, v in g.state_dict().items() if k != "W_target"}
+    state["target.weight"], state["conv.weight"] = W, torch.randn(6, 1, 5, dtype=torch.float64)
+    g.load_state_dict(state)
+    x = torch.randn(1, 13, 6, dtype=torch.float64)
+    gate, up = (x @ g.linear_in.weight.T).view(1, 13, 2, 10).unbind(2)
+    Z = torch.nn.functional.silu(gate) * up
+    V = torch.nn.functional.linear(ttt.conv_within_chunks(x, g.conv, 4), W)  # the earlier nn.Linear
+    torch.testing.assert_close(g(x), ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, 4))
+    bare = ttt.TTTGating(6, 10, torch.nn.functional.silu, 4, 0.7, target=False)
+    with pytest.raises(ValueError, match="has none"):
+        bare.load_state_dict(state)
+
+
 def test_ttt_at_init_equals_base_model():
     base = tiny_model()
     x = torch.randint(0, 256, (2, 70))
@@ -427,11 +488,11 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
     g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel).double()
     with torch.no_grad():
         g.conv.weight.normal_()
-        g.target.weight.normal_()
+        g.W_target.normal_()
     x = torch.randn(B, T, d, dtype=torch.float64)
     gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
     Z = torch.nn.functional.silu(gate) * up
-    V = torch.nn.functional.linear(ttt.conv_within_chunks(x, g.conv, C), g.target.weight)
+    V = ttt.conv_within_chunks(x, g.conv, C) @ g.W_target
     ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C)
     with torch.no_grad(), g.streaming(B):
         out = torch.cat([g(x[:, t:t + 1]) for t in range(T)], dim=1)
@@ -644,7 +705,7 @@ def test_modulo_rope_wraps():
 
 def expected_trainable(names, mode, layers):
     in_ttt_layer = lambda n: any(n.startswith(f"transformer.layers.{i}.") for i in layers)
-    ttt_names = {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.target.weight"))}
+    ttt_names = {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.W_target"))}
     if mode == "full":
         return set(names)
     if mode == "ttt_layers":
@@ -662,8 +723,8 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
     if mode == "lora_ttt":
         freeze.apply_lora(m, rank=2, scaling=2.0)
         lora_names = [n for n, _ in m.named_parameters() if "lora_" in n]
-        # every linear of the transformer but W_target: attention in/out, gating in/out
-        assert len(lora_names) == 2 * 4 * 4 and not any("target" in n for n in lora_names)
+        # every linear of the model: attention in/out and gating in/out of 4 layers, text_linear
+        assert len(lora_names) == 2 * (4 * 4 + 1) and not any("target" in n for n in lora_names)
     summary = freeze.apply_freeze(m, mode)
     names = [n for n, _ in m.named_parameters()]
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -678,13 +739,28 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
         out = M.logits(m, x[:, :-1])
         torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
         for g in freeze.ttt_modules(m):  # TTT parameters receive gradients in every mode
-            assert g.conv.weight.grad is not None and g.target.weight.grad is not None
+            assert g.conv.weight.grad is not None and g.W_target.grad is not None
         opt.step()
         opt.zero_grad()
     for n, p in m.named_parameters():
         if n not in trainable:
             assert torch.equal(p, before[n]), n
     assert "freeze mode" in freeze.format_summary(summary)
+
+
+@pytest.mark.parametrize("scope", ["model", "transformer"])
+def test_lora_wraps_what_moshi_get_lora_moshi_wraps(tmp_path, scope):
+    """moshi-finetune's LoRA (moshi's replace_all_linear_with_lora over the whole LMModel) on a
+    multi-stream model with a depformer; scope 'transformer' is what earlier checkpoints hold."""
+    from moshi.modules.lora import replace_all_linear_with_lora
+    lm, _ = make_moshi_format_model(tmp_path)
+    reference = copy.deepcopy(lm)
+    replace_all_linear_with_lora(reference if scope == "model" else reference.transformer, 2, 2.0)
+    ttt.apply_ttt(lm, [1], chunk_size=8, eta=0.5)
+    freeze.apply_lora(lm, 2, 2.0, scope)
+    wrapped = lambda m: {n for n, x in m.named_modules() if isinstance(x, freeze.LoRALinear)}
+    assert wrapped(lm) == wrapped(reference)
+    assert any(n.startswith("depformer") for n in wrapped(lm)) == (scope == "model")
 
 
 def test_lora_starts_as_the_base_and_fuses_exactly():
@@ -1045,7 +1121,7 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
         assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
     # the adapter holds exactly the trained parameters and reproduces the trained model on the base
     adapter = M.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
-    assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.target.weight"))}
+    assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
     x = torch.randint(0, 256, (2, 100))
     full = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))).eval()
     on_base = M.model_from_checkpoint(adapter, path=str(tmp_path / "one" / "adapter.pt")).eval()
@@ -1087,7 +1163,7 @@ def test_lora_ttt_training_and_adapter(tmp_path):
     trained = M.model_from_checkpoint(M.load_checkpoint(str(out / "ckpt.pt"))).eval()
     adapter = M.load_checkpoint(str(out / "adapter.pt"))
     assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
-                                     if "lora_" in n or n.endswith(("gating.conv.weight", "gating.target.weight"))}
+                                     if "lora_" in n or n.endswith(("gating.conv.weight", "gating.W_target"))}
     on_base = M.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
     x = torch.randint(0, 256, (2, 100))
     assert torch.equal(M.logits(on_base, x), M.logits(trained, x))

@@ -7,7 +7,9 @@ The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down
     O_i      = Z_i Wd_i^T                       chunk i uses the weight left by chunks j < i
     Wd_(i+1) = Wd_i + eta * V_i^T Z_i            one gradient step on the loss -<Z Wd^T, V>_F
     V        = Conv1D(X) W_target                the targets: a depthwise conv within each chunk
-                                                 (zero-initialised) then a d x d projection
+                                                 (zero-initialised) then a d x d projection, used
+                                                 untransposed as the official `ttt_proj.weight`
+                                                 (or none: V = Conv1D(X), official `ttt_proj: false`)
 
 X is the MLP input (the official default for continual training) or the token embeddings
 (the paper's X0). The conv starts at zero, so a freshly converted model equals the base model.
@@ -246,7 +248,10 @@ class TTTGating(StreamingModule[_TTTState]):
 
     Same `linear_in` (d -> 2h, gate then up) and `linear_out` (h -> d) as moshi's
     ActivationGating, so its weights and checkpoint keys carry over. Adds the target generator:
-    `conv` (depthwise, kernel 5, zero init) and `target` (W_target, d x d, diagonal N(0, 0.02)).
+    `conv` (depthwise, kernel 5, zero init; the official `ttt_conv`) and `W_target` (d x d,
+    diagonal N(0, 0.02), V = conv(X) @ W_target as the official `ttt_proj.weight`; None with
+    `target=False`, V = conv(X)). Checkpoints of earlier versions held an nn.Linear `target`
+    applied as conv(X) @ weight^T: they load as W_target = weight^T, the same function.
 
     `z_transform(Z, positions)`, if set, is applied to Z in the fast-weight path only (the reads
     and writes of the fast weight, not the base product Z Wd_0^T), e.g. a modulo RoPE.
@@ -260,7 +265,7 @@ class TTTGating(StreamingModule[_TTTState]):
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
                  eta: float, kernel_size: int = 5, target_source: str = "hidden",
-                 target_init_std: float = 0.02):
+                 target_init_std: float = 0.02, target: bool = True):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -275,16 +280,21 @@ class TTTGating(StreamingModule[_TTTState]):
         self.activation = activation
         self.chunk_size, self.eta, self.target_source = chunk_size, float(eta), target_source
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
-        self.target = nn.Linear(dim, dim, bias=False)  # W_target, applied as V = conv(X) W_target^T
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.target.weight.copy_(torch.diag(torch.randn(dim) * target_init_std))
+        nn.init.zeros_(self.conv.weight)
+        W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
+        self.register_parameter("W_target", W_target)  # [d, d]: V = conv(X) @ W_target
+        self._register_load_state_dict_pre_hook(_load_earlier_target, with_module=True)
         self.z_transform: tp.Optional[tp.Callable] = None
         self.x0: tp.Optional[torch.Tensor] = None
 
     def ttt_parameters(self) -> list[nn.Parameter]:
-        """What TTT adds to the base MLP: the conv and W_target."""
-        return [self.conv.weight, self.target.weight]
+        """What TTT adds to the base MLP: the conv and W_target (if any)."""
+        return [self.conv.weight] + ([self.W_target] if self.W_target is not None else [])
+
+    def targets(self, source: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """V = Conv1D(X) W_target [B, T, d], the conv within chunks of `chunk_size`."""
+        V = conv_within_chunks(source, self.conv, chunk_size)
+        return V if self.W_target is None else V @ self.W_target.to(V.dtype)
 
     def down_weight(self) -> torch.Tensor:
         """Wd_0 [d, h], the fast weight's starting value: linear_out's weight, or W + s B A when
@@ -327,8 +337,7 @@ class TTTGating(StreamingModule[_TTTState]):
                               for t in range(x.shape[1])], dim=1)
         Z, source, Zf = self._inputs(x, self.x0, torch.arange(x.shape[1], device=x.device))
         W = self.down_weight()
-        V = self.target(conv_within_chunks(source, self.conv, self.chunk_size))  # [B, T, d]
-        V = V.to(Zf.dtype)
+        V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
         if self.z_transform is None:  # O_i = Z_i (Wd_0 + eta * sum_(j<i) V_j^T Z_j)^T
             return ttt_scan(Z, V, W, self.eta, self.chunk_size)
         # The fast path reads and writes a transformed Z; the base product keeps the plain one.
@@ -374,7 +383,7 @@ class TTTGating(StreamingModule[_TTTState]):
         _write_rows(state.source, slot[:, None] + 2 * half, source, run)
         window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
         inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
-        V_new = self.target(conv_within_chunks(inputs, self.conv, 3 * half + 1)[:, half:2 * half + 1])
+        V_new = self.targets(inputs, 3 * half + 1)[:, half:2 * half + 1]
         _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
 
         # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `fast`.
@@ -414,6 +423,35 @@ def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, 
     buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), values.to(buffer.dtype), old))
 
 
+def _load_earlier_target(module: "TTTGating", state_dict: dict, prefix: str, *args) -> None:
+    """Earlier checkpoints: an nn.Linear `target` used as conv(X) @ weight^T is W_target = weight^T."""
+    weight = state_dict.pop(prefix + "target.weight", None)
+    if weight is not None:
+        if module.W_target is None:
+            raise ValueError(f"{prefix}target.weight: the checkpoint has a W_target, the module has none")
+        state_dict[prefix + "W_target"] = weight.t()
+
+
+def load_official_mlp(gating: TTTGating, state_dict: dict) -> TTTGating:
+    """Loads one official In-Place TTT MLP (ByteDance-Seed/In-Place-TTT, `Qwen3MLP` of a TTT layer:
+    `gate_proj`, `up_proj`, `down_proj`, `ttt_conv` and, unless `ttt_proj: false`, `ttt_proj`) into
+    a TTTGating built with the same sizes and SiLU; returns it. The official config's `ttt_lr` is
+    eta and `ttt_chunk` the chunk size: set them when building the TTTGating. The official code
+    takes its targets' source as an argument; `target_source` chooses it here."""
+    names = {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv.weight"}
+    names |= {"ttt_proj.weight"} if gating.W_target is not None else set()
+    missing, extra = names - set(state_dict), set(state_dict) - names
+    if missing or extra:
+        raise ValueError(f"official TTT MLP state dict: missing {sorted(missing)}, unexpected {sorted(extra)} "
+                         f"(a TTTGating built with target={gating.W_target is not None})")
+    ours = {"linear_in.weight": torch.cat([state_dict["gate_proj.weight"], state_dict["up_proj.weight"]]),
+            "linear_out.weight": state_dict["down_proj.weight"], "conv.weight": state_dict["ttt_conv.weight"]}
+    if gating.W_target is not None:
+        ours["W_target"] = state_dict["ttt_proj.weight"]  # the official orientation is ours
+    gating.load_state_dict(ours)
+    return gating
+
+
 # ---------------------------------------------------------------------------------------------
 # Installing it into a moshi model.
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +467,7 @@ def _keep_embeddings(transformer: nn.Module, args: tuple) -> None:
 
 def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
               kernel_size: int = 5, target_source: str = "hidden",
-              target_init_std: float = 0.02) -> nn.Module:
+              target_init_std: float = 0.02, target: bool = True) -> nn.Module:
     """Replaces `layer.gating` of the given layer indices of a moshi `LMModel` or
     `StreamingTransformer` by a TTTGating holding the same weights; returns the model.
 
@@ -456,7 +494,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         weight = old.linear_out.weight
         with torch.device(weight.device):  # built where the model is (a 7B layer is 0.6 GB in float32)
             new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
-                            target_source, target_init_std)
+                            target_source, target_init_std, target)
         new.to(dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
@@ -467,7 +505,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         transformer.register_forward_pre_hook(_keep_embeddings)
     model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
                               kernel_size=int(kernel_size), target_source=target_source,
-                              target_init_std=float(target_init_std))
+                              target_init_std=float(target_init_std), target=bool(target))
     return model
 
 
