@@ -103,11 +103,12 @@ def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, w
 
 
 @torch.no_grad()
-def validation_loss(model, arrays, length: int, windows: int, device) -> float:
-    """Mean multi-stream loss over random validation windows (seeded apart from training)."""
+def validation_loss(model, arrays, length: int, windows: int, device, **loss_weights) -> float:
+    """Mean multi-stream loss over random validation windows (seeded apart from training);
+    `loss_weights`: multistream_loss's text_padding_weight and first_codebook_weight."""
     model.eval()
     tokens = data.token_windows(arrays, length, windows, torch.Generator().manual_seed(EVAL_SEED))
-    loss = sum(M.multistream_loss(model, tokens[i:i + 4].to(device)).item() * len(tokens[i:i + 4])
+    loss = sum(M.multistream_loss(model, tokens[i:i + 4].to(device), **loss_weights).item() * len(tokens[i:i + 4])
                for i in range(0, windows, 4)) / windows
     model.train()
     return loss
@@ -119,7 +120,7 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     fixed-scale RoPE scaling and no training, and the trained model. Prints it; returns the
     rows with the corpus identity (None for token streams, whose table is validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
-        rows = {name: {L: validation_loss(m, corpus.val, L, 8, device) for L in lengths}
+        rows = {name: {L: validation_loss(m, corpus.val, L, 8, device, **settings.get("loss", {})) for L in lengths}
                 for name, m in (("base", base_model), ("trained", model)) if m is not None}
         print("\nfinal table (validation loss, moshi-finetune's):")
         for name, row in rows.items():

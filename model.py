@@ -25,9 +25,11 @@ import ttt
 import yarn
 
 VOCAB = 256
-PRESETS = {  # dim, heads, layers: "cpu" trains in minutes on 2 cores, "gpu" is ~25 M parameters
+PRESETS = {  # dim, heads, layers: "cpu" trains in minutes on 2 cores, "gpu" is ~25 M parameters;
+    # "head128" is "gpu" with Moshi 7B's head dim (128), so YaRN splits the RoPE pairs as for Moshi
     "cpu": dict(dim=128, num_heads=4, num_layers=4),
     "gpu": dict(dim=512, num_heads=8, num_layers=8),
+    "head128": dict(dim=512, num_heads=4, num_layers=8),
 }
 
 
@@ -97,18 +99,32 @@ def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     return model.train(), dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
 
 
-def multistream_loss(model: LMModel, codes: torch.Tensor, text_padding_weight: float = 0.5) -> torch.Tensor:
-    """moshi-finetune's loss over `LMModel.forward`: text cross-entropy with the padding token
-    weighted `text_padding_weight`, plus audio cross-entropy; codes [B, K, T]."""
+def multistream_loss(model: LMModel, codes: torch.Tensor, text_padding_weight: float = 0.5,
+                     first_codebook_weight: float = 1.0) -> torch.Tensor:
+    """moshi-finetune's loss (`finetune/loss.py`, `compute_loss_with_mask`, as its train.py calls
+    it) over `LMModel.forward`, codes [B, K, T]: the text cross-entropy, where the padding and
+    end-of-padding tokens weigh `text_padding_weight`, plus the audio cross-entropy, where the
+    first codebook weighs `first_codebook_weight` (moshi-finetune: default 1, 100 in its 7B
+    example); each a mean weighted by the valid positions."""
     out = model(codes)
-    text, text_mask = codes[:, :1], out.text_mask
-    weights = torch.where(text == model.text_padding_token_id, text_padding_weight, 1.0)[text_mask]
-    text_ce = F.cross_entropy(out.text_logits[text_mask].float(), text[text_mask], reduction="none")
-    loss = (text_ce * weights).sum() / weights.sum()
+    text = codes[:, :model.audio_offset]  # [B, 1, T]
+    weights = out.text_mask.float()
+    padding = (text == model.text_padding_token_id) | (text == model.end_of_text_padding_id)
+    loss = _weighted_cross_entropy(out.text_logits, text, torch.where(padding, weights * text_padding_weight, weights))
     if model.dep_q > 0:
-        audio = codes[:, model.audio_offset:model.audio_offset + model.dep_q]
-        loss = loss + F.cross_entropy(out.logits[out.mask].float(), audio[out.mask])
+        audio = codes[:, model.audio_offset:model.audio_offset + model.dep_q]  # [B, dep_q, T]
+        weights = out.mask.float()
+        weights[:, 0] *= first_codebook_weight
+        loss = loss + _weighted_cross_entropy(out.logits, audio, weights)
     return loss
+
+
+def _weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(weights * CE) / sum(weights); logits [B, K, T, V], target and weights [B, K, T]. Masked
+    positions (weight 0) may hold logits that are NaN and targets that are no token."""
+    target = torch.where(weights > 0, target, torch.zeros_like(target))
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), reduction="none")
+    return torch.where(weights.flatten() > 0, ce * weights.flatten(), 0.0).sum() / weights.sum()
 
 
 def logits(model: LMModel, tokens: torch.Tensor) -> torch.Tensor:

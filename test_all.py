@@ -116,6 +116,16 @@ def test_yarn_against_float64_formula(dim, base, scale, L, truncate):
 
 
 @FAST
+@given(dim=st.sampled_from([16, 32, 64, 128]), L=st.integers(64, 8192))
+def test_yarn_split_counts_against_the_formula(dim, L):
+    """Pairs whose frequency the float64 formula leaves as trained / divides by the scale / blends."""
+    theta = np.array([1e4 ** (-2 * i / dim) for i in range(dim // 2)])
+    ref = yarn_inv_freq_f64(dim, 1e4, 4.0, L)
+    kept, interpolated = int(np.isclose(ref, theta, rtol=1e-12).sum()), int(np.isclose(ref, theta / 4, rtol=1e-12).sum())
+    assert yarn.split_counts(dim, 1e4, L) == (kept, dim // 2 - kept - interpolated, interpolated)
+
+
+@FAST
 @given(dim=st.sampled_from([8, 32, 128]), scale=st.floats(1.0, 32.0))
 def test_pi_and_ntk_formulas(dim, scale):
     i = np.arange(dim // 2)
@@ -1011,13 +1021,23 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "o.pt")))
 
 
+def test_official_recipe_sets_the_official_values_and_flags_override():
+    args, _ = train.parse_args(["--recipe", "official"])
+    assert (args.ttt_eta, args.ttt_chunk, args.ttt_layers, args.mode) == (3.0, None, "official", "full")
+    assert (args.lr, args.lr_ttt, args.weight_decay, args.ttt_weight_decay) == (5e-6, 5e-6, 0.1, 0.1)
+    assert (args.warmup, args.clip, args.grad_clip) == (0.02, "global", 1.0)
+    args, _ = train.parse_args(["--recipe", "official", "--ttt-eta", "1", "--ttt-chunk", "64", "--mode", "ttt_only"])
+    assert (args.ttt_eta, args.ttt_chunk, args.mode, args.lr) == (1.0, 64, "ttt_only", 5e-6)
+    assert train.parse_args([])[0].ttt_eta == 0.3
+
+
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
-    ["--window", "32", "--ttt-chunk", "64"],
+    ["--window", "32", "--ttt-chunk", "64"], ["--warmup", "1"], ["--warmup", "50"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1037,6 +1057,20 @@ def test_eval_bad_flags_exit_2(argv, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@FAST
+@given(steps=st.integers(1, 3000), fraction=st.floats(0, 0.99))
+def test_every_stage_reaches_its_peak_then_decays(steps, fraction):
+    """The learning rate of a stage of any length: linear warmup over ceil(fraction x steps)
+    steps reaches the peak exactly, then never rises again, ending at or above a tenth of it."""
+    lrs = [train.lr_at(s, steps, 1.0, fraction) for s in range(steps)]
+    top = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1.0) and top == max(0, math.ceil(fraction * steps) - 1)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[top:], lrs[top + 1:]))
+    assert min(lrs[top:]) >= 0.1 - 1e-12
+    if steps - top > 2:
+        assert lrs[-1] < 1.0
+
+
 def run_train(args, nproc=1, env=None, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(HERE, "train.py")] + args
@@ -1048,7 +1082,7 @@ def run_train(args, nproc=1, env=None, timeout=600):
 
 
 QUICK = ["--original-len", "128", "--scale", "2", "--pretrain-steps", "6", "--steps", "4", "--batch", "4",
-         "--eval-trials", "1", "--log-every", "1", "--ttt-chunk", "32", "--warmup", "2"]
+         "--eval-trials", "1", "--log-every", "1", "--ttt-chunk", "32", "--warmup", "0.3"]
 
 
 def final_weights(out):
@@ -1135,6 +1169,15 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(a[k], c[k], atol=0, rtol=0, msg=k)
 
 
+def test_official_recipe_runs_with_its_chunk_capped(tmp_path):
+    r = run_train(QUICK[:-4] + ["--recipe", "official", "--lr", "1e-3", "--out", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr
+    assert "TTT chunk 128: the official 4096 capped" in r.stdout  # half the shortest sequence, 256
+    assert "freeze mode full" in r.stdout and "ttt grad" in r.stdout
+    settings = M.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["settings"]
+    assert settings["ttt"]["layers"] == [0] and settings["ttt"]["chunk_size"] == 128 and settings["ttt"]["eta"] == 3.0
+
+
 def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "out"
     r = run_train(QUICK + ["--ttt-eta", "1e30", "--out", str(out)])
@@ -1194,6 +1237,40 @@ def make_moshi_format_model(folder):
         audio = rng.integers(0, 16, (2, 700))
         np.save(folder / f"tokens{i}.npy", np.concatenate([text[None], audio]).astype(np.int32))
     return lm, lm_kwargs
+
+
+def finetune_loss_with_mask(logits, target, target_mask, mode, first_codebook_weight_multiplier=1.0,
+                            text_padding_weight=1.0, text_padding_ids=()):
+    """moshi-finetune's `compute_loss_with_mask` (finetune/loss.py), transcribed: weights are the
+    mask, scaled for the first audio codebook or the text padding ids; the weighted sum of the
+    per-position cross-entropy over the sum of the weights."""
+    target = torch.where(target_mask, target, torch.zeros_like(target))
+    weights = target_mask.float()
+    if mode == "audio":
+        weights[:, 0] *= first_codebook_weight_multiplier
+    else:
+        for i in text_padding_ids:
+            weights[target == i] *= text_padding_weight
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                           reduction="none")
+    w = weights.reshape(-1)
+    return torch.where(w > 0, ce * w, torch.zeros_like(ce)).sum() / w.sum()
+
+
+@pytest.mark.parametrize("padding_weight,first_weight", [(0.5, 1.0), (0.5, 100.0), (0.2, 3.0)])
+def test_multistream_loss_is_moshi_finetunes(tmp_path, padding_weight, first_weight):
+    lm, _ = make_moshi_format_model(tmp_path)
+    codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :64].astype(np.int64))[None]
+    codes[0, 0, 5:9] = lm.end_of_text_padding_id  # both padding ids occur
+    assert (codes[:, 0] == lm.text_padding_token_id).any()
+    out = lm(codes)
+    ref = finetune_loss_with_mask(out.text_logits, codes[:, :lm.audio_offset], out.text_mask, "text",
+                                  text_padding_weight=padding_weight,
+                                  text_padding_ids={lm.text_padding_token_id, lm.end_of_text_padding_id})
+    ref = ref + finetune_loss_with_mask(out.logits, codes[:, lm.audio_offset:lm.audio_offset + lm.dep_q],
+                                        out.mask, "audio", first_codebook_weight_multiplier=first_weight)
+    got = M.multistream_loss(lm, codes, padding_weight, first_weight)
+    torch.testing.assert_close(got, ref)
 
 
 def test_moshi_format_model_loads_trains_and_adapts(tmp_path):

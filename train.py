@@ -32,6 +32,14 @@ import ttt
 import yarn
 
 
+# The official In-Place TTT configs (configs/pretrain/*_longct.yaml): eta 3, chunk 4096 (None: capped
+# in main), every 6th layer, every parameter trains at 5e-6, weight decay 0.1, 2 % warmup, cosine,
+# one global clipping at 1.0. The project's defaults differ on purpose (README, "Defaults").
+RECIPES = {"project": {},
+           "official": dict(ttt_eta=3.0, ttt_chunk=None, ttt_layers="official", mode="full", lr=5e-6, lr_ttt=5e-6,
+                            weight_decay=0.1, ttt_weight_decay=0.1, warmup=0.02, clip="global", grad_clip=1.0)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line. Everything is checked here, before any work starts.
 # ---------------------------------------------------------------------------------------------
@@ -39,6 +47,8 @@ import yarn
 def parse_args(argv=None):
     p = eval_passkey.OneLineParser(prog="train.py", description="YaRN + In-Place TTT context extension of a Moshi transformer")
     a = p.add_argument
+    a("--recipe", default="project", choices=tuple(RECIPES), help="defaults: this project's, or the official "
+      "In-Place TTT configs' (README); flags given explicitly override them")
     a("--scale", type=float, default=4.0, help="final YaRN scale; stages double the length up to it")
     a("--mode", default="ttt_only", choices=freeze.MODES, help="what trains in the extension stages")
     a("--method", default="yarn", choices=yarn.METHODS[1:], help="RoPE scaling in the extension stages")
@@ -57,8 +67,8 @@ def parse_args(argv=None):
       "below 1, only needles far from the question (e.g. beyond --window)")
     # TTT
     a("--ttt-layers", default="default", help="comma list of layer indices, 'default' (every 6th, or "
-      "every 2nd below 12 layers) or 'none' (YaRN alone, needs --mode full)")
-    a("--ttt-chunk", type=int, default=64, help="TTT chunk size C")
+      "every 2nd below 12 layers), 'official' (every 6th) or 'none' (YaRN alone, needs --mode full)")
+    a("--ttt-chunk", type=int, default=64, help="TTT chunk size C (--recipe official: 4096, capped)")
     a("--ttt-eta", type=float, default=0.3, help="TTT inner learning rate eta")
     a("--ttt-target", default="hidden", choices=("hidden", "embeddings"), help="targets from the MLP input or X0")
     a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
@@ -66,6 +76,9 @@ def parse_args(argv=None):
     a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
     a("--lora-rank", type=int, default=8, help="LoRA rank in --mode lora_ttt")
     a("--lora-scaling", type=float, default=2.0, help="LoRA scaling in --mode lora_ttt")
+    a("--text-padding-weight", type=float, default=0.5, help="token streams: weight of the text padding tokens")
+    a("--first-codebook-weight", type=float, default=1.0, help="token streams: weight of the first audio "
+      "codebook (moshi-finetune's 7B example: 100)")
     # optimisation
     a("--pretrain-steps", type=int, default=600)
     a("--steps", type=int, default=40, help="steps per extension stage")
@@ -74,8 +87,11 @@ def parse_args(argv=None):
     a("--lr", type=float, default=2e-3, help="peak learning rate of base weights")
     a("--lr-ttt", type=float, default=2e-3, help="peak learning rate of the TTT conv and W_target")
     a("--weight-decay", type=float, default=0.1)
-    a("--warmup", type=int, default=50)
-    a("--grad-clip", type=float, default=1.0, help="per parameter group (TTT and base separately)")
+    a("--ttt-weight-decay", type=float, default=0.0, help="weight decay of the TTT conv and W_target")
+    a("--warmup", type=float, default=0.1, help="warmup as a fraction of each stage's steps (official: 0.02)")
+    a("--grad-clip", type=float, default=1.0, help="the gradient norm's bound (see --clip)")
+    a("--clip", default="per-group", choices=("per-group", "global"), help="clip TTT and base parameters "
+      "separately (TTT's small gradients are not scaled by the base's) or all together (official)")
     a("--grad-checkpointing", action="store_true")
     # bookkeeping
     a("--eval-trials", type=int, default=10, help="passkey documents per depth in evaluations")
@@ -85,17 +101,20 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if RECIPES[args.recipe]:  # the recipe's values become the defaults, explicit flags still win
+        p.set_defaults(**RECIPES[args.recipe])
+        args = p.parse_args(argv)
 
     def fail(msg):
         p.error(msg)  # one line on stderr, exit code 2, nothing written
 
     for name in ("original_len", "pretrain_steps", "steps", "batch", "grad_accum", "ttt_chunk",
                  "eval_trials", "log_every", "save_every", "lora_rank"):
-        if getattr(args, name) < (0 if name == "pretrain_steps" else 1):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "pretrain_steps" else 1):
             fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'pretrain_steps' else 1}, "
                  f"got {getattr(args, name)}")
-    for name in ("lr", "lr_ttt", "ttt_eta", "ttt_target_std", "weight_decay", "grad_clip", "warmup", "answer_weight",
-                 "lora_scaling"):
+    for name in ("lr", "lr_ttt", "ttt_eta", "ttt_target_std", "weight_decay", "ttt_weight_decay", "grad_clip", "warmup", "answer_weight",
+                 "lora_scaling", "text_padding_weight", "first_codebook_weight"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -104,6 +123,8 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} must be <= 1e37, got {getattr(args, name)}")
     if not (math.isfinite(args.scale) and args.scale >= 1):
         fail(f"--scale must be >= 1, got {args.scale}")
+    if not 0 <= args.warmup < 1:
+        fail(f"--warmup is a fraction of each stage's steps, in [0, 1), got {args.warmup}")
     if not 0 <= args.passkey_share <= 1:
         fail(f"--passkey-share must be in [0, 1], got {args.passkey_share}")
     if not 0 <= args.passkey_max_depth <= 1:
@@ -112,16 +133,16 @@ def parse_args(argv=None):
         fail(f"--ttt-kernel must be odd and >= 1, got {args.ttt_kernel}")
     if args.window is not None and args.window < 1:
         fail(f"--window must be >= 1, got {args.window}")
-    if args.window and args.ttt_layers != "none" and args.ttt_chunk > args.window:
+    if args.window and args.ttt_layers != "none" and (args.ttt_chunk or 0) > args.window:
         fail(f"--ttt-chunk {args.ttt_chunk} is longer than --window {args.window}: tokens more than "
              f"{args.window} steps into a chunk would be seen by neither attention nor the fast weight")
     if args.original_len < 128:
         fail(f"--original-len must be >= 128 (a passkey document needs ~90 bytes), got {args.original_len}")
-    if args.ttt_layers not in ("default", "none"):
+    if args.ttt_layers not in ("default", "official", "none"):
         try:
             args.ttt_layers = [int(v) for v in args.ttt_layers.split(",")]
         except ValueError:
-            fail(f"--ttt-layers must be 'default', 'none' or a comma list of integers, got {args.ttt_layers!r}")
+            fail(f"--ttt-layers must be 'default', 'official', 'none' or a comma list of integers, got {args.ttt_layers!r}")
     if args.ttt_layers == "none" and args.mode != "full":
         fail("--ttt-layers none (no TTT) needs --mode full: the other modes train TTT parameters")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -163,8 +184,10 @@ def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
             return stages
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
+def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warmup over a fraction of the stage's steps, so every stage reaches its peak, then
+    cosine decay to a tenth of the peak."""
+    warmup = math.ceil(warmup_fraction * steps)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -175,13 +198,13 @@ class Objective(nn.Module):
     """A micro-batch's loss inside `forward`, so that DDP sees it (and moshi's text path,
     `forward_text`, or its multi-stream `forward`)."""
 
-    def __init__(self, lm, answer_weight: float):
+    def __init__(self, lm, answer_weight: float, loss_weights: dict):
         super().__init__()
-        self.lm, self.answer_weight = lm, answer_weight
+        self.lm, self.answer_weight, self.loss_weights = lm, answer_weight, loss_weights
 
     def forward(self, batch, is_answer=None):
         if batch.dim() == 3:  # [B, K, T] token streams: moshi-finetune's loss
-            return M.multistream_loss(self.lm, batch)
+            return M.multistream_loss(self.lm, batch, **self.loss_weights)
         out = M.logits(self.lm, batch[:, :-1])
         losses = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
         # Answer digits weigh --answer-weight; dividing by the token count (not the weights'
@@ -246,6 +269,7 @@ def main(argv=None):
         if settings["original_len"] != args.original_len and not resume:
             log(f"using the checkpoint's original length {settings['original_len']}")
         args.original_len = settings["original_len"]
+    settings["loss"] = dict(text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight)
     stages = curriculum(args.scale, args.original_len, pretrain=start is None and not moshi_init)
     if args.pretrain_only:
         if stages[0]["kind"] != "pretrain":
@@ -260,11 +284,15 @@ def main(argv=None):
         fail(f"stage length {longest} needs more {'token steps' if multistream else 'text'} than the corpus "
              f"has (the shorter of train and validation: {have})")
     num_layers = len(model.transformer.layers)
-    ttt_layers = (ttt.default_layers(num_layers) if args.ttt_layers == "default"
-                  else [] if args.ttt_layers == "none" else args.ttt_layers)
+    ttt_layers = (ttt.default_layers(num_layers) if args.ttt_layers == "default" else list(range(0, num_layers, 6))
+                  if args.ttt_layers == "official" else [] if args.ttt_layers == "none" else args.ttt_layers)
     if any(not 0 <= i < num_layers for i in ttt_layers):
         fail(f"--ttt-layers {ttt_layers} out of range: the model has layers 0..{num_layers - 1}")
     shortest = min((s["length"] for s in stages if s["kind"] == "extend"), default=math.inf)
+    if args.ttt_chunk is None:  # --recipe official: 4096 (for 64k-token sequences), capped
+        args.ttt_chunk = min(4096, args.window or shortest, shortest // 2)
+        log(f"TTT chunk {args.ttt_chunk}: the official 4096 capped by the attention window (a longer chunk "
+            f"leaves tokens no layer sees) and half the shortest sequence (the fast weight must update)")
     if ttt_layers and args.ttt_chunk >= shortest:
         fail(f"--ttt-chunk {args.ttt_chunk} must be shorter than the sequences ({shortest}): "
              f"with one chunk the fast weights never update")
@@ -278,6 +306,12 @@ def main(argv=None):
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; "
         f"{world} process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
 
+    if args.method == "yarn" and any(s["kind"] == "extend" for s in stages):
+        attention = model.transformer.layers[0].self_attn
+        head_dim, base = attention.embed_dim // attention.num_heads, model.transformer.rope.max_period
+        log(f"YaRN's RoPE pairs kept / blended / interpolated: {yarn.split_counts(head_dim, base, args.original_len)} "
+            f"at head dim {head_dim}, L0 {args.original_len}; Moshi 7B's (head dim 128, L0 3000): "
+            f"{yarn.split_counts(128, 10_000.0, 3000)}")
     first_stage = resume["stage"] if resume else 0
     for stage_index in range(first_stage, len(stages)):
         stage = stages[stage_index]
@@ -314,7 +348,7 @@ def main(argv=None):
         base_params = [p for p in model.parameters() if p.requires_grad and id(p) not in ttt_ids]
         groups = [dict(params=[p for p in base_params if p.dim() >= 2], lr=args.lr, weight_decay=args.weight_decay, name="base"),
                   dict(params=[p for p in base_params if p.dim() < 2], lr=args.lr, weight_decay=0.0, name="base"),
-                  dict(params=ttt_params, lr=args.lr_ttt, weight_decay=0.0, name="ttt")]
+                  dict(params=ttt_params, lr=args.lr_ttt, weight_decay=args.ttt_weight_decay, name="ttt")]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
         steps = args.steps if extending else args.pretrain_steps
         first_step = 0
@@ -324,7 +358,7 @@ def main(argv=None):
             except (ValueError, KeyError, RuntimeError) as e:
                 fail(f"{ckpt_path}: its optimizer state does not fit this run's parameters ({e})")
             first_step = resume["step"]
-        net = Objective(model, args.answer_weight)
+        net = Objective(model, args.answer_weight, settings["loss"])
         if ddp:
             net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
@@ -336,7 +370,9 @@ def main(argv=None):
         micro = args.batch // world // args.grad_accum
         model.train()
         t0, tokens_done = time.time(), 0
-        clip_groups = [(name, params) for name, params in (("ttt", ttt_params), ("base", base_params)) if params]
+        clip_groups = ((("ttt", ttt_params), ("base", base_params)) if args.clip == "per-group"
+                       else (("all", ttt_params + base_params),))
+        clip_groups = [(name, params) for name, params in clip_groups if params]
         first_bad = torch.full((len(clip_groups),), -1, device=device)
         for step in range(first_step, steps):
             for g in optimizer.param_groups:
@@ -361,8 +397,11 @@ def main(argv=None):
                     loss = net(x, is_answer) / args.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-            # Clipped per group so the TTT parameters' small gradients are not scaled by the base's.
-            # The gradients are all-reduced, so every rank sees the same norms and stops together.
+            # Clipped per group by default, so the TTT parameters' small gradients are not scaled by
+            # the base's (the log shows the TTT norm before any clipping). The gradients are
+            # all-reduced, so every rank sees the same norms and stops together.
+            ttt_norm = (torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None])
+                        if ttt_params and args.clip == "global" else None)
             norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip) for name, params in clip_groups}
             finite = torch.stack([norm.isfinite() for norm in norms.values()])
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
@@ -383,7 +422,8 @@ def main(argv=None):
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
                 elapsed = time.time() - t0
-                ttt_text = f" | ttt grad {norms['ttt'].item():.3e}" if "ttt" in norms else ""
+                ttt_norm = norms.get("ttt", ttt_norm)
+                ttt_text = f" | ttt grad {ttt_norm.item():.3e}" if ttt_norm is not None else ""
                 log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum.item():.4f} | "
                     f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s{ttt_text}")
             if master and saving:
@@ -395,7 +435,7 @@ def main(argv=None):
         if master:
             model.eval()
             if multistream:
-                log(f"stage {stage_index} done: validation loss {eval_passkey.validation_loss(model, corpus.val, length, 8, device):.4f} "
+                log(f"stage {stage_index} done: validation loss {eval_passkey.validation_loss(model, corpus.val, length, 8, device, **settings['loss']):.4f} "
                     f"at length {length}")
             else:
                 row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,

@@ -95,6 +95,18 @@ def yarn_inv_freq(dim: int, base: float, scale: float, original_len: int,
     return extrapolation * (1 - ramp) + interpolation * ramp
 
 
+def split_counts(dim: int, base: float, original_len: int, beta_fast: float = 32.0,
+                 beta_slow: float = 1.0) -> tuple[int, int, int]:
+    """How YaRN treats the dim/2 pairs: (kept: ramp 0, extrapolated as trained; blended: 0 < ramp
+    < 1; interpolated: ramp 1, divided by the scale). Moshi 7B (head dim 128, L0 3000): (19, 24, 21)."""
+    low, high = correction_range(dim, base, original_len, beta_fast, beta_slow)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    kept, interpolated = int((ramp == 0).sum()), int((ramp == 1).sum())
+    return kept, dim // 2 - kept - interpolated, interpolated
+
+
 def yarn_attention_factor(scale: float, mscale: float = 1.0, mscale_all_dim: float = 0.0) -> float:
     """The YaRN temperature as a factor on both cos and sin: sqrt(1/t) = 0.1 ln(s) + 1.
 
