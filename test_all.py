@@ -1170,12 +1170,15 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
 
 
 def test_official_recipe_runs_with_its_chunk_capped(tmp_path):
-    r = run_train(QUICK[:-4] + ["--recipe", "official", "--lr", "1e-3", "--out", str(tmp_path / "o")])
+    r = run_train(QUICK[:-4] + ["--recipe", "official", "--lr", "1e-3", "--ttt-no-target", "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
     assert "TTT chunk 128: the official 4096 capped" in r.stdout  # half the shortest sequence, 256
     assert "freeze mode full" in r.stdout and "ttt grad" in r.stdout
-    settings = M.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["settings"]
+    checkpoint = M.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
+    settings = checkpoint["settings"]
     assert settings["ttt"]["layers"] == [0] and settings["ttt"]["chunk_size"] == 128 and settings["ttt"]["eta"] == 3.0
+    assert settings["ttt"]["target"] is False and not any("W_target" in k for k in checkpoint["model"])
+    M.model_from_checkpoint(checkpoint)  # rebuilds without W_target
 
 
 def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):

@@ -73,6 +73,7 @@ def parse_args(argv=None):
     a("--ttt-target", default="hidden", choices=("hidden", "embeddings"), help="targets from the MLP input or X0")
     a("--ttt-kernel", type=int, default=5, help="target conv kernel size (odd)")
     a("--ttt-target-std", type=float, default=0.02, help="std of W_target's initial diagonal")
+    a("--ttt-no-target", action="store_true", help="no W_target: V = Conv1D(X) (official ttt_proj: false)")
     a("--ttt-rope-modulo", action="store_true", help="modulo RoPE on Z in the fast-weight path (our extension)")
     a("--lora-rank", type=int, default=8, help="LoRA rank in --mode lora_ttt")
     a("--lora-scaling", type=float, default=2.0, help="LoRA scaling in --mode lora_ttt")
@@ -328,7 +329,7 @@ def main(argv=None):
                 torch.manual_seed(args.seed + 1)  # the same W_target init on every rank
                 ttt_settings = dict(layers=ttt_layers, chunk_size=args.ttt_chunk, eta=args.ttt_eta,
                                     kernel_size=args.ttt_kernel, target_source=args.ttt_target,
-                                    target_init_std=args.ttt_target_std)
+                                    target_init_std=args.ttt_target_std, target=not args.ttt_no_target)
                 settings["ttt"], settings["ttt_rope_modulo"] = ttt_settings, args.ttt_rope_modulo
                 M.install(model, dict(ttt=ttt_settings, ttt_rope_modulo=args.ttt_rope_modulo))
                 model.to(device)
