@@ -8,6 +8,7 @@ YaRN, TTT, modulo RoPE, attention window, freeze mode); `install` re-applies YaR
 it, so evaluation needs no flags repeated. Checkpoints are written atomically and read with
 `torch.load(weights_only=True)` only.
 """
+import contextlib
 import json
 import os
 import typing as tp
@@ -75,9 +76,19 @@ def install(model: LMModel, settings: dict) -> LMModel:
     return model
 
 
+def checkpoint_dtype(weights: str) -> torch.dtype:
+    """The floating dtype a safetensors file stores (Moshi ships bf16), read from its header."""
+    from safetensors import safe_open
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    with safe_open(weights, "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()} & set(names)
+    return names[sorted(dtypes)[0]] if len(dtypes) == 1 else torch.float32
+
+
 def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     """A Moshi-format model (safetensors weights plus the json of its LMModel arguments, bare or
-    under "lm_kwargs") through moshi's own loader, in float32. Returns (model, model settings)."""
+    under "lm_kwargs") through moshi's own loader, in the dtype it is stored in (bf16 for Moshi's
+    checkpoints; float32 where the file mixes dtypes). Returns (model, model settings)."""
     from moshi.models import loaders  # here: only Moshi-format inits need it
     try:
         with open(config) as f:
@@ -93,7 +104,7 @@ def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     if not os.path.isfile(weights):
         raise ValueError(f"model weights {weights} do not exist or are not a file")
     try:
-        model = loaders.get_moshi_lm(weights, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=torch.float32)
+        model = loaders.get_moshi_lm(weights, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=checkpoint_dtype(weights))
     except Exception as e:  # moshi's loader raises what safetensors or load_state_dict raise
         raise ValueError(f"cannot load {weights} with {config}: {str(e).splitlines()[0][:200]}") from None
     return model.train(), dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
@@ -106,7 +117,8 @@ def multistream_loss(model: LMModel, codes: torch.Tensor, text_padding_weight: f
     end-of-padding tokens weigh `text_padding_weight`, plus the audio cross-entropy, where the
     first codebook weighs `first_codebook_weight` (moshi-finetune: default 1, 100 in its 7B
     example); each a mean weighted by the valid positions."""
-    out = model(codes)
+    with autocast_for(model):
+        out = model(codes)
     text = codes[:, :model.audio_offset]  # [B, 1, T]
     weights = out.text_mask.float()
     padding = (text == model.text_padding_token_id) | (text == model.end_of_text_padding_id)
@@ -127,9 +139,19 @@ def _weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights:
     return torch.where(weights.flatten() > 0, ce * weights.flatten(), 0.0).sum() / weights.sum()
 
 
+def autocast_for(model: nn.Module):
+    """bf16 autocast where some weights are stored in bf16 (frozen ones, next to float32 trained
+    ones: see freeze.upcast_trainable), so every product reads both; else nothing."""
+    p = next(model.parameters())
+    if any(q.dtype in (torch.bfloat16, torch.float16) for q in model.parameters()):
+        return torch.autocast(p.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def logits(model: LMModel, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [B, T] long -> next-byte logits [B, T, 256] float32."""
-    return model.forward_text(tokens[:, None])[1][:, 0].float()
+    with autocast_for(model):
+        return model.forward_text(tokens[:, None])[1][:, 0].float()
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
@@ -167,6 +189,15 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def match_dtypes(model: nn.Module, state: dict) -> None:
+    """Gives each parameter the dtype it has in `state` (bf16 frozen weights and float32 trained
+    ones stay so through a save and a load; load_state_dict alone would cast to the model's)."""
+    for name, p in model.named_parameters():
+        value = state.get(name)
+        if value is not None and value.is_floating_point() and value.dtype != p.dtype:
+            p.data = p.data.to(value.dtype)
+
+
 def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoint") -> LMModel:
     """Rebuilds the model a checkpoint describes (shape, YaRN, TTT, LoRA, window) and loads its
     weights. An adapter (`adapter_of` set: only the trained parameters) loads on top of the base
@@ -182,11 +213,13 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
             else:
                 model = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of)
             model = install(model, settings)
+            match_dtypes(model, checkpoint["model"])
             missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
             if unexpected:
                 raise ValueError(f"adapter parameters not in the model: {unexpected[:3]}")
         else:
             model = install(build_model(settings["model"]), settings)
+            match_dtypes(model, checkpoint["model"])
             model.load_state_dict(checkpoint["model"], strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} does not match the model it describes: "

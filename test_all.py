@@ -773,6 +773,51 @@ def test_lora_wraps_what_moshi_get_lora_moshi_wraps(tmp_path, scope):
     assert any(n.startswith("depformer") for n in wrapped(lm)) == (scope == "model")
 
 
+@pytest.mark.parametrize("mode", ["ttt_only", "ttt_layers", "lora_ttt"])
+def test_bf16_frozen_weights_train_as_the_float32_path(mode):
+    """A model stored in bf16, as Moshi ships, trains with its frozen weights in bf16 and the
+    trained ones in float32 (freeze.upcast_trainable) under bf16 autocast. Against the path train.py
+    took before (float32 weights under bf16 autocast, from the same bf16-representable start):
+    the same weights after 5 AdamW steps (identical for ttt_only and ttt_layers; LoRA's sum rounds
+    in another order: within 5 % of the update). Against float32 without autocast: losses within
+    1e-2 (bf16 products). The frozen weights stay bf16 and unchanged."""
+    base = tiny_model()
+    ttt.apply_ttt(base, [1, 3], chunk_size=8, eta=0.5)
+    randomise_ttt(base)
+    if mode == "lora_ttt":
+        freeze.apply_lora(base, 2, 2.0)
+    base = base.to(torch.bfloat16).float()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (4, 65), generator=g) for _ in range(5)]
+    runs, losses = {}, {}
+    for path in ("float32", "float32 autocast", "bf16 frozen"):
+        m = copy.deepcopy(base).train()
+        if path == "bf16 frozen":
+            m.to(torch.bfloat16)
+        freeze.apply_freeze(m, mode)
+        freeze.upcast_trainable(m)
+        assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        losses[path] = []
+        for x in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path != "float32"):
+                out = M.logits(m, x[:, :-1])
+                loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[path].append(loss.item())
+        runs[path] = dict(m.named_parameters())
+    start, new, old = dict(base.named_parameters()), runs["bf16 frozen"], runs["float32 autocast"]
+    trained = [n for n in new if new[n].requires_grad]
+    change = lambda run: torch.cat([(run[n].float() - start[n]).flatten() for n in trained])
+    assert (change(new) - change(old)).norm() <= (0.05 if mode == "lora_ttt" else 0.0) * change(old).norm()
+    assert losses["bf16 frozen"] == pytest.approx(losses["float32"], abs=1e-2)
+    for n, p in new.items():
+        if not p.requires_grad:
+            assert p.dtype == torch.bfloat16 and torch.equal(p.float(), start[n]), n
+
+
 def test_lora_starts_as_the_base_and_fuses_exactly():
     m = tiny_model()
     ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5)
@@ -1219,9 +1264,9 @@ def test_lora_ttt_training_and_adapter(tmp_path):
             assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
 
 
-def make_moshi_format_model(folder):
+def make_moshi_format_model(folder, dtype=torch.float32):
     """A tiny multi-stream Moshi (text + 2 audio codebooks, a depformer) saved as Moshi ships
-    models: safetensors weights and the json of its LMModel arguments."""
+    models: safetensors weights (bf16 for Moshi's own) and the json of its LMModel arguments."""
     from safetensors.torch import save_file
     lm_kwargs = dict(dim=32, text_card=48, existing_text_padding_id=3, n_q=2, dep_q=2, card=16,
                      num_heads=2, num_layers=4, hidden_scale=4.125, causal=True, context=128,
@@ -1231,7 +1276,7 @@ def make_moshi_format_model(folder):
                      delays=[0, 0, 1])
     torch.manual_seed(0)
     from moshi.models.lm import LMModel
-    lm = LMModel(**lm_kwargs)
+    lm = LMModel(**lm_kwargs).to(dtype)
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"lm_kwargs": lm_kwargs}))
     rng = np.random.default_rng(0)
@@ -1276,9 +1321,13 @@ def test_multistream_loss_is_moshi_finetunes(tmp_path, padding_weight, first_wei
     torch.testing.assert_close(got, ref)
 
 
-def test_moshi_format_model_loads_trains_and_adapts(tmp_path):
-    lm, _ = make_moshi_format_model(tmp_path)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moshi_format_model_loads_trains_and_adapts(tmp_path, dtype):
+    """bf16, as Moshi ships: the frozen weights stay bf16 through training, checkpoints and
+    adapters; what trains is float32."""
+    lm, _ = make_moshi_format_model(tmp_path, dtype)
     loaded, settings = M.load_moshi(str(tmp_path / "model.safetensors"), str(tmp_path / "config.json"))
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
     codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :64].astype(np.int64))[None]
     lm.eval(), loaded.eval()
     with torch.no_grad():
@@ -1293,11 +1342,16 @@ def test_moshi_format_model_loads_trains_and_adapts(tmp_path):
     assert "stage 1: extend at length 512" in r.stdout and "final table (validation loss" in r.stdout
     losses = [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 6
-    trained = M.model_from_checkpoint(M.load_checkpoint(str(out / "ckpt.pt"))).eval()
+    checkpoint = M.load_checkpoint(str(out / "ckpt.pt"))
+    for name, value in checkpoint["model"].items():
+        if value.is_floating_point():
+            assert value.dtype == (torch.float32 if name.endswith(("gating.conv.weight", "W_target")) else dtype), name
+    trained = M.model_from_checkpoint(checkpoint).eval()
     on_base = M.model_from_checkpoint(M.load_checkpoint(str(out / "adapter.pt")), path=str(out / "adapter.pt")).eval()
+    assert {n: p.dtype for n, p in trained.named_parameters()} == {n: p.dtype for n, p in on_base.named_parameters()}
     assert trained.transformer.layers[0].self_attn.context == 512  # widened by YaRN x4 of 128
     assert isinstance(trained.transformer.layers[1].gating, ttt.TTTGating)
-    with torch.no_grad():
+    with torch.no_grad(), M.autocast_for(trained):  # bf16 weights next to float32 ones
         a, b = trained(codes), on_base(codes)
     assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
     assert torch.equal(a.text_logits.nan_to_num(), b.text_logits.nan_to_num())

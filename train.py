@@ -231,8 +231,6 @@ def main(argv=None):
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     device = torch.device(args.device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
 
     # --- data and starting point, all checked before any training
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -301,6 +299,11 @@ def main(argv=None):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)
     model.transformer.checkpointing = args.grad_checkpointing
+    # bf16 autocast on a GPU, and wherever the weights are stored in bf16 (a Moshi checkpoint):
+    # frozen weights stay bf16, the ones that train are float32 (freeze.upcast_trainable)
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or low_precision
+                else contextlib.nullcontext())
     unit = "token arrays" if multistream else "bytes"
     log(f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation {unit}, "
         f"sha256 {corpus.sha256[:16]}")
@@ -343,6 +346,7 @@ def main(argv=None):
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
+        freeze.upcast_trainable(model)
         settings["trained_len"] = length
         ttt_ids = {id(p) for m in freeze.ttt_modules(model) for p in m.ttt_parameters()}
         ttt_params = [p for p in model.parameters() if p.requires_grad and id(p) in ttt_ids]
