@@ -5,6 +5,7 @@
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
     python bench.py --stream-check       # streaming through CUDA graphs and LMGen = parallel form
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
+    python bench.py --scale              # one training step at moshi's 7B configuration, per mode
 
 0. The fast path's error against a float64 reference on the same (e.g. bf16) inputs.
 1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.
@@ -435,6 +436,137 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Training at Moshi 7B's size: one step, frozen bf16 weights, the window computed pair by pair.
+# ---------------------------------------------------------------------------------------------
+
+def window_check(device, T=700, context=100):
+    """flex_attention's window against moshi's masked attention on the GPU, float32: logits and
+    every gradient of a small model with YaRN (head dim 128), as max relative differences."""
+    import window_attention
+    from moshi.modules.transformer import StreamingMultiheadAttention
+    torch.manual_seed(0)
+    m = M.build_model(dict(dim=256, num_heads=2, num_layers=2, context=context)).to(device)
+    yarn.apply_yarn(m, 4.0, context, widen_context=False)
+    x = torch.randint(0, 256, (2, T + 1), device=device)
+    results = []
+    for flex in (False, True):
+        for layer in m.transformer.layers:
+            layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
+        out = M.logits(m, x[:, :-1])
+        F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        results.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(results[1], results[0]))
+    print(f"  window attention (flex) vs moshi's masked attention, T {T}, window {context}, float32: "
+          f"logits and gradients within {rel:.1e} (relative)", flush=True)
+    return rel
+
+
+def scale(device, steps=2, lm_kwargs=None):
+    """One training step (forward, backward, AdamW) of moshi's own 7B configuration with random
+    weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
+    checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
+    nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
+    warm-up step) and peak GiB."""
+    import window_attention
+    from moshi.models import loaders
+    from moshi.models.lm import LMModel
+    from moshi.modules.streaming import StreamingModule
+    from moshi.modules.transformer import StreamingMultiheadAttention
+    import freeze
+    check = window_check(device)
+    torch.manual_seed(0)
+    lm_kwargs = lm_kwargs or loaders._lm_kwargs
+    lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
+    lm.transformer.checkpointing = True
+    layers, L0 = lm.transformer.layers, lm_kwargs["context"]
+    gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
+    weights_gib = torch.cuda.memory_allocated() / 2 ** 30
+    ttt_layer_ids = ttt.default_layers(len(layers))
+
+    def configure(context, trains, yarn_scale=None, chunk=None, flex=True):
+        for p in lm.parameters():  # back to the frozen bf16 model
+            p.requires_grad_(False)
+            p.data, p.grad = p.data.to(torch.bfloat16), None
+        for layer, gating in zip(layers, gatings):
+            layer.gating, layer.self_attn.rope, layer.self_attn.context = gating, rope, context
+            layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
+        lm.transformer.rope = rope
+        for m in lm.modules():
+            if isinstance(m, StreamingModule):
+                m._cached_children = None
+        if yarn_scale:
+            yarn.apply_yarn(lm, yarn_scale, L0)
+        if chunk:
+            torch.manual_seed(1)
+            ttt.apply_ttt(lm, ttt_layer_ids, chunk, eta=0.3)
+            for g in freeze.ttt_modules(lm):
+                torch.nn.init.normal_(g.conv.weight, std=0.02)
+            freeze.apply_freeze(lm, trains)
+        elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
+            layers[0].norm1.alpha.requires_grad_(True)
+        else:  # "ttt_layers" without TTT: the same whole layers train
+            for i in ttt_layer_ids:
+                layers[i].requires_grad_(True)
+        freeze.upcast_trainable(lm)
+
+    def step(T):
+        params = [p for p in lm.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        g = torch.Generator(device).manual_seed(0)
+        codes = torch.randint(0, lm.card, (1, lm.num_codebooks, T), device=device, generator=g)
+        codes[:, 0] = torch.randint(0, lm.text_card, (1, T), device=device, generator=g)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            M.multistream_loss(lm, codes, 0.5, 100.0).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return dict(s_per_step=statistics.median(times[1:]), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                    trainable=sum(p.numel() for p in params))
+
+    T1, T2 = 4 * L0, 8 * L0  # Moshi 7B: 12000 and 24000 steps, 16 and 32 minutes of audio
+    yarn4, window = dict(context=4 * L0, yarn_scale=4), dict(context=L0)
+    runs = [(f"YaRN x4, T {T1}: control", T1, dict(yarn4, trains="control"), None),
+            (f"YaRN x4, T {T1}: ttt_only", T1, dict(yarn4, trains="ttt_only", chunk=256), f"YaRN x4, T {T1}: control"),
+            (f"YaRN x4, T {T1}: TTT layers, no TTT", T1, dict(yarn4, trains="layers"), None),
+            (f"YaRN x4, T {T1}: ttt_layers", T1, dict(yarn4, trains="ttt_layers", chunk=256),
+             f"YaRN x4, T {T1}: TTT layers, no TTT"),
+            (f"window {L0}, T {T1}: control", T1, dict(window, trains="control"), None),
+            (f"window {L0}, T {T1}: ttt_only", T1, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T1}: control"),
+            (f"window {L0}, T {T2}: control", T2, dict(window, trains="control"), None),
+            (f"window {L0}, T {T2}: ttt_only", T2, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T2}: control"),
+            (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
+             f"window {L0}, T {T1}: control")]
+    rows = {}
+    for name, T, config, against in runs:
+        configure(**config)
+        try:
+            row = rows[name] = dict(step(T), T=T, **config)
+        except torch.OutOfMemoryError:
+            rows[name] = dict(T=T, **config, error="out of memory")
+            print(f"  {name:<50} out of memory", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        if against and "s_per_step" in rows[against]:
+            row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
+        print(f"  {name:<50} {row['s_per_step']:6.2f} s/step, peak {row['peak_gib']:5.1f} GiB, "
+              f"{row['trainable']:,} trained" + (f", {row['time_ratio']:.3f}x {against}" if against else ""), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    for mode in ("control", "ttt_only"):
+        a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
+        if "s_per_step" in a and "s_per_step" in b:
+            print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
+    return dict(window_check=check, weights_gib=weights_gib, rows=rows)
+
+
 def revision_name() -> str:
     """$REVISION where set (a GPU machine's copy has a stale or no .git), else git's short hash."""
     revision = os.environ.get("REVISION")
@@ -457,20 +589,22 @@ def main():
                    "LMGen against eager and the parallel form, small model, float32 and bf16 (CUDA)")
     p.add_argument("--realtime", action="store_true", help="only: LMGen.step of moshi's 7B configuration, "
                    "random weights, bf16, CUDA graphs, with and without YaRN and TTT (CUDA, ~40 GB)")
+    p.add_argument("--scale", action="store_true", help="only: one training step of moshi's 7B configuration, "
+                   "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
     p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if (args.stream_check or args.realtime) and not cuda:
-        p.error("--stream-check and --realtime need a CUDA device (CUDA graphs, a 7B model)")
+    if (args.stream_check or args.realtime or args.scale) and not cuda:
+        p.error("--stream-check, --realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
-    if args.stream_check or args.realtime:
-        what = "stream_check" if args.stream_check else "realtime"
+    if args.stream_check or args.realtime or args.scale:
+        what = "stream_check" if args.stream_check else "realtime" if args.realtime else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = stream_check(device) if args.stream_check else dict(
-            mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
+        result = (stream_check(device) if args.stream_check else scale(device) if args.scale
+                  else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps)))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         with open(args.out + ".tmp", "w") as f:

@@ -710,6 +710,30 @@ def test_modulo_rope_wraps():
 
 
 # ============================================================================================
+# Sliding-window attention
+# ============================================================================================
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(T=st.integers(1, 80), context=st.integers(1, 40), B=st.integers(1, 2))
+def test_window_attention_equals_moshis_masked_attention(T, context, B):
+    """flex_attention with the window's block mask against moshi's own attention (T x T mask),
+    YaRN included; on CPU flex_attention runs forward only, so gradients are checked on a GPU by
+    `bench.py --scale`. Streaming falls back to moshi's path."""
+    import window_attention
+    m = tiny_model(context=context)
+    yarn.apply_yarn(m, 2.0, 16, widen_context=False)
+    x = torch.randint(0, 256, (B, T))
+    with torch.no_grad():
+        ref = M.logits(m, x)
+        window_attention.apply_window_attention(m)
+        assert isinstance(m.transformer.layers[0].self_attn, window_attention.WindowAttention)
+        torch.testing.assert_close(M.logits(m, x), ref, atol=1e-5, rtol=1e-5)
+        with m.streaming(B):
+            torch.testing.assert_close(torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(T)], 1), ref,
+                                       atol=1e-4, rtol=1e-4)
+
+
+# ============================================================================================
 # Freeze
 # ============================================================================================
 

@@ -1,0 +1,79 @@
+"""Sliding-window attention that computes only the pairs inside the window, for moshi's attention.
+
+moshi's StreamingMultiheadAttention keeps a sliding window (`context`, Moshi 7B: 3000) by masking
+a T x T score matrix: in training, scaled_dot_product_attention still computes every pair, so a
+step grows as T^2 although only T x context pairs count. Here the same attention runs through
+PyTorch's flex_attention with a block mask that skips the blocks outside the window
+
+    query t reads key s  iff  t - context < s <= t
+
+so time and memory grow linearly in T. Streaming (the KV cache), cross-attention and per-step
+weights keep moshi's own path; so does a CPU forward that needs gradients (flex_attention has no
+backward on CPU), which makes the swap a no-op there.
+
+Usage:
+    import window_attention
+    window_attention.apply_window_attention(model)   # a moshi LMModel; its `context` is the window
+    loss = ...                                       # train as before: same weights, same keys
+
+Only torch and moshi are used: copy this file alone.
+"""
+import functools
+
+import torch
+from einops import rearrange
+from moshi.modules.transformer import StreamingMultiheadAttention
+from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+def window_mask(context: int):
+    """flex_attention's mask_mod: key s is visible to query t iff t - context < s <= t."""
+    def mask_mod(b, h, t, s):
+        return (s <= t) & (t - s < context)
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=8)
+def block_mask(T: int, context: int, device: str):
+    """The block-sparse mask of a length and window, made once (it is a small kernel of its own)."""
+    return create_block_mask(window_mask(context), None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    # flex_attention is fast only compiled (a fused Triton kernel); eager it materialises scores.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), over keys t - context < s <= t) v; q, k, v: [B, H, T, D]."""
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return attend(q, k, v, block_mask=block_mask(q.shape[2], context, str(q.device)))
+
+
+class WindowAttention(StreamingMultiheadAttention):
+    """moshi's attention, the same parameters and checkpoint keys, whose parallel forward computes
+    only the pairs inside its window. `apply_window_attention` switches a module's class to it."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        if (self._streaming_state is not None or self.cross_attention or self.weights_per_step
+                or not self.causal or self.context is None or self.kv_repeat != 1
+                or (not query.is_cuda and torch.is_grad_enabled())):
+            return super().forward(query, key, value)
+        B, T = query.shape[:2]
+        q, k, v = rearrange(self.in_projs[0](query), "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
+        if self.rope:
+            q, k = self.rope(q, k, torch.zeros(B, device=query.device, dtype=torch.long), time_before_heads=False)
+        x = sliding_window_attention(q, k, v, self.context)
+        return self.out_projs[0](rearrange(x, "b h t d -> b t (h d)"))
+
+
+def apply_window_attention(model: nn.Module) -> nn.Module:
+    """Switches every self-attention of a moshi `LMModel` or `StreamingTransformer` to
+    WindowAttention (in place; parameters untouched) and returns the model."""
+    transformer = getattr(model, "transformer", model)
+    for layer in transformer.layers:
+        if type(layer.self_attn) is StreamingMultiheadAttention:
+            layer.self_attn.__class__ = WindowAttention
+    return model
