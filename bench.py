@@ -479,7 +479,7 @@ def scale(device, steps=2, lm_kwargs=None):
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
-    lm.transformer.checkpointing = True
+    lm.transformer.checkpointing = lm.depformer.checkpointing = True  # the depformer runs over T sequences
     layers, L0 = lm.transformer.layers, lm_kwargs["context"]
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
     weights_gib = torch.cuda.memory_allocated() / 2 ** 30

@@ -298,7 +298,9 @@ def main(argv=None):
     if args.window and args.window > max(s["length"] for s in stages):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)
-    model.transformer.checkpointing = args.grad_checkpointing
+    for transformer in (model.transformer, model.depformer):  # the depformer runs over B x T sequences
+        if transformer is not None:
+            transformer.checkpointing = args.grad_checkpointing
     # bf16 autocast on a GPU, and wherever the weights are stored in bf16 (a Moshi checkpoint):
     # frozen weights stay bf16, the ones that train are float32 (freeze.upcast_trainable)
     low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
