@@ -29,6 +29,7 @@ import eval_passkey
 import freeze
 import model as M
 import ttt
+import window_attention
 import yarn
 
 
@@ -298,6 +299,8 @@ def main(argv=None):
     if args.window and args.window > max(s["length"] for s in stages):
         log(f"note: --window {args.window} is longer than every sequence; it changes nothing")
     model.to(device)
+    if device.type == "cuda":  # the window's pairs only (flex_attention); equal to moshi's masked attention
+        window_attention.apply_window_attention(model)
     for transformer in (model.transformer, model.depformer):  # the depformer runs over B x T sequences
         if transformer is not None:
             transformer.checkpointing = args.grad_checkpointing
@@ -312,7 +315,7 @@ def main(argv=None):
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; "
         f"{world} process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
 
-    if args.method == "yarn" and any(s["kind"] == "extend" for s in stages):
+    if args.method == "yarn" and args.scale > 1 and any(s["kind"] == "extend" for s in stages):
         attention = model.transformer.layers[0].self_attn
         head_dim, base = attention.embed_dim // attention.num_heads, model.transformer.rope.max_period
         log(f"YaRN's RoPE pairs kept / blended / interpolated: {yarn.split_counts(head_dim, base, args.original_len)} "
@@ -349,6 +352,12 @@ def main(argv=None):
             for p in model.parameters():
                 p.requires_grad_(True)
         freeze.upcast_trainable(model)
+        if device.type == "cuda":  # float32 weights, gradients and AdamW's two moments; bf16 frozen ones
+            need = sum((16 if p.requires_grad else p.element_size()) * p.numel() for p in model.parameters())
+            if need > torch.cuda.get_device_properties(device).total_memory:
+                fail(f"--mode {args.mode} needs {need / 2 ** 30:.0f} GiB for weights and optimizer state alone, more "
+                     f"than this GPU's {torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.0f} GiB; "
+                     f"train fewer parameters (ttt_only, ttt_layers, lora_ttt)")
         settings["trained_len"] = length
         ttt_ids = {id(p) for m in freeze.ttt_modules(model) for p in m.ttt_parameters()}
         ttt_params = [p for p in model.parameters() if p.requires_grad and id(p) in ttt_ids]
