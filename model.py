@@ -8,6 +8,7 @@ YaRN, TTT, modulo RoPE, attention window, freeze mode); `install` re-applies YaR
 it, so evaluation needs no flags repeated. Checkpoints are written atomically and read with
 `torch.load(weights_only=True)` only.
 """
+import abc
 import contextlib
 import json
 import os
@@ -152,6 +153,54 @@ def logits(model: LMModel, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [B, T] long -> next-byte logits [B, T, 256] float32."""
     with autocast_for(model):
         return model.forward_text(tokens[:, None])[1][:, 0].float()
+
+
+def shard(model: LMModel, bf16: bool) -> LMModel:
+    """FSDP2 (PyTorch's `fully_shard`): parameters, gradients and AdamW state split across the
+    processes. Each transformer layer (the depformer's too) is one group, gathered just before it
+    runs; the rest of the model is one more. `bf16`: gathered in bf16 (frozen bf16 weights next
+    to float32 trained ones), gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    groups = list(model.transformer.layers) + (list(model.depformer.layers) if model.depformer else [])
+    for module in groups + [model]:
+        _fsdp_class_for(type(module))
+        fully_shard(module, mp_policy=policy)
+    register_fsdp_forward_method(model, "forward_text")  # the text path is not `forward`
+    return model
+
+
+def _fsdp_class_for(cls: type) -> None:
+    """fully_shard swaps a module's class for one with bases (FSDPModule, cls). moshi's modules have
+    abc.ABC first among their bases, and Python refuses that swap ("object layout differs"), so
+    FSDP2 is handed the class with the bases the other way round, FSDP's own `_apply` (which keeps
+    the sharded parameters when a module is moved or cast) put first by hand."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fully_shard
+    cache = _fully_shard.get_cls_to_fsdp_cls()
+    if cls not in cache and issubclass(cls, abc.ABC):
+        cache[cls] = type(f"FSDP{cls.__name__}", (cls, FSDPModule),
+                          {"_apply": FSDPModule._apply, "__deepcopy__": _fully_shard._unimplemented_deepcopy})
+
+
+def full_state(model: nn.Module, optimizer=None, sharded: bool = False) -> tuple[dict, tp.Optional[dict]]:
+    """The model's (and optimizer's) whole state for a checkpoint; gathered onto rank 0 from every
+    process when the model is sharded (then every process must call it)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Loads what full_state saved (a sharded run's optimizer state is keyed by parameter name)."""
+    if not sharded:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:

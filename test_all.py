@@ -1106,7 +1106,7 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
-    ["--window", "32", "--ttt-chunk", "64"], ["--warmup", "1"], ["--warmup", "50"],
+    ["--window", "32", "--ttt-chunk", "64"], ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1383,6 +1383,46 @@ def test_moshi_format_model_loads_trains_and_adapts(tmp_path, dtype):
     assert bad.returncode == 2 and "--data" in bad.stderr
     wrong = run_train(args[:4] + ["--data", str(tmp_path / "config.json"), "--out", str(tmp_path / "bad")])
     assert wrong.returncode == 2 and "token array" in wrong.stderr
+
+
+def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
+    """FSDP2 (fully_shard) on 2 gloo processes against 1 process without it, `ttt_layers` from a
+    base: the weights after the stage within 1e-4 of the update (float32 sums in another order;
+    7e-6 seen), and a run killed after a sharded checkpoint resumes to the same weights."""
+    base = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
+    assert base.returncode == 0, base.stderr
+    args = QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--mode", "ttt_layers", "--save-every", "1"]
+    one = run_train(args + ["--out", str(tmp_path / "one")])
+    two = run_train(args + ["--fsdp", "--out", str(tmp_path / "two")], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    start, a, b = (M.load_checkpoint(str(tmp_path / p))["model"] for p in ("base/base.pt", "one/ckpt.pt", "two/ckpt.pt"))
+    assert a.keys() == b.keys() and M.load_checkpoint(str(tmp_path / "two/ckpt.pt"))["settings"]["fsdp"]
+    change = torch.cat([(a[k] - start[k]).flatten() for k in start])
+    assert torch.cat([(b[k] - a[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
+    out, cmd = tmp_path / "killed", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     os.path.join(HERE, "train.py")] + args + ["--fsdp"]
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # until a checkpoint in the middle of the stage
+        if (out / "ckpt.pt").exists() and M.load_checkpoint(str(out / "ckpt.pt")).get("step", 0) >= 2:
+            break
+        time.sleep(0.05)
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:  # torchrun's workers have sessions of their own
+        try:
+            if str(out).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+    assert M.load_checkpoint(str(out / "ckpt.pt"))["step"] in (2, 3)
+    again = QUICK + ["--mode", "ttt_layers", "--save-every", "1", "--resume", "--out", str(out)]
+    plain = run_train(again)  # a sharded run's checkpoint resumes sharded only
+    assert plain.returncode == 2 and "resume it the same way" in plain.stderr
+    resumed = run_train(again + ["--fsdp"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    c = M.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    assert torch.cat([(c[k] - b[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):

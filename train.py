@@ -95,6 +95,8 @@ def parse_args(argv=None):
     a("--clip", default="per-group", choices=("per-group", "global"), help="clip TTT and base parameters "
       "separately (TTT's small gradients are not scaled by the base's) or all together (official)")
     a("--grad-checkpointing", action="store_true")
+    a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state across the torchrun "
+      "processes (FSDP2) from the first extension stage, for modes too large for DDP; needs --init")
     # bookkeeping
     a("--eval-trials", type=int, default=10, help="passkey documents per depth in evaluations")
     a("--log-every", type=int, default=25)
@@ -154,6 +156,8 @@ def parse_args(argv=None):
         fail(f"--seed must be in [0, 1000000), got {args.seed}")
     if bool(args.init and args.init.endswith(".safetensors")) != bool(args.init_config):
         fail("--init-config goes with a .safetensors --init, and only with one")
+    if args.fsdp and ("RANK" not in os.environ or not (args.init or args.resume)):
+        fail("--fsdp needs torchrun and --init (it shards the model being extended; pretraining is not sharded)")
     if args.init and args.resume:
         fail("--init and --resume exclude each other (--resume reads out/ckpt.pt)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -321,7 +325,9 @@ def main(argv=None):
         log(f"YaRN's RoPE pairs kept / blended / interpolated: {yarn.split_counts(head_dim, base, args.original_len)} "
             f"at head dim {head_dim}, L0 {args.original_len}; Moshi 7B's (head dim 128, L0 3000): "
             f"{yarn.split_counts(128, 10_000.0, 3000)}")
-    first_stage = resume["stage"] if resume else 0
+    first_stage, sharded, view = (resume["stage"] if resume else 0), False, model
+    if resume is not None and resume["step"] > 0 and bool(resume["settings"].get("fsdp")) != args.fsdp:
+        fail(f"{ckpt_path} was saved {'with' if args.fsdp is False else 'without'} --fsdp: resume it the same way")
     for stage_index in range(first_stage, len(stages)):
         stage = stages[stage_index]
         length, extending = stage["length"], stage["kind"] == "extend"
@@ -358,6 +364,9 @@ def main(argv=None):
                 fail(f"--mode {args.mode} needs {need / 2 ** 30:.0f} GiB for weights and optimizer state alone, more "
                      f"than this GPU's {torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.0f} GiB; "
                      f"train fewer parameters (ttt_only, ttt_layers, lora_ttt)")
+        if args.fsdp and not sharded:  # after TTT, LoRA and the freeze mode: no change to the model's shape after
+            M.shard(model, bf16=device.type == "cuda" or low_precision)
+            sharded = settings["fsdp"] = True
         settings["trained_len"] = length
         ttt_ids = {id(p) for m in freeze.ttt_modules(model) for p in m.ttt_parameters()}
         ttt_params = [p for p in model.parameters() if p.requires_grad and id(p) in ttt_ids]
@@ -370,12 +379,12 @@ def main(argv=None):
         first_step = 0
         if resume is not None and stage_index == resume["stage"] and resume["step"] > 0:
             try:
-                optimizer.load_state_dict(resume["optimizer"])
+                M.load_optimizer_state(model, optimizer, resume["optimizer"], sharded)
             except (ValueError, KeyError, RuntimeError) as e:
                 fail(f"{ckpt_path}: its optimizer state does not fit this run's parameters ({e})")
             first_step = resume["step"]
         net = Objective(model, args.answer_weight, settings["loss"])
-        if ddp:
+        if ddp and not sharded:
             net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
             f"{steps} steps, batch {args.batch}")
@@ -409,7 +418,9 @@ def main(argv=None):
             for k in range(args.grad_accum):
                 x, is_answer = batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]
                 sync = k == args.grad_accum - 1  # all-reduce only on the last micro-step
-                with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+                if sharded:
+                    model.set_requires_gradient_sync(sync)
+                with (net.no_sync() if ddp and not sharded and not sync else contextlib.nullcontext()), autocast:
                     loss = net(x, is_answer) / args.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
@@ -419,6 +430,7 @@ def main(argv=None):
             ttt_norm = (torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None])
                         if ttt_params and args.clip == "global" else None)
             norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip) for name, params in clip_groups}
+            norms = {name: getattr(norm, "full_tensor", lambda: norm)() for name, norm in norms.items()}  # FSDP2
             finite = torch.stack([norm.isfinite() for norm in norms.values()])
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             optimizer.step()
@@ -442,24 +454,30 @@ def main(argv=None):
                 ttt_text = f" | ttt grad {ttt_norm.item():.3e}" if ttt_norm is not None else ""
                 log(f"step {step + 1}/{steps} | stage {stage_index} | len {length} | loss {loss_sum.item():.4f} | "
                     f"{tokens_done / max(elapsed, 1e-9):,.0f} tok/s{ttt_text}")
-            if master and saving:
-                M.save_checkpoint(ckpt_path, dict(model=model.state_dict(), settings=settings, stages=stages,
-                                                  stage=stage_index, step=step + 1,
-                                                  optimizer=optimizer.state_dict()))
+            if saving:
+                state, optimizer_state = M.full_state(model, optimizer, sharded)
+                if master:
+                    M.save_checkpoint(ckpt_path, dict(model=state, settings=settings, stages=stages, stage=stage_index,
+                                                      step=step + 1, optimizer=optimizer_state))
 
-        # --- stage end: validation, passkey, checkpoint
+        # --- stage end: validation, passkey, checkpoint (a sharded model is evaluated whole, on rank 0)
+        state = M.full_state(model, sharded=sharded)[0]
         if master:
-            model.eval()
+            checkpoint = dict(model=state, settings=settings, stages=stages, stage=stage_index + 1, step=0, optimizer={})
+            view = model
+            if sharded:
+                view = M.model_from_checkpoint(checkpoint, device, ckpt_path)
+                if settings["ttt"]:
+                    freeze.apply_freeze(view, args.mode)
+            view.eval()
             if multistream:
-                log(f"stage {stage_index} done: validation loss {eval_passkey.validation_loss(model, corpus.val, length, 8, device, **settings['loss']):.4f} "
+                log(f"stage {stage_index} done: validation loss {eval_passkey.validation_loss(view, corpus.val, length, 8, device, **settings['loss']):.4f} "
                     f"at length {length}")
             else:
-                row = eval_passkey.evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
+                row = eval_passkey.evaluate(view, corpus.val, [length], [0.1, 0.5, 0.9], args.eval_trials,
                                             8, device)[0]
                 log(f"stage {stage_index} done: validation {row['bpb']:.3f} bits/byte, passkey "
                     f"{100 * row['passkey']:.0f}% at length {length}")
-            checkpoint = dict(model=model.state_dict(), settings=settings, stages=stages,
-                              stage=stage_index + 1, step=0, optimizer={})
             if not extending:
                 M.save_checkpoint(settings["base_path"], dict(checkpoint, stage=0))
             M.save_checkpoint(ckpt_path, checkpoint)
@@ -468,11 +486,11 @@ def main(argv=None):
     if master and not args.pretrain_only:
         base_path, base_model = settings.get("base_path"), None
         if base_path and os.path.isfile(base_path):
-            M.save_adapter(os.path.join(args.out, "adapter.pt"), model, settings, base_path)
+            M.save_adapter(os.path.join(args.out, "adapter.pt"), view, settings, base_path)
             base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
                           else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
         lengths = sorted({args.original_len} | {s["length"] for s in stages})
-        results = eval_passkey.final_table(model, base_model, settings, lengths, corpus, args.eval_trials, device,
+        results = eval_passkey.final_table(view, base_model, settings, lengths, corpus, args.eval_trials, device,
                                            multistream, args.method, args.scale)
         if results is not None:
             results = dict(results, args=vars(args))
