@@ -1,8 +1,9 @@
 """Freeze policies for extending a pretrained Moshi model with In-Place TTT.
 
-Which parameters train is decided by module identity (the TTTGating type, the transformer layer
-that holds one), never by substrings of parameter names: a name filter once left the fast-weight
-base frozen by accident and dropped half the TTT state from saved adapters.
+Which parameters train is decided by the modules (a TTT module, known by its `ttt_parameters()`;
+the transformer layer that holds one; moshi's LoRALinear), never by substrings of parameter names:
+a name filter once left the fast-weight base frozen by accident and dropped half the TTT state
+from saved adapters. Only torch and moshi are imported: copy this file alone.
 
 - `ttt_only`:   only what TTT added trains (each TTTGating's conv and W_target); every base
                 weight, the fast-weight initial value `linear_out` included, stays bit-identical.
@@ -21,18 +22,22 @@ import torch
 from moshi.modules.lora import LoRALinear, replace_lora_with_linear
 from torch import nn
 
-from ttt import TTTGating
-
 MODES = ("ttt_only", "ttt_layers", "full", "lora_ttt")
 
 
-def ttt_modules(model: nn.Module) -> list[TTTGating]:
-    return [m for m in model.modules() if isinstance(m, TTTGating)]
+def is_ttt(module: nn.Module) -> bool:
+    """A TTT module (ttt.TTTGating) is known by what it offers, `ttt_parameters()`, so that this
+    file imports nothing of the project's and copies alone."""
+    return callable(getattr(module, "ttt_parameters", None))
+
+
+def ttt_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_ttt(m)]
 
 
 def ttt_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer layers (modules with a `gating` child) whose MLP is a TTTGating."""
-    return [m for m in model.modules() if isinstance(getattr(m, "gating", None), TTTGating)]
+    """The transformer layers (modules with a `gating` child) whose MLP is a TTT module."""
+    return [m for m in model.modules() if is_ttt(getattr(m, "gating", None))]
 
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:

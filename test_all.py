@@ -1140,6 +1140,40 @@ def test_every_stage_reaches_its_peak_then_decays(steps, fraction):
         assert lrs[-1] < 1.0
 
 
+ALONE = {  # each concept file in a folder of its own, its usage as its docstring shows it
+    "yarn.py": "yarn.apply_yarn(model, scale=4, original_len=3000)\n"
+               "assert model.transformer.layers[0].self_attn.context == 12000",
+    "ttt.py": "ttt.apply_ttt(model, layers=ttt.default_layers(len(model.transformer.layers)), chunk_size=1024, eta=0.3)\n"
+              "assert torch.equal(model.forward_text(tokens)[1], before)",
+    "rope_modulo.py": "Z = torch.randn(2, 4096, 64)\n"
+                      "Zr = rope_modulo.rotate_modulo(Z, torch.arange(4096), period=1024)\n"
+                      "assert torch.allclose(Zr[:, 1024:2048], rope_modulo.rotate_modulo(Z[:, 1024:2048], torch.arange(1024), 1024))",
+    "freeze.py": "freeze.apply_lora(model, rank=2, scaling=2.0)\n"
+                 "assert torch.equal(model.forward_text(tokens)[1], before) and freeze.lora_modules(model)",
+    "window_attention.py": "window_attention.apply_window_attention(model)\n"
+                           "with torch.no_grad():\n    assert torch.allclose(model.forward_text(tokens)[1], before, atol=1e-5)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALONE))
+def test_concept_file_copies_alone(tmp_path, name):
+    """Copied into an empty folder, with no other file of the project, a concept file imports
+    (only the standard library, torch, numpy and moshi) and does what its usage says on a moshi model."""
+    import shutil
+    shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    module = name[:-3]
+    code = (f"import os\nos.environ['NO_TORCH_COMPILE'] = '1'\nimport torch, {module}\n"
+            "from moshi.models.lm import LMModel\ntorch.manual_seed(0)\n"
+            "model = LMModel(delays=[0], n_q=0, dep_q=0, text_card=64, dim=32, num_heads=2, num_layers=2,\n"
+            "                hidden_scale=4.125, norm='rms_norm_f32', positional_embedding='rope', gating='silu',\n"
+            "                context=3000, causal=True).eval()\n"
+            "tokens = torch.randint(0, 64, (1, 1, 40))\nbefore = model.forward_text(tokens)[1]\n"
+            + ALONE[name] + "\nprint('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-1500:]
+
+
 def run_train(args, nproc=1, env=None, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(HERE, "train.py")] + args
