@@ -67,10 +67,7 @@ def install(model: LMModel, settings: dict) -> LMModel:
         t = dict(settings["ttt"])
         ttt.apply_ttt(model, t.pop("layers"), t.pop("chunk_size"), t.pop("eta"), **t)
         if settings.get("ttt_rope_modulo"):
-            period = settings["ttt"]["chunk_size"]
-            for m in model.modules():
-                if isinstance(m, ttt.TTTGating):
-                    m.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, period)
+            rope_modulo.apply_rope_modulo(model, settings["ttt"]["chunk_size"])
     if settings.get("lora"):
         lora = settings["lora"]  # checkpoints from before the whole model was wrapped: the transformer
         freeze.apply_lora(model, lora["rank"], lora["scaling"], lora.get("scope", "transformer"))

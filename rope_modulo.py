@@ -5,7 +5,8 @@ TTT layer the inner-loop queries and keys are rotated with `position_ids % mini_
 the positions they see never leave the range seen in training, however long the sequence; the
 relative order inside one period is kept.
 
-Here it is offered for the In-Place TTT fast-weight path (`train.py --ttt-rope-modulo`), where
+Here it is offered for the In-Place TTT fast-weight path (`apply_rope_modulo`, `train.py
+--ttt-rope-modulo`), where
 Z plays both roles: it writes the fast weight (key) and reads it (query). That combination is
 this project's extension, not part of the In-Place TTT paper, which uses no positions there.
 
@@ -13,10 +14,12 @@ Usage:
     import torch, rope_modulo
     Z = torch.randn(2, 4096, 512)                        # [B, T, h]
     Zr = rope_modulo.rotate_modulo(Z, torch.arange(4096), period=1024)
-    q, k = rope_modulo.ModuloRotaryEmbedding(period=1024)(q, k, offset)   # moshi's RoPE call
+    rope_modulo.apply_rope_modulo(model, period=1024)    # on the Z of a model's TTT layers (ttt.py)
 
 Only torch is used: copy this file alone.
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -58,8 +61,24 @@ def rotate_modulo(x: torch.Tensor, positions: torch.Tensor, period: int,
     return rotate(x, modulo_positions(positions, period), max_period, interleave)
 
 
+def apply_rope_modulo(model: nn.Module, period: int) -> nn.Module:
+    """Rotates Z at positions % period in the fast-weight path of every TTT layer of `model` (the
+    modules with a `z_transform` attribute, ttt.TTTGating); returns the model. ValueError if it has
+    none: there would be nothing to rotate."""
+    if period <= 0:
+        raise ValueError(f"period must be > 0, got {period}")
+    layers = [m for m in model.modules() if hasattr(m, "z_transform")]
+    if not layers:
+        raise ValueError("apply_rope_modulo found no TTT layer (a module with `z_transform`): apply TTT first")
+    for m in layers:
+        m.z_transform = functools.partial(rotate_modulo, period=period)
+    return model
+
+
 class ModuloRotaryEmbedding(nn.Module):
-    """A drop-in for moshi.modules.rope.RotaryEmbedding whose positions wrap every `period`."""
+    """A drop-in for moshi.modules.rope.RotaryEmbedding whose positions wrap every `period`. Set it
+    on every attention (`layer.self_attn.rope`), as yarn.apply_yarn does: moshi's layers keep their
+    own reference, so assigning `transformer.rope` alone would change nothing."""
 
     def __init__(self, period: int, max_period: float = 10_000.0, interleave: bool = True):
         super().__init__()

@@ -468,8 +468,7 @@ def streaming_model(window=24, chunk=8, seed=0, kernel=5):
     yarn.apply_yarn(m, 4.0, 16, widen_context=False)
     ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, kernel_size=kernel, target_source="embeddings")
     randomise_ttt(m, seed)
-    for g in freeze.ttt_modules(m):
-        g.z_transform = lambda Z, positions: rope_modulo.rotate_modulo(Z, positions, chunk)
+    rope_modulo.apply_rope_modulo(m, chunk)
     return m
 
 
@@ -1147,7 +1146,10 @@ ALONE = {  # each concept file in a folder of its own, its usage as its docstrin
               "assert torch.equal(model.forward_text(tokens)[1], before)",
     "rope_modulo.py": "Z = torch.randn(2, 4096, 64)\n"
                       "Zr = rope_modulo.rotate_modulo(Z, torch.arange(4096), period=1024)\n"
-                      "assert torch.allclose(Zr[:, 1024:2048], rope_modulo.rotate_modulo(Z[:, 1024:2048], torch.arange(1024), 1024))",
+                      "assert torch.allclose(Zr[:, 1024:2048], rope_modulo.rotate_modulo(Z[:, 1024:2048], torch.arange(1024), 1024))\n"
+                      "try:\n    rope_modulo.apply_rope_modulo(model, period=1024)\nexcept ValueError as e:\n"
+                      "    assert 'no TTT layer' in str(e)  # nothing silently done on a model without TTT\n"
+                      "else:\n    raise AssertionError",
     "freeze.py": "freeze.apply_lora(model, rank=2, scaling=2.0)\n"
                  "assert torch.equal(model.forward_text(tokens)[1], before) and freeze.lora_modules(model)",
     "window_attention.py": "window_attention.apply_window_attention(model)\n"
