@@ -431,6 +431,7 @@ def main(argv=None):
                         if ttt_params and args.clip == "global" else None)
             norms = {name: torch.nn.utils.clip_grad_norm_(params, args.grad_clip) for name, params in clip_groups}
             norms = {name: getattr(norm, "full_tensor", lambda: norm)() for name, norm in norms.items()}  # FSDP2
+            ttt_norm = getattr(ttt_norm, "full_tensor", lambda: ttt_norm)()
             finite = torch.stack([norm.isfinite() for norm in norms.values()])
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             optimizer.step()
