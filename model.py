@@ -156,7 +156,9 @@ def shard(model: LMModel, bf16: bool) -> LMModel:
     """FSDP2 (PyTorch's `fully_shard`): parameters, gradients and AdamW state split across the
     processes. Each transformer layer (the depformer's too) is one group, gathered just before it
     runs; the rest of the model is one more. `bf16`: gathered in bf16 (frozen bf16 weights next
-    to float32 trained ones), gradients reduced in float32."""
+    to float32 trained ones), gradients reduced in float32. A float32 model gathers in float32:
+    bf16 gathers put its residual stream in bf16, 0.14 of the update away from one GPU after 10
+    steps (results/fsdp_h100x2.log) against a run-to-run spread of 3e-4."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     groups = list(model.transformer.layers) + (list(model.depformer.layers) if model.depformer else [])

@@ -365,7 +365,7 @@ def main(argv=None):
                      f"than this GPU's {torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.0f} GiB; "
                      f"train fewer parameters (ttt_only, ttt_layers, lora_ttt)")
         if args.fsdp and not sharded:  # after TTT, LoRA and the freeze mode: no change to the model's shape after
-            M.shard(model, bf16=device.type == "cuda" or low_precision)
+            M.shard(model, bf16=low_precision)  # float32 weights gather as float32, as DDP computes
             sharded = settings["fsdp"] = True
         settings["trained_len"] = length
         ttt_ids = {id(p) for m in freeze.ttt_modules(model) for p in m.ttt_parameters()}
