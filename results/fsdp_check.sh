@@ -1,6 +1,6 @@
 #!/bin/bash
-# FSDP2 check: `train.py --fsdp` on N processes against 1 process without it, from the same base,
-# `full` mode; prints the weights' difference against the run-to-run spread of 1 process.
+# FSDP2 check: `train.py --fsdp` on N processes against 1 process and against DDP on N processes,
+# from the same base, `full` mode; the weights' differences against the run-to-run spread of 1.
 #   bash results/fsdp_check.sh                                # N GPUs over NCCL, gpu preset
 #   PRESET=cpu DEVICE=cpu L0=128 STEPS=3 BATCH=4 bash results/fsdp_check.sh
 set -u
@@ -27,6 +27,7 @@ extend=(--init "$OUTDIR/base/base.pt" --mode full --scale 2 --steps "$STEPS")
 train 1 "$OUTDIR/one" "${extend[@]}"
 train 1 "$OUTDIR/one_again" "${extend[@]}"
 train "$N" "$OUTDIR/sharded" "${extend[@]}" --fsdp
+train "$N" "$OUTDIR/ddp" "${extend[@]}"  # the same batch split without sharding
 python3 - "$OUTDIR" "$N" <<'PY'
 import sys, torch
 out, n = sys.argv[1], sys.argv[2]
@@ -34,8 +35,11 @@ load = lambda path: {k: v.double() for k, v in torch.load(path, map_location="cp
 base, one = load(f"{out}/base/base.pt"), load(f"{out}/one/ckpt.pt")
 norm = lambda sd: sum(float(v.pow(2).sum()) for v in sd.values()) ** 0.5
 update = norm({k: one[k] - base[k] for k in base})
-for name in ("one_again", "sharded"):
+for name in ("one_again", "sharded", "ddp"):
     other = load(f"{out}/{name}/ckpt.pt")
     print(f"{name:9s} vs one: |dW| / |W - W0| = {norm({k: other[k] - one[k] for k in base}) / update:.2e}")
-print(f"(1 process vs itself is the run-to-run spread; {n} sharded processes vs 1 should be of the same order)")
+sharded, ddp = load(f"{out}/sharded/ckpt.pt"), load(f"{out}/ddp/ckpt.pt")
+print(f"sharded vs ddp: |dW| / |W - W0| = {norm({k: sharded[k] - ddp[k] for k in base}) / update:.2e}")
+print(f"(1 process vs itself is the run-to-run spread; {n} processes, sharded or not, split each batch "
+      f"{n} ways, which moves bf16 products: sharded vs ddp should be of the spread's order)")
 PY
