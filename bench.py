@@ -318,6 +318,29 @@ def stream_check(device, T=256, B=2):
     return result
 
 
+def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_scale=None, chunk=None) -> None:
+    """One set of 7B weights for every configuration of a benchmark: back to moshi's own MLPs
+    (`gatings`), RoPE and window `context`, then YaRN at `yarn_scale` and TTT at chunk `chunk`
+    (the default layers, eta 0.3, a non-zero conv: the real work, not zeros) where given."""
+    from moshi.modules.streaming import StreamingModule
+    layers = lm.transformer.layers
+    for layer, gating in zip(layers, gatings):
+        layer.gating, layer.self_attn.rope, layer.self_attn.context = gating, rope, context
+    lm.transformer.rope = rope
+    for m in lm.modules():  # moshi caches its streaming children
+        if isinstance(m, StreamingModule):
+            m._cached_children = None
+    if yarn_scale:
+        yarn.apply_yarn(lm, yarn_scale, original_len)
+    if chunk:
+        torch.manual_seed(1)
+        ttt.apply_ttt(lm, ttt.default_layers(len(layers)), chunk, eta=0.3)
+        with torch.no_grad():
+            for g in lm.modules():
+                if isinstance(g, ttt.TTTGating):
+                    g.conv.weight.normal_(std=0.02)
+
+
 @torch.no_grad()
 def gating_step(device, d=4096, h=11264, chunks=(256, 1024), reps=200):
     """One streaming token through one MLP at Moshi 7B's size, bf16, captured in a CUDA graph and
@@ -361,7 +384,6 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     clock around a step and a synchronisation) and peak memory. The frame budget is 80 ms."""
     from moshi.models import loaders
     from moshi.models.lm import LMGen, LMModel
-    from moshi.modules.streaming import StreamingModule
     from moshi.utils.compile import no_cuda_graph
     torch.manual_seed(0)
     lm = LMModel(**loaders._lm_kwargs, device=device, dtype=torch.bfloat16).eval()
@@ -370,21 +392,7 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     codes = torch.randint(0, lm.card, (1, lm.num_codebooks - lm.dep_q - 1, 1), device=device)
 
     def configure(context=L0, yarn_scale=None, chunk=None):
-        for layer, gating in zip(layers, gatings):
-            layer.gating, layer.self_attn.rope, layer.self_attn.context = gating, rope, context
-        lm.transformer.rope = rope
-        for m in lm.modules():
-            if isinstance(m, StreamingModule):
-                m._cached_children = None
-        if yarn_scale:
-            yarn.apply_yarn(lm, yarn_scale, L0)
-        if chunk:
-            torch.manual_seed(1)
-            ttt.apply_ttt(lm, ttt.default_layers(len(layers)), chunk, eta=0.3)
-            with torch.no_grad():
-                for g in lm.modules():
-                    if isinstance(g, ttt.TTTGating):
-                        g.conv.weight.normal_(std=0.02)  # non-zero: the real work, not zeros
+        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk)
 
     def run(n, graphs):
         """Per-step milliseconds of n steps after the warm-up, and the peak GiB allocated."""
@@ -472,7 +480,6 @@ def scale(device, steps=2, lm_kwargs=None):
     import window_attention
     from moshi.models import loaders
     from moshi.models.lm import LMModel
-    from moshi.modules.streaming import StreamingModule
     from moshi.modules.transformer import StreamingMultiheadAttention
     import freeze
     check = window_check(device)
@@ -489,20 +496,10 @@ def scale(device, steps=2, lm_kwargs=None):
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
-        for layer, gating in zip(layers, gatings):
-            layer.gating, layer.self_attn.rope, layer.self_attn.context = gating, rope, context
+        for layer in layers:
             layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
-        lm.transformer.rope = rope
-        for m in lm.modules():
-            if isinstance(m, StreamingModule):
-                m._cached_children = None
-        if yarn_scale:
-            yarn.apply_yarn(lm, yarn_scale, L0)
+        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk)
         if chunk:
-            torch.manual_seed(1)
-            ttt.apply_ttt(lm, ttt_layer_ids, chunk, eta=0.3)
-            for g in freeze.ttt_modules(lm):
-                torch.nn.init.normal_(g.conv.weight, std=0.02)
             freeze.apply_freeze(lm, trains)
         elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
             layers[0].norm1.alpha.requires_grad_(True)
