@@ -60,137 +60,6 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     return torch.cat(outputs, dim=1)
 
 
-def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
-    """S += alpha * A @ B in place, S float32 (or float64), A and B maybe bf16: one kernel on a
-    GPU (float32 output from bf16 operands), a product then an add elsewhere."""
-    if A.dtype == S.dtype:
-        S.baddbmm_(A, B, alpha=alpha)
-    elif S.is_cuda:
-        torch.baddbmm(S, A, B, alpha=alpha, out_dtype=S.dtype, out=S)
-    else:
-        S.add_(torch.bmm(A, B).to(S.dtype), alpha=alpha)
-
-
-class _FastWeightScan(torch.autograd.Function):
-    """ttt_chunked with memory independent of the number of chunks, in groups of G chunks.
-
-    The base product Z W_down^T is one product over the whole sequence. The sum of the updates,
-    S, is carried across groups of L = G * C tokens, one per sequence, in float32 whatever the
-    inputs' dtype (the products run in that dtype, e.g. bf16; cast to bf16 together with W_down,
-    updates smaller than 2^-8 of it would round away). Inside a group, chunk i also reads the
-    updates of the earlier chunks j of the same group, in the dual (linear-attention) form,
-    without forming their weights:
-        O_g = Z_g (W_down + S_g)^T + eta (M * Z_g Z_g^T) V_g,   M[t, u] = 1 if chunk(t) > chunk(u) else 0
-        S_(g+1) = S_g + eta * V_g^T Z_g,                  S_0 = 0
-    G = 1 is the plain chunk-by-chunk scan. Larger groups cost L * (h + d) more multiply-adds per
-    token but 1/G as many sequential steps: worth it where each step's launches, not its
-    arithmetic, are the cost (a GPU at these sizes).
-
-    Saves only Z, V, W_down and the last group's S. Backward walks the groups in reverse, undoing
-    each update to recover S_g, and carries R = sum over later groups k of dO_k^T Z_k:
-        dZ_g = dO_g (W_down + S_g) + eta V_g R + eta (dP + dP^T) Z_g,   dP = M * (dO_g V_g^T)
-        dV_g = eta Z_g R^T + eta (M * Z_g Z_g^T)^T dO_g,   dW_down = sum over all groups of dO_g^T Z_g
-    (the last is R once the walk is done: W_down's gradient costs nothing more).
-    """
-
-    @staticmethod
-    def forward(ctx, Z, V, W_down, eta, chunk_size, group):
-        B, T, h = Z.shape
-        Z, V = Z.contiguous(), V.contiguous()
-        state = torch.promote_types(Z.dtype, torch.float32)  # float32, or float64 for checks
-        S = Z.new_zeros(B, V.shape[-1], h, dtype=state)  # [B, d, h]
-        O = F.linear(Z, W_down.to(Z.dtype)) if W_down is not None else Z.new_zeros(B, T, V.shape[-1])
-        M = _within_group_mask(group, chunk_size, Z)
-        last = (T - 1) // group
-        for n in range(last + 1):
-            g = slice(n * group, (n + 1) * group)
-            Z_g, V_g, O_g = Z[:, g], V[:, g], O[:, g]
-            if n > 0:  # the updates of earlier groups
-                O_g.baddbmm_(Z_g, S.to(Z.dtype).transpose(1, 2))
-            if M is not None:  # the updates of earlier chunks of this group
-                L = Z_g.shape[1]
-                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])  # [B, L, L]
-                O_g.baddbmm_(A, V_g, alpha=eta)
-            if n < last:  # the last group's update is never used
-                _accumulate(S, V_g.transpose(1, 2), Z_g, eta)
-        ctx.save_for_backward(Z, V, W_down, S)
-        ctx.eta, ctx.chunk_size, ctx.group = eta, chunk_size, group
-        return O
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dO):
-        Z, V, W_down, S = ctx.saved_tensors
-        eta, group, dtype = ctx.eta, ctx.group, Z.dtype
-        M = _within_group_mask(group, ctx.chunk_size, Z)
-        last = (Z.shape[1] - 1) // group
-        dO = dO.to(dtype).contiguous()
-        S = S.clone()  # the sum the last group read; walked back one update per group
-        R = torch.zeros_like(S)
-        dZ = torch.matmul(dO, W_down.to(dtype)) if W_down is not None else torch.zeros_like(Z)  # [B, T, h]
-        dV = torch.zeros_like(V)
-        for n in range(last, -1, -1):
-            g = slice(n * group, (n + 1) * group)
-            Z_g, V_g, dO_g, dZ_g, dV_g = Z[:, g], V[:, g], dO[:, g], dZ[:, g], dV[:, g]
-            if n < last:  # this group's update reaches the later groups
-                R_low = R.to(dtype)
-                dZ_g.baddbmm_(V_g, R_low, alpha=eta)
-                dV_g.baddbmm_(Z_g, R_low.transpose(1, 2), alpha=eta)
-                if n > 0:
-                    _accumulate(S, V_g.transpose(1, 2), Z_g, -eta)  # S_(n+1) -> S_n
-            if n > 0:
-                dZ_g.baddbmm_(dO_g, S.to(dtype))
-            if M is not None:  # within the group
-                L = Z_g.shape[1]
-                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])
-                dV_g.baddbmm_(A.transpose(1, 2), dO_g, alpha=eta)
-                dP = torch.bmm(dO_g, V_g.transpose(1, 2)).mul_(M[:L, :L])
-                dZ_g.baddbmm_(dP + dP.transpose(1, 2), Z_g, alpha=eta)
-            _accumulate(R, dO_g.transpose(1, 2), Z_g, 1.0)
-        dW_down = R.sum(0).to(W_down.dtype) if W_down is not None else None
-        return dZ, dV, dW_down, None, None, None
-
-
-def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Optional[torch.Tensor]:
-    """[L, L]: 1 where position t's chunk comes after position u's, else 0; None for one chunk."""
-    if group == chunk_size:
-        return None
-    return _block_mask(group, chunk_size, like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=8)
-def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Made once per size, dtype and device (each call would be three more kernel launches)."""
-    chunk = torch.arange(group, device=device) // chunk_size
-    return (chunk[:, None] > chunk[None, :]).to(dtype)
-
-
-# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
-# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
-# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
-# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
-GPU_GROUP_TOKENS = 2048
-
-
-def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor], eta: float,
-             chunk_size: int, group: tp.Optional[int] = None) -> torch.Tensor:
-    """The same output as ttt_chunked, with one [B, d, h] float32 sum of updates in memory instead
-    of one weight per chunk (autograd would keep every chunk's weight for the backward pass).
-    Z and V share a dtype; the products run in it. The updates accumulate in float32 and their
-    product is kept apart from Z W_down^T, so bf16 does not round away updates small next to W_down.
-    W_down None: the fast part alone, as W_down = 0 without its product.
-    `group`: tokens per sequential step, rounded down to whole chunks (at least one); by default
-    GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result."""
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if group is None:
-        group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
-    if group <= 0:
-        raise ValueError(f"group must be > 0 tokens, got {group}")
-    group = chunk_size * max(1, group // chunk_size)
-    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group))
-
-
 def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> torch.Tensor:
     """Applies a 'same'-padded Conv1d over time to each chunk separately, x: [B, T, d].
 
@@ -522,3 +391,138 @@ def check_chunk_fits_window(chunk_size: int, context: tp.Optional[int]) -> None:
         raise ValueError(f"TTT chunk {chunk_size} is longer than the attention window {context}: tokens more "
                          f"than {context} steps into a chunk would be seen neither by attention nor by the "
                          f"fast weight (it holds completed chunks only); use a chunk <= {context}")
+
+# ---------------------------------------------------------------------------------------------
+# The fast path: ttt_chunked's output with memory independent of the number of chunks, which is
+# what TTTGating's parallel forward runs (tested against ttt_chunked, outputs and gradients).
+# ---------------------------------------------------------------------------------------------
+
+def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor], eta: float,
+             chunk_size: int, group: tp.Optional[int] = None) -> torch.Tensor:
+    """The same output as ttt_chunked, with one [B, d, h] float32 sum of updates in memory instead
+    of one weight per chunk (autograd would keep every chunk's weight for the backward pass).
+    Z and V share a dtype; the products run in it. The updates accumulate in float32 and their
+    product is kept apart from Z W_down^T, so bf16 does not round away updates small next to W_down.
+    W_down None: the fast part alone, as W_down = 0 without its product.
+    `group`: tokens per sequential step, rounded down to whole chunks (at least one); by default
+    GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if group is None:
+        group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
+    if group <= 0:
+        raise ValueError(f"group must be > 0 tokens, got {group}")
+    group = chunk_size * max(1, group // chunk_size)
+    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group))
+
+
+def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
+    """S += alpha * A @ B in place, S float32 (or float64), A and B maybe bf16: one kernel on a
+    GPU (float32 output from bf16 operands), a product then an add elsewhere."""
+    if A.dtype == S.dtype:
+        S.baddbmm_(A, B, alpha=alpha)
+    elif S.is_cuda:
+        torch.baddbmm(S, A, B, alpha=alpha, out_dtype=S.dtype, out=S)
+    else:
+        S.add_(torch.bmm(A, B).to(S.dtype), alpha=alpha)
+
+
+class _FastWeightScan(torch.autograd.Function):
+    """ttt_chunked with memory independent of the number of chunks, in groups of G chunks.
+
+    The base product Z W_down^T is one product over the whole sequence. The sum of the updates,
+    S, is carried across groups of L = G * C tokens, one per sequence, in float32 whatever the
+    inputs' dtype (the products run in that dtype, e.g. bf16; cast to bf16 together with W_down,
+    updates smaller than 2^-8 of it would round away). Inside a group, chunk i also reads the
+    updates of the earlier chunks j of the same group, in the dual (linear-attention) form,
+    without forming their weights:
+        O_g = Z_g (W_down + S_g)^T + eta (M * Z_g Z_g^T) V_g,   M[t, u] = 1 if chunk(t) > chunk(u) else 0
+        S_(g+1) = S_g + eta * V_g^T Z_g,                  S_0 = 0
+    G = 1 is the plain chunk-by-chunk scan. Larger groups cost L * (h + d) more multiply-adds per
+    token but 1/G as many sequential steps: worth it where each step's launches, not its
+    arithmetic, are the cost (a GPU at these sizes).
+
+    Saves only Z, V, W_down and the last group's S. Backward walks the groups in reverse, undoing
+    each update to recover S_g, and carries R = sum over later groups k of dO_k^T Z_k:
+        dZ_g = dO_g (W_down + S_g) + eta V_g R + eta (dP + dP^T) Z_g,   dP = M * (dO_g V_g^T)
+        dV_g = eta Z_g R^T + eta (M * Z_g Z_g^T)^T dO_g,   dW_down = sum over all groups of dO_g^T Z_g
+    (the last is R once the walk is done: W_down's gradient costs nothing more).
+    """
+
+    @staticmethod
+    def forward(ctx, Z, V, W_down, eta, chunk_size, group):
+        B, T, h = Z.shape
+        Z, V = Z.contiguous(), V.contiguous()
+        state = torch.promote_types(Z.dtype, torch.float32)  # float32, or float64 for checks
+        S = Z.new_zeros(B, V.shape[-1], h, dtype=state)  # [B, d, h]
+        O = F.linear(Z, W_down.to(Z.dtype)) if W_down is not None else Z.new_zeros(B, T, V.shape[-1])
+        M = _within_group_mask(group, chunk_size, Z)
+        last = (T - 1) // group
+        for n in range(last + 1):
+            g = slice(n * group, (n + 1) * group)
+            Z_g, V_g, O_g = Z[:, g], V[:, g], O[:, g]
+            if n > 0:  # the updates of earlier groups
+                O_g.baddbmm_(Z_g, S.to(Z.dtype).transpose(1, 2))
+            if M is not None:  # the updates of earlier chunks of this group
+                L = Z_g.shape[1]
+                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])  # [B, L, L]
+                O_g.baddbmm_(A, V_g, alpha=eta)
+            if n < last:  # the last group's update is never used
+                _accumulate(S, V_g.transpose(1, 2), Z_g, eta)
+        ctx.save_for_backward(Z, V, W_down, S)
+        ctx.eta, ctx.chunk_size, ctx.group = eta, chunk_size, group
+        return O
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dO):
+        Z, V, W_down, S = ctx.saved_tensors
+        eta, group, dtype = ctx.eta, ctx.group, Z.dtype
+        M = _within_group_mask(group, ctx.chunk_size, Z)
+        last = (Z.shape[1] - 1) // group
+        dO = dO.to(dtype).contiguous()
+        S = S.clone()  # the sum the last group read; walked back one update per group
+        R = torch.zeros_like(S)
+        dZ = torch.matmul(dO, W_down.to(dtype)) if W_down is not None else torch.zeros_like(Z)  # [B, T, h]
+        dV = torch.zeros_like(V)
+        for n in range(last, -1, -1):
+            g = slice(n * group, (n + 1) * group)
+            Z_g, V_g, dO_g, dZ_g, dV_g = Z[:, g], V[:, g], dO[:, g], dZ[:, g], dV[:, g]
+            if n < last:  # this group's update reaches the later groups
+                R_low = R.to(dtype)
+                dZ_g.baddbmm_(V_g, R_low, alpha=eta)
+                dV_g.baddbmm_(Z_g, R_low.transpose(1, 2), alpha=eta)
+                if n > 0:
+                    _accumulate(S, V_g.transpose(1, 2), Z_g, -eta)  # S_(n+1) -> S_n
+            if n > 0:
+                dZ_g.baddbmm_(dO_g, S.to(dtype))
+            if M is not None:  # within the group
+                L = Z_g.shape[1]
+                A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])
+                dV_g.baddbmm_(A.transpose(1, 2), dO_g, alpha=eta)
+                dP = torch.bmm(dO_g, V_g.transpose(1, 2)).mul_(M[:L, :L])
+                dZ_g.baddbmm_(dP + dP.transpose(1, 2), Z_g, alpha=eta)
+            _accumulate(R, dO_g.transpose(1, 2), Z_g, 1.0)
+        dW_down = R.sum(0).to(W_down.dtype) if W_down is not None else None
+        return dZ, dV, dW_down, None, None, None
+
+
+def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Optional[torch.Tensor]:
+    """[L, L]: 1 where position t's chunk comes after position u's, else 0; None for one chunk."""
+    if group == chunk_size:
+        return None
+    return _block_mask(group, chunk_size, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Made once per size, dtype and device (each call would be three more kernel launches)."""
+    chunk = torch.arange(group, device=device) // chunk_size
+    return (chunk[:, None] > chunk[None, :]).to(dtype)
+
+
+# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
+# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
+# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
+# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
+GPU_GROUP_TOKENS = 2048
