@@ -137,12 +137,16 @@ def _weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights:
     return torch.where(weights.flatten() > 0, ce * weights.flatten(), 0.0).sum() / weights.sum()
 
 
+def low_precision(model: nn.Module) -> bool:
+    """Whether some weights are stored in bf16 or float16 (a Moshi checkpoint's frozen ones)."""
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+
+
 def autocast_for(model: nn.Module):
     """bf16 autocast where some weights are stored in bf16 (frozen ones, next to float32 trained
     ones: see freeze.upcast_trainable), so every product reads both; else nothing."""
-    p = next(model.parameters())
-    if any(q.dtype in (torch.bfloat16, torch.float16) for q in model.parameters()):
-        return torch.autocast(p.device.type, dtype=torch.bfloat16)
+    if low_precision(model):
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

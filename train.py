@@ -310,7 +310,7 @@ def main(argv=None):
             transformer.checkpointing = args.grad_checkpointing
     # bf16 autocast on a GPU, and wherever the weights are stored in bf16 (a Moshi checkpoint):
     # frozen weights stay bf16, the ones that train are float32 (freeze.upcast_trainable)
-    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    low_precision = M.low_precision(model)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or low_precision
                 else contextlib.nullcontext())
     unit = "token arrays" if multistream else "bytes"
