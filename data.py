@@ -34,6 +34,10 @@ class Corpus:
     files: int
     sha256: str  # of the sorted relative paths and contents: record it with every result
 
+    def longest(self) -> int:
+        """The longest training sequence both splits can give (one more byte is its target)."""
+        return min(len(self.train), len(self.val)) - 1
+
 
 def stdlib_files() -> tuple[str, list[str]]:
     """(root, sorted relative paths) of the standard library's .py files, site-packages excluded."""
@@ -165,6 +169,10 @@ class TokenCorpus:
     val: list[np.ndarray]
     files: int
     sha256: str
+
+    def longest(self) -> int:
+        """The longest window both splits can give: the longest array of the shorter split."""
+        return min(max(a.shape[1] for a in self.train), max(a.shape[1] for a in self.val))
 
 
 def load_token_arrays(paths: list[str], num_streams: int) -> TokenCorpus:

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import typing as tp
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +115,59 @@ def validation_loss(model, arrays, length: int, windows: int, device, **loss_wei
     return loss
 
 
+def stage_report(model, corpus, length: int, trials: int, device, multistream: bool, loss_weights: dict) -> str:
+    """train.py's line at the end of a stage: validation bits per byte and passkey accuracy at the
+    stage's length (validation loss for token streams)."""
+    model.eval()
+    if multistream:
+        return (f"validation loss {validation_loss(model, corpus.val, length, 8, device, **loss_weights):.4f} "
+                f"at length {length}")
+    row = evaluate(model, corpus.val, [length], [0.1, 0.5, 0.9], trials, 8, device)[0]
+    return f"validation {row['bpb']:.3f} bits/byte, passkey {100 * row['passkey']:.0f}% at length {length}"
+
+
+FINAL_DEPTHS = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+
+
+def is_far(length: int, depth: float, window: tp.Optional[int]) -> bool:
+    """Whether a needle at this depth lies wholly outside the attention window of every position
+    that predicts an answer digit, so attention cannot read it in one hop (stacked layers could
+    relay it; the table's control rows measure whether they do)."""
+    if not window:
+        return False
+    fixed = len(data.needle(10_000)) + len(data.question()) + data.KEY_DIGITS
+    needle_end = round(depth * (length - fixed)) + len(data.needle(10_000))
+    return (length - data.KEY_DIGITS) - needle_end >= window  # the first digit's query sees farthest back
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % interval of a proportion (Wilson score), right even at 0 and n successes."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def near_far(row: dict, depths: list[float], trials: int, window: tp.Optional[int]) -> dict:
+    """Splits a row of `evaluate` into needles inside the window (near) and beyond it (far):
+    accuracy, documents and 95 % interval of each."""
+    out = {}
+    for part, far in (("near", False), ("far", True)):
+        hits = [a * trials for d, a in zip(depths, row["by_depth"]) if is_far(row["length"], d, window) == far]
+        n, k = trials * len(hits), round(sum(hits))
+        out[part] = dict(accuracy=k / n if n else None, n=n, interval=wilson(k, n))
+    return out
+
+
 def final_table(model, base_model, settings: dict, lengths: list[int], corpus, trials: int, device,
                 multistream: bool, method: str, scale: float):
-    """train.py's closing comparison at every stage length: the base as it is, with dynamic and
-    fixed-scale RoPE scaling and no training, and the trained model. Prints it; returns the
-    rows with the corpus identity (None for token streams, whose table is validation loss)."""
+    """train.py's closing table, each effect against its own control, at every stage length:
+    RoPE scaling: the base with `method` x`scale` against the base as pretrained (vanilla RoPE),
+    neither trained; TTT: the trained model against the same weights with the fast weights off
+    (eta 0, so no update ever reaches them). Needles are split near / far (inside / beyond the
+    attention window, `is_far`). Prints it; returns its rows with the corpus identity (None for
+    token streams, whose table is validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
         rows = {name: {L: validation_loss(m, corpus.val, L, 8, device, **settings.get("loss", {})) for L in lengths}
                 for name, m in (("base", base_model), ("trained", model)) if m is not None}
@@ -126,29 +175,74 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
         for name, row in rows.items():
             print(f"{name:<10}" + "".join(f"{L:>8}: {v:.4f}" for L, v in row.items()))
         return None
-    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
     for m in model.modules():  # TTT's kept embeddings (a graph, after training) block deepcopy
         if getattr(m, "x0", None) is not None:
             m.x0 = None
-    rows = {}
+    window, ttt_text = settings.get("window"), f"TTT {settings['mode']}" if settings["ttt"] else "no TTT"
+    rope = f"{method} x{scale:g}" if method != "none" else "vanilla RoPE"
+    models = []
     if base_model is not None:
-        for name, row_method, row_scale, dynamic in (
-                ("base, vanilla RoPE", "none", 1.0, False),
-                (f"base + dynamic {method}, no training", method, 1.0, True),
-                (f"base + {method} x{scale:g}, no training", method, scale, False)):
-            m = copy.deepcopy(base_model)
-            override_rope(m, row_method, row_scale, settings["original_len"], dynamic)
-            M.set_context(m, settings.get("window"))
-            rows[name] = evaluate(m, corpus.val, lengths, depths, trials, 16, device)
-    trained = copy.deepcopy(model)
-    M.set_context(trained, settings.get("window"))
-    ttt_text = f"TTT layers {settings['ttt']['layers']}" if settings["ttt"] else "no TTT"
-    name = f"trained: {method} x{scale:g}, {ttt_text}, {settings['mode']}"
-    rows[name] = evaluate(trained, corpus.val, lengths, depths, trials, 16, device)
-    print(f"\nfinal table ({trials * len(depths)} passkey documents per cell, depths {depths}):")
-    for title, r in rows.items():
-        print(format_rows(title, r))
-    return dict(settings=settings, corpus_files=corpus.files, corpus_sha256=corpus.sha256, depths=depths, rows=rows)
+        models += [(f"{rope} against its control: the base model, untrained", None),
+                   ("vanilla RoPE (control)", ("none", 1.0)), (rope, (method, scale))]
+    models += [(f"{ttt_text} against its control: the trained model" + (", fast weights off" if settings["ttt"]
+                                                                         else " and the base"), None)]
+    if settings["ttt"]:
+        models += [("fast weights off, eta 0 (control)", "off"), (f"{rope}, {ttt_text}, trained", "trained")]
+    elif base_model is not None:
+        models += [(f"{rope}, base untrained (control)", (method, scale)), (f"{rope}, trained", "trained")]
+    rows, lines = {}, []
+    for name, how in models:
+        if how is None:
+            lines.append(name)
+            continue
+        m = copy.deepcopy(model if how in ("off", "trained") else base_model)
+        if isinstance(how, tuple):
+            override_rope(m, how[0], how[1], settings["original_len"], False)
+        for gating in m.modules():
+            if how == "off" and hasattr(gating, "ttt_parameters"):
+                gating.eta = 0.0
+        M.set_context(m, window)
+        rows[name] = evaluate(m, corpus.val, lengths, FINAL_DEPTHS, trials, 16, device)
+        for r in rows[name]:
+            r.update(near_far(r, FINAL_DEPTHS, trials, window))
+        lines.append((name, rows[name]))
+    print(f"\nfinal table: passkey accuracy [95 % interval] (documents) and bits per byte; "
+          f"{trials} documents at each of {len(FINAL_DEPTHS)} depths. Attention window "
+          f"{window or 'none'}: near needles lie inside it, far ones wholly beyond it.")
+    head = f"{'':<40}" + "".join(f"{'len ' + str(L):>34}" for L in lengths)
+    print(head + "\n" + f"{'':<40}" + f"{'near':>13}{'far':>13}{'bpb':>8}" * len(lengths))
+    for line in lines:
+        if isinstance(line, str):
+            print(line)
+            continue
+        name, rs = line
+        cells = []
+        for r in rs:
+            for part in ("near", "far"):
+                a, (low, high) = r[part]["accuracy"], r[part]["interval"]
+                cells.append(f"{'-':>13}" if a is None else f"{100 * a:>4.0f}% [{100 * low:.0f}-{100 * high:.0f}]".rjust(13))
+            cells.append(f"{r['bpb']:>8.2f}")
+        print(f"  {name:<38}" + "".join(cells))
+    return dict(settings=settings, corpus_files=corpus.files, corpus_sha256=corpus.sha256, depths=FINAL_DEPTHS,
+                window=window, rows=rows)
+
+
+def final_report(model, settings: dict, stages: list[dict], args, corpus, device, multistream: bool) -> None:
+    """train.py's end: the final table at L0 and every stage length against the base checkpoint the
+    run started from (if it is still there), written to <out>/results.json with the run's arguments."""
+    base_path, base_model = settings.get("base_path"), None
+    if base_path and os.path.isfile(base_path):
+        base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
+                      else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
+    lengths = sorted({args.original_len} | {s["length"] for s in stages})
+    results = final_table(model, base_model, settings, lengths, corpus, args.eval_trials, device, multistream,
+                          args.method, args.scale)
+    if results is not None:
+        path = os.path.join(args.out, "results.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(results, args=vars(args)), f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
 
 
 def format_rows(title: str, rows: list[dict]) -> str:

@@ -7,6 +7,9 @@ from saved adapters. Only torch and moshi are imported: copy this file alone.
 
 - `ttt_only`:   only what TTT added trains (each TTTGating's conv and W_target); every base
                 weight, the fast-weight initial value `linear_out` included, stays bit-identical.
+- `ttt_mlp_in`: what `ttt_only` trains plus each TTT module's MLP input projection `linear_in`,
+                which makes Z, the fast memory's keys and queries (in `ttt_only` only the values
+                V learn); attention, norms, `linear_out` and the embeddings stay frozen.
 - `ttt_layers`: whole transformer layers that contain TTT train (attention, norms, MLP, TTT).
 - `full`:       everything trains.
 - `lora_ttt`:   moshi's LoRA (`moshi.modules.lora`) on every linear layer of the frozen model,
@@ -22,7 +25,7 @@ import torch
 from moshi.modules.lora import LoRALinear, replace_lora_with_linear
 from torch import nn
 
-MODES = ("ttt_only", "ttt_layers", "full", "lora_ttt")
+MODES = ("ttt_only", "ttt_mlp_in", "ttt_layers", "full", "lora_ttt")
 
 
 def is_ttt(module: nn.Module) -> bool:
@@ -92,13 +95,15 @@ def trainable_parameters(model: nn.Module, mode: str) -> set[int]:
         if not lora_modules(model):
             raise ValueError("freeze mode lora_ttt found no LoRA layer: call apply_lora first")
         return ttt_ids | {id(p) for m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)}
+    if mode == "ttt_mlp_in":  # Z = act(gate) * up, with gate and up from linear_in
+        return ttt_ids | {id(p) for m in ttt_modules(model) for p in m.linear_in.parameters()}
     return ttt_ids
 
 
 def apply_freeze(model: nn.Module, mode: str) -> dict:
     """Sets requires_grad for `mode` and returns a summary: trainable / total counts, overall and
-    per group (`ttt`: conv + W_target, `ttt_layers`: the rest of the layers holding TTT,
-    `other`: everything else)."""
+    per group (`ttt`: conv + W_target, `ttt_layers`: the rest of the layers holding TTT, where
+    `ttt_mlp_in`'s linear_in counts, `other`: everything else)."""
     if not ttt_modules(model):
         raise ValueError("apply_freeze found no TTT module: call ttt.apply_ttt first")
     trainable = trainable_parameters(model, mode)

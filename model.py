@@ -10,6 +10,7 @@ it, so evaluation needs no flags repeated. Checkpoints are written atomically an
 """
 import abc
 import contextlib
+import copy
 import json
 import os
 import typing as tp
@@ -135,6 +136,37 @@ def _weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights:
     target = torch.where(weights > 0, target, torch.zeros_like(target))
     ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), reduction="none")
     return torch.where(weights.flatten() > 0, ce * weights.flatten(), 0.0).sum() / weights.sum()
+
+
+class Objective(nn.Module):
+    """train.py's loss of a micro-batch, inside `forward` so that DDP sees it: next-byte cross-entropy
+    with the passkey answer digits weighing `answer_weight`, or moshi-finetune's loss on token
+    streams ([B, K, T] batches)."""
+
+    def __init__(self, lm: LMModel, answer_weight: float, loss_weights: dict):
+        super().__init__()
+        self.lm, self.answer_weight, self.loss_weights = lm, answer_weight, loss_weights
+
+    def forward(self, batch: torch.Tensor, is_answer: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        if batch.dim() == 3:
+            return multistream_loss(self.lm, batch, **self.loss_weights)
+        out = logits(self.lm, batch[:, :-1])
+        losses = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        # dividing by the token count (not the weights' sum) keeps the DDP mean equal to one process's
+        weights = 1 + (self.answer_weight - 1) * is_answer.flatten().float()
+        return (losses * weights).sum() / losses.numel()
+
+
+def gpu_shortfall(model: nn.Module, device: torch.device) -> tp.Optional[str]:
+    """Why the weights and optimizer state alone cannot fit this GPU, or None: float32 weights,
+    gradients and AdamW's two moments (16 bytes) for each trained number, the stored dtype for the rest."""
+    if device.type != "cuda":
+        return None
+    need = sum((16 if p.requires_grad else p.element_size()) * p.numel() for p in model.parameters())
+    have = torch.cuda.get_device_properties(device).total_memory
+    if need <= have:
+        return None
+    return f"{need / 2 ** 30:.0f} GiB for weights and optimizer state alone, more than this GPU's {have / 2 ** 30:.0f} GiB"
 
 
 def low_precision(model: nn.Module) -> bool:
@@ -277,6 +309,46 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
         raise ValueError(f"{path} does not match the model it describes: "
                          f"{str(e).splitlines()[0][:200]}") from None
     return model.to(device)
+
+
+def new_settings(model_settings: dict, original_len: int, base_path: str, **extra) -> dict:
+    """The settings of a model nothing has been applied to yet (trained at `original_len`)."""
+    return dict(model=model_settings, original_len=original_len, trained_len=original_len, yarn=None,
+                ttt=None, ttt_rope_modulo=False, window=None, mode="full", base_path=base_path, **extra)
+
+
+def starting_point(init: tp.Optional[str], init_config: tp.Optional[str], resume: tp.Optional[str],
+                   original_len: int):
+    """What train.py starts from: `resume` (its checkpoint's path) or `init` (a checkpoint of ours, or
+    a Moshi-format .safetensors with its json `init_config`). Returns (model, settings, resumed),
+    resumed the checkpoint read when resuming, else None; model is None when there is neither (a new
+    model is pretrained). ValueError, one line, on anything unreadable."""
+    if resume:
+        checkpoint = load_checkpoint(resume)
+        check_resumable(checkpoint, resume)
+        return model_from_checkpoint(checkpoint, "cpu", resume), copy.deepcopy(checkpoint["settings"]), checkpoint
+    if init and init.endswith(".safetensors"):
+        model, model_settings = load_moshi(init, init_config)
+        return model, new_settings(model_settings, original_len, init, base_config=init_config), None
+    if init:
+        checkpoint = load_checkpoint(init)
+        return model_from_checkpoint(checkpoint, "cpu", init), dict(copy.deepcopy(checkpoint["settings"]),
+                                                                    base_path=init), None
+    return None, None, None
+
+
+def check_resumable(checkpoint: dict, path: str) -> None:
+    """The fields --resume reads, checked before any work: ValueError naming the first bad one."""
+    stages = checkpoint.get("stages")
+    if not (isinstance(stages, list) and stages and all(
+            isinstance(s, dict) and s.get("kind") in ("pretrain", "extend") and isinstance(s.get("length"), int)
+            and s["length"] > 0 and isinstance(s.get("scale"), float) and s["scale"] >= 1 for s in stages)):
+        raise ValueError(f"{path} cannot be resumed: no valid 'stages' (is it a base or final checkpoint?)")
+    stage, step = checkpoint.get("stage"), checkpoint.get("step")
+    if not (isinstance(stage, int) and 0 <= stage <= len(stages)):
+        raise ValueError(f"{path} cannot be resumed: 'stage' is {stage!r}, expected 0..{len(stages)}")
+    if not (isinstance(step, int) and step >= 0 and isinstance(checkpoint.get("optimizer"), dict)):
+        raise ValueError(f"{path} cannot be resumed: bad 'step' ({step!r}) or 'optimizer'")
 
 
 def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> None:

@@ -12,16 +12,26 @@ for needles near (inside the window) and far (only reachable through the fast we
     python sweep.py --setting b --heatmaps b_ttt_layers   # length x depth heatmaps of some rows
     python sweep.py --setting b --eval-seed 1 --out results/sweep_b_report --rows ...
                                        # the same checkpoints on other passkey documents
+    python sweep.py --setting study --measure-parallel 6   # throughput: 6 trainings at once vs one by one
+    python sweep.py --setting study --jobs 6 --stop-after 7   # the study: every row on 3 bases, 6
+                                       # processes on one GPU; no job starts after 7 min, run it again
 
-Every row starts from the same base checkpoint (pretrained here at L0 with full attention), with
+Setting "study" asks Setting B's question across bases: can a frozen base learn memory beyond its
+window by training only TTT? Every row (`study_rows`) runs on each of --bases windowed bases
+pretrained from different seeds (head dim 128), is evaluated on a dev set and on a report set of
+documents fixed before any row ran, and is pooled over the bases (JSON, markdown, plots).
+
+In settings A and B every row starts from the same base checkpoint (pretrained here at L0), with
 the same data, steps and seed where it trains, except the from-scratch row. Results are written
 to the JSON after each row, so an interrupted sweep resumes where it stopped; a row whose
 training finished (its folder holds results.json) is evaluated again, not retrained.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +39,8 @@ import time
 import torch
 
 import data
+import eval_passkey
+import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = [  # name, label, what to do: evaluate the base with another RoPE, or fine-tune it
@@ -213,9 +225,442 @@ def tables(results: dict, path: str) -> None:
     print(f"wrote {path}.md and {path}.png")
 
 
+# ---------------------------------------------------------------------------------------------
+# Setting "study": Setting B's rows ranked across independently pretrained bases
+# ---------------------------------------------------------------------------------------------
+
+# Setting B's GPU preset with Moshi's head dim (128); "cpu" is a smoke test of the harness, not a result.
+# jobs: processes at once on the one GPU (these models leave an H100 mostly idle: a step is bound by
+# the host launching kernels, results/README.md); measure_steps: the length of --measure-parallel's runs.
+PRESETS_STUDY = {
+    "cuda": dict(PRESETS_B["cuda"], preset="head128", jobs=6, measure_steps=100),
+    "cpu": dict(PRESETS_B["cpu"], pretrain_steps=30, jobs=2, measure_steps=4),
+}
+# The report set's passkey documents and validation windows: fixed before any study row ran, and,
+# like eval_passkey's own seed (the dev set), at 2^40 or above, where no training seed reaches.
+REPORT_SEED = 2 ** 41
+
+
+@dataclasses.dataclass
+class StudyRow:
+    name: str
+    label: str
+    flags: list[str]  # train.py's (eval_passkey.py's where train is False) on top of the common ones
+    train: bool = True
+    chosen_after_report: bool = False  # True for a row added after the report set's results were seen
+
+
+def far_depth(length: int, window: int) -> float:
+    """The deepest needle depth, a multiple of 0.05, whose whole needle lies beyond the window in a
+    document of `length` bytes (eval_passkey.is_far). 0.75 for Setting B's training documents (1025
+    bytes, W 256): at b_ttt_only_far's 0.8 the needle's last 33 bytes, the key's second copy among
+    them, are still inside the window."""
+    depths = [k / 20 for k in range(21) if eval_passkey.is_far(length, k / 20, window)]
+    if not depths:
+        raise ValueError(f"no needle depth is beyond a window of {window} in {length} bytes")
+    return max(depths)
+
+
+def study_rows(c: dict) -> list[StudyRow]:
+    layers = M.PRESETS[c["preset"]]["num_layers"]
+    depth = far_depth(c["L0"] + 1, c["window"])  # training documents: L0 + 1 bytes (inputs and targets)
+    only, control, mlp_in = ["--mode", "ttt_only"], ["--mode", "full", "--ttt-layers", "none"], ["--mode", "ttt_mlp_in"]
+    return [
+        StudyRow("base", "windowed base, no training", ["--method", "none"], train=False),
+        StudyRow("control", "full fine-tuning, no TTT (control)", control),
+        StudyRow("ttt_only", "ttt_only (the design's recommendation)", only),
+        StudyRow("ttt_only_eta3", f"ttt_only, eta 3: the official eta at our chunk {c['chunk']}, not the official "
+                 f"eta x chunk (3 x 4096; the chunk is capped by W {c['window']})", only + ["--ttt-eta", "3"]),
+        StudyRow("ttt_only_emb", "ttt_only, targets from token embeddings", only + ["--ttt-target", "embeddings"]),
+        StudyRow("ttt_only_far", f"ttt_only, training needles wholly beyond the window (depth <= {depth:g})",
+                 only + ["--passkey-max-depth", f"{depth:g}"]),
+        StudyRow("ttt_only_all_layers", f"ttt_only, TTT in all {layers} layers",
+                 only + ["--ttt-layers", ",".join(str(i) for i in range(layers))]),
+        StudyRow("ttt_mlp_in", "ttt_mlp_in: ttt_only + the TTT layers' linear_in (Z trains)", mlp_in),
+        StudyRow("ttt_layers", "ttt_layers (upper bound)", ["--mode", "ttt_layers"]),
+        # a second fine-tuning seed (batches and W_target init) where the comparison is close
+        StudyRow("control_seed1", "full fine-tuning, no TTT (control), seed 1", control + ["--seed", "1"]),
+        StudyRow("ttt_only_seed1", "ttt_only, seed 1", only + ["--seed", "1"]),
+        StudyRow("ttt_mlp_in_seed1", "ttt_mlp_in, seed 1", mlp_in + ["--seed", "1"]),
+    ]
+
+
+def study_common(c: dict, seed: int) -> list[str]:
+    return ["--original-len", str(c["L0"]), "--window", str(c["window"]), "--seed", str(seed), "--lr", c["lr"],
+            "--lr-ttt", c["lr"], "--ttt-eta", c["eta"]]
+
+
+def pretrain_command(c: dict, seed: int, folder: str) -> list[str]:
+    return [sys.executable, "train.py", "--pretrain-only", "--preset", c["preset"], "--pretrain-steps",
+            str(c["pretrain_steps"]), "--batch", str(c["pretrain_batch"]), "--log-every", "100",
+            "--out", folder] + study_common(c, seed)
+
+
+def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int) -> list[str]:
+    # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range
+    return [sys.executable, "train.py", "--init", base, "--scale", "1", "--steps", str(steps), "--batch",
+            str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
+            "--out", folder] + study_common(c, seed) + flags
+
+
+def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]) -> list[str]:
+    return [sys.executable, "eval_passkey.py", checkpoint, "--lengths", f"{c['L0']},{2 * c['L0']}", "--trials",
+            str(c["trials"]), "--windows", str(c["windows"]), "--depths", ",".join(str(d) for d in DEPTHS_B),
+            "--seed", str(seed), "--out", out] + flags
+
+
+def run_jobs(jobs: list[dict], at_once: int, on_done=lambda job, seconds: None, stop_at: float = math.inf) -> list[str]:
+    """Runs jobs (dicts: name, commands, log, after: the name of a job that must end first, or None),
+    up to `at_once` processes at a time, all on the one GPU, each pinned to its own share of this
+    machine's cores: the host launching kernels sets the pace of these small models, so each
+    process needs a core of its own. A job's commands run one after another, their output appended
+    to its log; on_done(job, seconds) follows each job. After a failure, or past `stop_at`
+    (time.time()), no job starts; the running ones finish. Returns the failed commands."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // at_once)
+    slots = [cores[i * share % len(cores):][:share] for i in range(at_once)]
+    pending, running, ended, failed = list(jobs), {}, set(), []
+    while pending or running:
+        free = [i for i in range(at_once) if i not in running]
+        ready = [j for j in pending if j["after"] is None or j["after"] in ended]
+        for slot, job in zip(free, ready if not failed and time.time() < stop_at else []):
+            pending.remove(job)
+            running[slot] = dict(job=job, step=-1, start=time.time(), proc=None)
+        for slot, r in list(running.items()):
+            code = r["proc"].poll() if r["proc"] else 0
+            if code is None:
+                continue
+            if code != 0:
+                failed.append(" ".join(r["job"]["commands"][r["step"]]))
+                print(f"sweep: step failed (exit {code}): {failed[-1]}\n  its log, {r['job']['log']}, ends:\n"
+                      + "".join(open(r["job"]["log"]).readlines()[-15:]), flush=True)
+                del running[slot]
+            elif r["step"] + 1 < len(r["job"]["commands"]):
+                r["step"] += 1
+                cmd = r["job"]["commands"][r["step"]]
+                env = dict(os.environ, OMP_NUM_THREADS=str(len(slots[slot])))
+                os.makedirs(os.path.dirname(os.path.abspath(r["job"]["log"])), exist_ok=True)
+                with open(r["job"]["log"], "a") as log:
+                    log.write("$ " + " ".join(cmd) + "\n")
+                    log.flush()
+                    r["proc"] = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 preexec_fn=lambda cpus=slots[slot]: os.sched_setaffinity(0, cpus))
+            else:
+                ended.add(r["job"]["name"])
+                del running[slot]
+                on_done(r["job"], time.time() - r["start"])
+        if not running and (failed or time.time() >= stop_at or not any(
+                j["after"] is None or j["after"] in ended for j in pending)):
+            break
+        time.sleep(0.5)
+    return failed
+
+
+def split_counts(row: dict, depths: list[float], window: int, trials: int) -> dict:
+    """Documents right and in all, [k, n], for near and far needles in one evaluated length; far as
+    in train.py's final table (eval_passkey.is_far: the whole needle beyond the window)."""
+    out = {}
+    for far in (False, True):
+        acc = [a for d, a in zip(depths, row["by_depth"]) if eval_passkey.is_far(row["length"], d, window) == far]
+        out["far" if far else "near"] = [round(sum(acc) * trials), len(acc) * trials]
+    return out
+
+
+def study_summary(results: dict) -> dict:
+    """Per evaluation set, row and length: near and far [right, documents], pooled over the bases and
+    per base, and bits per byte per base."""
+    c, summary = results["config"], {}
+    for split in ("dev", "report"):
+        summary[split] = {}
+        for name in dict.fromkeys(n for base in results["rows"].values() for n in base):
+            by_length = {}
+            for base, records in results["rows"].items():
+                if name not in records:
+                    continue
+                for r in records[name][split]:
+                    cell = by_length.setdefault(str(r["length"]), dict(near=[0, 0], far=[0, 0], by_base={}))
+                    counts = split_counts(r, c["depths"], c["window"], c["trials"])
+                    for key in ("near", "far"):
+                        cell[key] = [cell[key][0] + counts[key][0], cell[key][1] + counts[key][1]]
+                    cell["by_base"][base] = dict(counts, bpb=r["bpb"])
+            summary[split][name] = by_length
+    return summary
+
+
+def percent(k_n: list[int], interval: bool = True) -> str:
+    k, n = k_n
+    if not n:
+        return "-"
+    low, high = wilson(k / n, n)
+    return f"{100 * k / n:.0f}%" + (f" ({100 * low:.0f}-{100 * high:.0f})" if interval else "")
+
+
+def tables_study(results: dict, path: str) -> None:
+    """<path>.md: per evaluation set, a table pooled over the bases and one per base; the plots."""
+    c, summary = results["config"], results["summary"]
+    known = [r.name for r in study_rows(c)]
+    names = [n for n in known if n in summary["dev"]]
+    rows = {r.name: r for r in study_rows(c)}
+    bases = sorted(results["rows"], key=lambda b: int(b.removeprefix("base")))
+    L = [str(c["L0"]), str(2 * c["L0"])]
+    first = lambda name: next(results["rows"][b][name] for b in bases if name in results["rows"][b])
+    mark = lambda name: rows[name].label + (" †" if rows[name].chosen_after_report else "")
+    base_tokens = c["pretrain_steps"] * c["pretrain_batch"] * c["L0"]
+    lines = [f"{len(bases)} windowed bases ({', '.join(bases)}): preset {c['preset']}, window W = {c['window']}, "
+             f"pretrained at L0 = {c['L0']} for {c['pretrain_steps']} steps of {c['pretrain_batch']} "
+             f"({base_tokens / 1e6:.1f} M tokens), each from its own seed. Every row runs on every base; it "
+             f"fine-tunes {c['steps']} steps of {c['batch']} at L0, fine-tuning seed {c['seed']} unless it says "
+             f"seed 1. Far: the whole needle lies beyond the window; near: not ({c['trials']} documents per "
+             f"depth, depths {c['depths']}). Dev set: eval_passkey's documents (seed {c['dev_seed']}); report "
+             f"set: other documents and validation windows (seed {c['report_seed']}), fixed before any row ran. "
+             f"Made on {c['hardware']}, torch {c['torch']}.",
+             "", "Pooled: all bases' documents, with the Wilson 95 % interval; it counts documents, not bases, "
+             "so the per-base columns (bases in the order above) show the spread between bases. "
+             "Tokens: the row's fine-tuning tokens and their share of a base's pretraining tokens; trains: "
+             "the share of the parameters that train."]
+    parallel = c.get("parallel")
+    if parallel:
+        lines += ["", f"{parallel['jobs']} processes at once on one {parallel['hardware']}: "
+                  f"{parallel['speedup']:.2f}x the throughput of one at a time ({parallel['jobs']} runs of "
+                  f"{parallel['steps']} ttt_only steps: {parallel['one_at_a_time_s']:.0f} s one by one, "
+                  f"{parallel['at_once_s']:.0f} s at once; training tokens/s {parallel['training_speedup']:.2f}x)."]
+    for split in ("dev", "report"):
+        lines += ["", f"### Pooled over the bases, {split} set", "",
+                  "| row | bases | tokens (share) | trains | " + " | ".join(
+                      f"near {l} | far {l} | far {l} per base" for l in L) + f" | bpb {' / '.join(L)} |",
+                  "|---" * (4 + 3 * len(L) + 1) + "|"]
+        for name in names:
+            record, cells = first(name), []
+            for l in L:
+                s = summary[split][name][l]
+                cells += [percent(s["near"]), percent(s["far"]), " / ".join(
+                    percent(s["by_base"][b]["far"], interval=False) for b in bases if b in s["by_base"])]
+            bpb = " / ".join(f"{sum(v['bpb'] for v in summary[split][name][l]['by_base'].values()) / len(summary[split][name][l]['by_base']):.2f}" for l in L)
+            trains = f"{100 * record['trainable'] / record['parameters']:.1f}%" if record["trainable"] else "-"
+            tokens = f"{record['tokens'] / 1e6:.3g} M ({100 * record['budget']:.1f}%)" if record["tokens"] else "-"
+            lines.append(f"| {mark(name)} | {len(summary[split][name][L[0]]['by_base'])} | {tokens} | {trains} | "
+                         + " | ".join(cells) + f" | {bpb} |")
+    for b in bases:
+        lines += ["", f"### {b}: accuracy on the dev set / the report set; bits per byte on the dev set", "",
+                  "| row | " + " | ".join(f"near {l} | far {l}" for l in L) + f" | bpb {' / '.join(L)} |",
+                  "|---" * (2 * len(L) + 2) + "|"]
+        for name in names:
+            if b not in summary["dev"][name][L[0]]["by_base"]:
+                continue
+            cells = [" / ".join(percent(summary[s][name][l]["by_base"][b][key], interval=key == "far")
+                                for s in ("dev", "report")) for l in L for key in ("near", "far")]
+            bpb = " / ".join(f"{summary['dev'][name][l]['by_base'][b]['bpb']:.2f}" for l in L)
+            lines.append(f"| {mark(name)} | " + " | ".join(cells) + f" | {bpb} |")
+    after = [rows[n].label for n in names if rows[n].chosen_after_report]
+    lines += ["", f"† chosen after the report set's results were seen: {'; '.join(after)}." if after else
+              "No row was chosen after the report set's results were seen."]
+    _write_markdown(path, lines)
+    plot_study(results, path, names, bases)
+
+
+def plot_study(results: dict, path: str, names: list[str], bases: list[str]) -> None:
+    """<path>_pooled.png: far accuracy of every row, pooled with its interval and per base;
+    <path>_<base>.png: accuracy against needle distance, as Setting B's plot, dev and report."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    c, summary = results["config"], results["summary"]
+    labels = {r.name: r.label for r in study_rows(c)}
+    L = [str(c["L0"]), str(2 * c["L0"])]
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(2, len(L), figsize=(13, 1.5 + 0.9 * len(names)), sharey=True)
+    for i, split in enumerate(("dev", "report")):
+        for j, l in enumerate(L):
+            ax = axes[i][j]
+            for y, name in enumerate(names):
+                s = summary[split][name][l]
+                if not s["far"][1]:
+                    continue
+                p = s["far"][0] / s["far"][1]
+                low, high = wilson(p, s["far"][1])
+                ax.errorbar(100 * p, y, xerr=[[100 * (p - low)], [100 * (high - p)]], fmt="o", color="black", capsize=3)
+                for k, b in enumerate(bases):
+                    if b in s["by_base"]:
+                        k_n = s["by_base"][b]["far"]
+                        ax.plot(100 * k_n[0] / k_n[1], y + 0.15 * (k - (len(bases) - 1) / 2), "o", ms=4,
+                                color=colors[k % 10], label=b if y == 0 else None, zorder=3)
+            ax.set_title(f"far needles at length {l}, {split} set")
+            ax.set_xlim(-3, 103)
+            ax.set_xlabel("passkey accuracy (%)")
+            ax.set_yticks(range(len(names)), [labels[n][:60] for n in names], fontsize=7)
+    axes[0][0].invert_yaxis()  # the rows top to bottom, as in the table (the axes share y)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("far needles: all bases' documents pooled, with the 95 % interval (black); each base (colours)")
+    fig.tight_layout()
+    fig.savefig(path + "_pooled.png")
+    plt.close(fig)
+    for b in bases:
+        fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
+        for ax, split in zip(axes, ("dev", "report")):
+            for i, name in enumerate(n for n in names if n in results["rows"][b]):
+                points = sorted((distance(r["length"], d), 100 * a) for r in results["rows"][b][name][split]
+                                for d, a in zip(c["depths"], r["by_depth"]))
+                ax.plot(*zip(*points), marker="o", color=plt.get_cmap("tab20").colors[i % 20],
+                        linestyle="-" if i < 10 else "--", label=labels[name][:60])
+            ax.axvline(c["window"], color="grey", linestyle=":")
+            ax.set_ylim(-3, 103)
+            ax.set_title(f"{b}, {split} set")
+            ax.set_xlabel(f"needle distance before the question (bytes); window W = {c['window']} dotted")
+        axes[0].set_ylabel(f"passkey accuracy (%), {c['trials']} documents per point")
+        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        fig.savefig(f"{path}_{b}.png")
+        plt.close(fig)
+    print(f"wrote {path}_pooled.png and {path}_<base>.png")
+
+
+def save_json(results: dict, json_path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+
+
+def measure_parallel(c: dict, work: str, jobs: int) -> dict:
+    """The same short ttt_only fine-tuning `jobs` times one at a time, then `jobs` at once (one
+    process each, pinned to its own cores, all on the one GPU): wall times and their ratio, and
+    the training steps' own tokens/s (train.py's last log line) one at a time and summed at once."""
+    folder = os.path.join(work, "parallel")
+    base = os.path.join(work, "base0", "base.pt")
+    if not os.path.exists(base):  # a step's throughput does not depend on the weights: a quick base will do
+        base = os.path.join(folder, "base", "base.pt")
+        if not os.path.exists(base):
+            if run_jobs([dict(name="base", after=None, log=os.path.join(folder, "base.log"),
+                              commands=[pretrain_command(dict(c, pretrain_steps=20), 0, os.path.dirname(base))])], 1):
+                sys.exit("sweep: --measure-parallel could not make its base")
+    steps, timing = c["measure_steps"], {}
+    for tag, at_once in (("one", 1), ("at_once", jobs)):
+        runs = [dict(name=f"{tag}{i}", after=None, log=os.path.join(folder, f"{tag}{i}.log"),
+                     commands=[finetune_command(c, base, os.path.join(folder, f"{tag}{i}"), ["--mode", "ttt_only"], 0, steps)])
+                for i in range(jobs)]
+        for run_ in runs:
+            if os.path.exists(run_["log"]):
+                os.remove(run_["log"])
+        walls, start = [], time.time()
+        if run_jobs(runs, at_once, on_done=lambda job, seconds: walls.append(round(seconds, 1))):
+            sys.exit("sweep: --measure-parallel: a run failed")
+        rates = [float(re.findall(r"([\d,]+) tok/s", open(r["log"]).read())[-1].replace(",", "")) for r in runs]
+        timing[tag] = dict(wall=round(time.time() - start, 1), walls=walls, rates=rates)
+        print(f"{tag.replace('_', ' ')}: {timing[tag]['wall']:.1f} s wall for {jobs} runs of {steps} steps "
+              f"(each {walls} s); training tokens/s {[round(r) for r in rates]}", flush=True)
+    cores = len(os.sched_getaffinity(0))
+    result = dict(jobs=jobs, steps=steps, batch=c["batch"], length=c["L0"], mode="ttt_only",
+                  cores=cores, cores_per_job=max(1, cores // jobs), one_at_a_time_s=timing["one"]["wall"],
+                  one_at_a_time_runs_s=timing["one"]["walls"], at_once_s=timing["at_once"]["wall"],
+                  at_once_runs_s=timing["at_once"]["walls"], speedup=round(timing["one"]["wall"] / timing["at_once"]["wall"], 3),
+                  tok_s_one_at_a_time=timing["one"]["rates"], tok_s_at_once=timing["at_once"]["rates"],
+                  training_speedup=round(sum(timing["at_once"]["rates"]) / (sum(timing["one"]["rates"]) / jobs), 3),
+                  hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    print(f"{jobs} at once: {result['speedup']:.2f}x the throughput of one at a time (wall), "
+          f"{result['training_speedup']:.2f}x in training tokens/s", flush=True)
+    return result
+
+
+def study(args, p) -> None:
+    c = PRESETS_STUDY["cuda" if torch.cuda.is_available() else "cpu"]
+    rows = study_rows(c)
+    known = [r.name for r in rows]
+    wanted = known if args.rows is None else args.rows.split(",")
+    if any(r not in known for r in wanted):
+        p.error(f"--rows must be among {known}, got {args.rows}")
+    if args.bases < 1 or args.jobs is not None and args.jobs < 1:
+        p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
+    json_path = args.out + ".json"
+    results = json.load(open(json_path)) if os.path.exists(json_path) else None
+    if args.tables:
+        if results is None or not results["rows"]:
+            p.error(f"no study rows at {json_path}")
+        results["summary"] = study_summary(results)
+        return tables_study(results, args.out)
+    config = dict(c, seed=args.seed, dev_seed=eval_passkey.EVAL_SEED, depths=DEPTHS_B, torch=torch.__version__,
+                  report_seed=REPORT_SEED if args.eval_seed is None else args.eval_seed,
+                  hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    if results is None:
+        results = dict(config=config, rows={})
+    else:  # resuming: the same protocol, or another --out
+        for key in ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk",
+                    "eta", "trials", "windows", "seed", "dev_seed", "report_seed", "depths"):
+            if results["config"].get(key) != config[key]:
+                p.error(f"{json_path} holds a study with {key} {results['config'].get(key)!r}, this run's is "
+                        f"{config[key]!r}; pick another --out")
+    jobs = args.jobs or c["jobs"]
+    if args.measure_parallel:
+        results["config"]["parallel"] = measure_parallel(c, args.work, args.measure_parallel)
+        return save_json(results, json_path)
+    # --- the jobs: each base's pretraining, then every row on every base (row by row, so that a
+    # study stopped early has each finished row on every base)
+    work, todo = args.work, []
+    for seed in range(args.bases):
+        folder = os.path.join(work, f"base{seed}")
+        if not os.path.exists(os.path.join(folder, "base.pt")):
+            todo.append(dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
+                             commands=[pretrain_command(c, seed, folder)]))
+    waits = {j["name"] for j in todo}
+    for row in rows:
+        for seed in range(args.bases):
+            b = f"base{seed}"
+            if row.name not in wanted or row.name in results["rows"].get(b, {}):
+                continue
+            base, folder = os.path.join(work, b, "base.pt"), os.path.join(work, b, row.name)
+            checkpoint, commands = base, []
+            if row.train:
+                checkpoint = os.path.join(folder, "ckpt.pt")
+                if not os.path.exists(os.path.join(folder, "results.json")):
+                    commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"]))
+            evals = {split: os.path.join(work, b, f"{row.name}_{split}.json") for split in ("dev", "report")}
+            commands += [eval_command(c, checkpoint, evals[split], config[f"{split}_seed"], [] if row.train else row.flags)
+                         for split in ("dev", "report")]
+            todo.append(dict(name=f"{b}/{row.name}", after=b if b in waits else None, commands=commands,
+                             log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row,
+                             folder=folder, checkpoint=checkpoint, evals=evals))
+    cores = len(os.sched_getaffinity(0))
+    print(f"study: {len(todo)} jobs ({len(waits)} bases to pretrain), {jobs} at once on {cores} cores "
+          f"({max(1, cores // jobs)} each); logs in {os.path.join(work, 'logs')}", flush=True)
+    base_tokens = c["pretrain_steps"] * c["pretrain_batch"] * c["L0"]
+    done, start = [0], time.time()
+
+    def record(job, seconds):
+        done[0] += 1
+        if "row" not in job:
+            return print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: pretrained in "
+                         f"{seconds:.0f} s", flush=True)
+        row, folder = job["row"], job["folder"]
+        r = dict(label=row.label, chosen_after_report=row.chosen_after_report, seconds=round(seconds, 1),
+                 tokens=0, trainable=0, **{s: json.load(open(path))["rows"] for s, path in job["evals"].items()})
+        if row.train:  # --scale 1: one extension stage of steps x batch sequences at L0 (train.curriculum)
+            run = json.load(open(os.path.join(folder, "results.json")))
+            r["tokens"] = run["args"]["steps"] * run["args"]["batch"] * run["settings"]["trained_len"]
+            r["trainable"] = sum(t.numel() for t in M.load_checkpoint(os.path.join(folder, "adapter.pt"))["model"].values())
+        r["budget"] = r["tokens"] / base_tokens
+        r["parameters"] = sum(t.numel() for t in M.load_checkpoint(job["checkpoint"])["model"].values())
+        results["rows"].setdefault(job["base"], {})[row.name] = r
+        save_json(results, json_path)
+        far = lambda s: "/".join(percent(split_counts(x, DEPTHS_B, c["window"], c["trials"])["far"], False) for x in r[s])
+        print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: far at {c['L0']}/{2 * c['L0']} "
+              f"dev {far('dev')}, report {far('report')} ({seconds:.0f} s)", flush=True)
+
+    stop_at = start + 60 * args.stop_after if args.stop_after else math.inf
+    failed = run_jobs(todo, jobs, record, stop_at)
+    results["summary"] = study_summary(results)
+    save_json(results, json_path)
+    if results["rows"]:
+        tables_study(results, args.out)
+    print(f"study: {time.time() - start:.0f} s wall", flush=True)
+    if failed:
+        sys.exit(f"sweep: {len(failed)} step(s) failed (above); finished rows are in {json_path}, "
+                 f"the same command resumes")
+    if done[0] < len(todo):
+        print(f"study: stopped by --stop-after with {len(todo) - done[0]} jobs left; the same command resumes")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setting", default="a", choices=("a", "b"))
+    p.add_argument("--setting", default="a", choices=("a", "b", "study"))
     p.add_argument("--out", default=None, help="JSON / md / png path stem (default results/sweep_<setting>)")
     p.add_argument("--work", default=None, help="checkpoints go here (default out/sweep_<setting>)")
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
@@ -223,8 +668,22 @@ def main():
     p.add_argument("--heatmaps", default=None, help="comma list of rows: only write their length x depth "
                    "heatmaps (<out>_heatmap_<row>.png) from the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=None, help="passkey documents' seed (default eval_passkey's)")
+    p.add_argument("--eval-seed", type=int, default=None, help="passkey documents' seed (default eval_passkey's; "
+                   f"study: the report set's, default {REPORT_SEED})")
+    p.add_argument("--bases", type=int, default=3, help="study: windowed bases, pretrained from seeds 0, 1, ...")
+    p.add_argument("--jobs", type=int, default=None, help="study: processes at once on the one GPU (default: "
+                   f"{PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU)")
+    p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "
+                   "throughput of J short trainings one at a time and J at once (into the JSON's config)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="study: start no job "
+                   "after this many minutes; the running ones finish, the same command resumes")
     args = p.parse_args()
+    if args.setting == "study":
+        if args.heatmaps:
+            p.error("--heatmaps is for settings a and b")
+        args.out = args.out or os.path.join("results", "sweep_study")
+        args.work = args.work or os.path.join("out", "sweep_study")
+        return study(args, p)
     rows_spec = ROWS if args.setting == "a" else ROWS_B
     args.out = args.out or os.path.join("results", f"sweep_{args.setting}")
     args.work = args.work or os.path.join("out", f"sweep_{args.setting}")
@@ -240,8 +699,7 @@ def main():
             p.error(f"no results at {json_path}")
         if not args.heatmaps:
             return table(results, args.out)
-        import eval_passkey  # its heatmap, as eval_passkey.py draws it for one checkpoint
-        for name in args.heatmaps.split(","):
+        for name in args.heatmaps.split(","):  # eval_passkey's heatmap, as it draws one for a checkpoint
             if name not in results["rows"]:
                 p.error(f"--heatmaps: no row {name!r} in {json_path}")
             row, path = results["rows"][name], f"{args.out}_heatmap_{name}.png"
@@ -259,6 +717,7 @@ def main():
     base = os.path.join(args.work, "base", "base.pt")
     common = ["--original-len", str(c["L0"]), "--seed", str(args.seed), "--lr", c["lr"], "--lr-ttt", c["lr"]]
     scale, extra_eval = "4", []
+    common += ["--window", "0"] if args.setting == "a" else []  # full attention (train.py's default: 2 L0)
     if args.setting == "b":  # no RoPE extension: the window keeps positions in range
         common += ["--window", str(c["window"]), "--ttt-eta", c["eta"]]
         scale, extra_eval = "1", ["--depths", ",".join(str(d) for d in DEPTHS_B)]

@@ -745,6 +745,8 @@ def expected_trainable(names, mode, layers):
         return {n for n in names if in_ttt_layer(n)}
     if mode == "lora_ttt":
         return ttt_names | {n for n in names if n.endswith(("lora_A.weight", "lora_B.weight"))}
+    if mode == "ttt_mlp_in":
+        return ttt_names | {n for n in names if in_ttt_layer(n) and n.endswith("gating.linear_in.weight")}
     return ttt_names
 
 
@@ -779,6 +781,81 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
         if n not in trainable:
             assert torch.equal(p, before[n]), n
     assert "freeze mode" in freeze.format_summary(summary)
+
+
+
+def names_of_mode(names, mode, layers):
+    """The parameters each mode trains, enumerated from the names alone (an independent reference)."""
+    in_ttt_layer = lambda n: any(n.startswith(f"transformer.layers.{i}.") for i in layers)
+    value = {n for n in names if in_ttt_layer(n) and n.endswith(("gating.conv.weight", "gating.W_target"))}
+    if mode == "ttt_only":
+        return value
+    if mode == "ttt_mlp_in":
+        return value | {n for n in names if in_ttt_layer(n) and n.endswith("gating.linear_in.weight")}
+    if mode == "ttt_layers":
+        return {n for n in names if in_ttt_layer(n)}
+    raise AssertionError(mode)
+
+
+@FAST
+@given(layers=st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+       target=st.sampled_from(["hidden", "embeddings"]))
+def test_ttt_mlp_in_trains_the_values_and_the_keys_only(layers, target):
+    """ttt_mlp_in: conv, W_target and linear_in (Z) of the TTT layers, nothing else; between
+    ttt_only and ttt_layers."""
+    m = tiny_model()
+    ttt.apply_ttt(m, sorted(layers), chunk_size=8, eta=0.5, target_source=target)
+    names = [n for n, _ in m.named_parameters()]
+    trained = {}
+    for mode in ("ttt_only", "ttt_mlp_in", "ttt_layers"):
+        summary = freeze.apply_freeze(m, mode)
+        trained[mode] = {n for n, p in m.named_parameters() if p.requires_grad}
+        assert trained[mode] == names_of_mode(names, mode, layers), mode
+        assert summary["trainable"] == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trained["ttt_only"] < trained["ttt_mlp_in"] < trained["ttt_layers"]
+    # summary groups: linear_in counts with the rest of the TTT layers, the conv and W_target in "ttt"
+    summary = freeze.apply_freeze(m, "ttt_mlp_in")
+    linear_in = sum(g.linear_in.weight.numel() for g in freeze.ttt_modules(m))
+    assert summary["groups"]["ttt_layers"]["trainable"] == linear_in
+    assert summary["groups"]["other"]["trainable"] == 0
+
+
+def test_ttt_mlp_in_updates_linear_in_and_leaves_the_rest_bit_identical():
+    """After AdamW steps (weight decay on, as train.py): linear_in, conv and W_target moved;
+    attention, norms, linear_out, embeddings and the non-TTT layers are unchanged. linear_in is
+    no TTT parameter (ttt_parameters()), so train.py puts it in the base group, at --lr."""
+    m = tiny_model()
+    ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5)
+    randomise_ttt(m)
+    freeze.apply_freeze(m, "ttt_mlp_in")
+    freeze.upcast_trainable(m)
+    for g in freeze.ttt_modules(m):
+        assert all(p is not g.linear_in.weight for p in g.ttt_parameters())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    m.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randint(0, 256, (2, 33), generator=gen)
+        out = M.logits(m, x[:, :-1])
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in m.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == p.requires_grad, n
+        assert p.requires_grad == (n.endswith(("gating.linear_in.weight", "gating.conv.weight", "gating.W_target"))
+                                   and n.startswith(("transformer.layers.1.", "transformer.layers.3."))), n
+
+
+def test_train_accepts_ttt_mlp_in():
+    args, _ = train.parse_args(["--mode", "ttt_mlp_in"])
+    assert args.mode == "ttt_mlp_in" and "ttt_mlp_in" in freeze.MODES
+
+
+# ============================================================================================
+# sweep.py, setting "study"
+# ============================================================================================
 
 
 @pytest.mark.parametrize("scope", ["model", "transformer"])
@@ -991,6 +1068,187 @@ def test_sweep_wilson_interval():
 
 
 @FAST
+@given(length=st.integers(200, 5000), window=st.integers(16, 4000))
+def test_far_depth_is_the_deepest_needle_beyond_the_window(length, window):
+    """Against data.passkey_document's own needle position: at far_depth the whole needle ends at
+    least `window` steps before the first answer digit (whose query reads farthest back); at the
+    next multiple of 0.05 it does not (or far_depth is 1)."""
+    def beyond(depth):
+        filler = bytes(length)
+        _, at, answer = data.passkey_document(length, depth, 12345, filler)
+        return answer - (at + len(data.needle(12345))) >= window
+    if not beyond(0.0):
+        with pytest.raises(ValueError, match="window"):
+            sweep.far_depth(length, window)
+        return
+    depth = sweep.far_depth(length, window)
+    assert beyond(depth) and round(depth * 20) == depth * 20
+    assert depth == 1.0 or not beyond(round(depth * 20 + 1) / 20)
+
+
+def test_far_depth_keeps_the_whole_needle_beyond_setting_b_window():
+    assert sweep.far_depth(1025, 256) == 0.75  # b_ttt_only_far's 0.8 leaves the needle's end inside
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_study_rows_are_valid_train_py_runs(device):
+    """Every training row parses as a train.py run on the base, with the mode, seed and flag it
+    names; the bounds, the hypothesis and the seed-1 repeats are there; base seeds differ."""
+    c = sweep.PRESETS_STUDY[device]
+    rows = {r.name: r for r in sweep.study_rows(c)}
+    assert len(rows) == len(sweep.study_rows(c))
+    expected = dict(control="full", ttt_only="ttt_only", ttt_only_eta3="ttt_only", ttt_only_emb="ttt_only",
+                    ttt_only_far="ttt_only", ttt_only_all_layers="ttt_only", ttt_mlp_in="ttt_mlp_in",
+                    ttt_layers="ttt_layers", control_seed1="full", ttt_only_seed1="ttt_only",
+                    ttt_mlp_in_seed1="ttt_mlp_in")
+    assert set(rows) == set(expected) | {"base"} and not rows["base"].train
+    layers = M.PRESETS[c["preset"]]["num_layers"]
+    for name, mode in expected.items():
+        cmd = sweep.finetune_command(c, "base.pt", "out", rows[name].flags, 0, c["steps"])
+        args, _ = train.parse_args(cmd[2:])
+        assert args.mode == mode and args.scale == 1 and args.window == c["window"]
+        assert args.seed == (1 if name.endswith("_seed1") else 0)
+        assert (args.ttt_layers == "none") == name.startswith("control")
+        assert args.ttt_eta == (3.0 if name == "ttt_only_eta3" else float(c["eta"]))
+        assert (args.ttt_target == "embeddings") == (name == "ttt_only_emb")
+        assert (args.ttt_layers == list(range(layers))) == (name == "ttt_only_all_layers")
+        if name == "ttt_only_far":  # every training needle lies wholly beyond the window
+            assert sweep.eval_passkey.is_far(c["L0"] + 1, args.passkey_max_depth, c["window"])
+        else:
+            assert args.passkey_max_depth == 1.0
+    assert c["preset"] == ("head128" if device == "cuda" else "cpu")
+    seeds = {train.parse_args(sweep.pretrain_command(c, s, "b")[2:])[0].seed for s in range(3)}
+    assert seeds == {0, 1, 2}
+    assert sweep.REPORT_SEED != sweep.eval_passkey.EVAL_SEED and sweep.REPORT_SEED >= 2 ** 40
+
+
+def synthetic_study(by_depth: dict) -> dict:
+    """A study JSON as sweep.study writes it, with the given accuracies per (base, row, split, length)."""
+    c = dict(sweep.PRESETS_STUDY["cuda"], seed=0, dev_seed=1, report_seed=2, depths=sweep.DEPTHS_B,
+             hardware="test", torch="test")
+    rows = {}
+    for (base, name, split, length), acc in by_depth.items():
+        record = rows.setdefault(base, {}).setdefault(name, dict(label=name, chosen_after_report=False, seconds=1.0,
+                                                                  tokens=4915200, budget=4915200 / 58982400,
+                                                                  trainable=10, parameters=100, dev=[], report=[]))
+        record[split].append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=1.0))
+    return dict(config=c, rows=rows)
+
+
+@FAST
+@given(st.lists(st.lists(st.integers(0, 20), min_size=5, max_size=5), min_size=3, max_size=3))
+def test_study_summary_pools_documents_over_bases(correct):
+    """Near / far counts pooled over bases, against the needle positions data.passkey_document
+    gives (20 documents per depth), for base b's ttt_only row at length 1024 on the dev set."""
+    c = sweep.PRESETS_STUDY["cuda"]
+    by_depth = {}
+    for b, k in enumerate(correct):
+        for split in ("dev", "report"):
+            for length in (1024, 2048):
+                by_depth[(f"base{b}", "ttt_only", split, length)] = [x / c["trials"] for x in k]
+    results = synthetic_study(by_depth)
+    s = sweep.study_summary(results)["dev"]["ttt_only"]["1024"]
+    needle = len(data.needle(12345))
+    far = [answer - (at + needle) >= c["window"] for at, answer in
+           (data.passkey_document(1024, d, 12345, bytes(1024))[1:] for d in sweep.DEPTHS_B)]
+    assert far == [True, True, True, True, False]
+    want_far = sum(k for ks in correct for k, f in zip(ks, far) if f)
+    want_near = sum(k for ks in correct for k, f in zip(ks, far) if not f)
+    assert s["far"] == [want_far, 3 * 4 * c["trials"]] and s["near"] == [want_near, 3 * c["trials"]]
+    assert [s["by_base"][f"base{b}"]["far"][0] for b in range(3)] == [sum(k[:4]) for k in correct]
+
+
+def test_study_tables_mark_rows_chosen_after_the_report(tmp_path, monkeypatch):
+    """The markdown holds pooled and per-base tables for both sets, the pooled interval, the token
+    share, and marks a row chosen after the report set was seen."""
+    by_depth = {(f"base{b}", name, split, length): [1.0, 0.5, 0.0, 0.0, 1.0]
+                for b in range(3) for name in ("ttt_only", "ttt_mlp_in") for split in ("dev", "report")
+                for length in (1024, 2048)}
+    results = synthetic_study(by_depth)
+    results["summary"] = sweep.study_summary(results)
+    rows = sweep.study_rows(results["config"])
+    chosen = [sweep.dataclasses.replace(r, chosen_after_report=r.name == "ttt_mlp_in") for r in rows]
+    monkeypatch.setattr(sweep, "study_rows", lambda c: chosen)
+    monkeypatch.setattr(sweep, "_pyplot", lambda: None)
+    sweep.tables_study(results, str(tmp_path / "study"))
+    text = (tmp_path / "study.md").read_text()
+    assert text.count("### Pooled over the bases") == 2 and text.count("### base") == 3
+    low, high = sweep.wilson(0.375, 240)  # far at 1024: (20 + 10 + 0 + 0) / 80 per base
+    assert f"38% ({100 * low:.0f}-{100 * high:.0f})" in text
+    assert "4.92 M (8.3%)" in text
+    mlp_in = next(r.label for r in chosen if r.name == "ttt_mlp_in")
+    assert f"| {mlp_in} † |" in text and "† chosen after the report set's results were seen" in text
+
+
+def test_run_jobs_order_logs_affinity_and_failure(tmp_path):
+    """Jobs wait for the job they name, run pinned to their share of the cores with their output
+    in their log; after a failure no job starts and the failed command comes back."""
+    py = lambda code: [sys.executable, "-c", code]
+    write = lambda path: py(f"import os; open({str(path)!r}, 'a').write(str(sorted(os.sched_getaffinity(0))))")
+    order, log = [], lambda n: str(tmp_path / f"{n}.log")
+    jobs = [dict(name="a", after=None, log=log("a"), commands=[py("import time; time.sleep(0.5); print('A')")]),
+            dict(name="b", after="a", log=log("b"), commands=[write(tmp_path / "b.cpus"), py("print('B2')")]),
+            dict(name="c", after=None, log=log("c"), commands=[py("print('C')")])]
+    failed = sweep.run_jobs(jobs, 2, on_done=lambda job, seconds: order.append(job["name"]))
+    assert not failed and order.index("a") < order.index("b") and set(order) == {"a", "b", "c"}
+    assert open(log("a")).read().startswith("$ ") and "A" in open(log("a")).read()
+    assert "B2" in open(log("b")).read()
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = json.loads(open(tmp_path / "b.cpus").read())
+    assert set(pinned) <= set(cores) and len(pinned) == max(1, len(cores) // 2)
+    order.clear()
+    jobs = [dict(name="x", after=None, log=log("x"), commands=[py("import sys; sys.exit(3)"), py("print('never')")]),
+            dict(name="y", after="x", log=log("y"), commands=[py("print('Y')")])]
+    failed = sweep.run_jobs(jobs, 1, on_done=lambda job, seconds: order.append(job["name"]))
+    assert failed == [" ".join(jobs[0]["commands"][0])] and order == [] and not os.path.exists(log("y"))
+    assert "never" not in open(log("x")).read()
+    assert sweep.run_jobs(jobs[:1], 1, on_done=lambda job, seconds: order.append(job["name"]), stop_at=0) == []
+    assert order == [] and "never" not in open(log("x")).read()  # past stop_at (--stop-after): nothing starts
+
+
+@FAST
+@given(length=st.integers(110, 3000), depth=st.floats(0, 1), window=st.integers(1, 3000))
+def test_final_table_far_needles_lie_wholly_outside_the_window(length, depth, window):
+    """train.py's final table calls a needle far when no byte of it is inside the attention window
+    of any answer position: checked on the document itself, byte by byte, with moshi's window rule
+    (a query at t sees keys at t - window + 1 .. t; the answer digits are predicted from the
+    positions before each of them)."""
+    doc, at, answer = data.passkey_document(length, depth, 12345, b"x" * length)
+    needle_bytes = range(at, at + len(data.needle(12345)))
+    queries = range(answer - 1, length - 1)
+    visible = any(q - window < k <= q for q in queries for k in needle_bytes)
+    assert eval_passkey.is_far(length, depth, window) == (not visible)
+    assert not eval_passkey.is_far(length, depth, None)
+
+
+@FAST
+@given(n=st.integers(1, 400), data_=st.data())
+def test_final_table_interval_matches_sweeps(n, data_):
+    """The final table's Wilson interval (from counts) equals sweep.py's (from a proportion), and
+    always holds the observed proportion."""
+    k = data_.draw(st.integers(0, n))
+    low, high = eval_passkey.wilson(k, n)
+    assert (low, high) == pytest.approx(sweep.wilson(k / n, n), abs=1e-12)
+    assert low - 1e-12 <= k / n <= high + 1e-12
+
+
+def test_final_table_control_is_the_model_without_its_fast_weights():
+    """The TTT control row sets eta to 0 on a copy of the trained model. With ttt_only, that copy
+    computes exactly the base model with the same RoPE: nothing else was trained."""
+    torch.manual_seed(0)
+    base = tiny_model()
+    trained = M.install(copy.deepcopy(base), dict(ttt=dict(layers=[0, 1], chunk_size=16, eta=0.5)))
+    for m in freeze.ttt_modules(trained):  # as if trained: targets that really update the fast weight
+        with torch.no_grad():
+            m.conv.weight.normal_(0, 0.5)
+    tokens = torch.randint(0, 256, (2, 64))
+    assert not torch.allclose(M.logits(trained, tokens), M.logits(base, tokens))
+    for m in freeze.ttt_modules(trained):
+        m.eta = 0.0
+    torch.testing.assert_close(M.logits(trained, tokens), M.logits(base, tokens), atol=1e-5, rtol=1e-5)
+
+
+@FAST
 @given(max_depth=st.floats(0, 1), seed=st.integers(0, 10**6))
 def test_training_needles_stay_within_max_depth(max_depth, seed):
     """--passkey-max-depth: every training needle starts at most max_depth of the filler span in,
@@ -1102,10 +1360,10 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
-    ["--passkey-share", "2"], ["--window", "0"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
+    ["--passkey-share", "2"], ["--window", "-1"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
-    ["--window", "32", "--ttt-chunk", "64"], ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"],
+    ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1222,6 +1480,8 @@ def test_train_bad_data_and_checkpoints_exit_2_and_write_nothing(tmp_path):
         (["--init", str(tmp_path / "other.pt")], "not a checkpoint"),
         (["--init", str(tmp_path / "shape.pt")], "does not match"),
         (["--ttt-layers", "0,9"], "out of range"),
+        (["--window", "32", "--ttt-chunk", "64"], "longer than --window"),
+        (["--ttt-chunk", "300"], "longer than --window"),  # the default window, 2 L0 = 256
         (["--resume"], "does not exist"),
     ]
     resumable = tmp_path / "notresumable"
