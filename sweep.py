@@ -311,12 +311,12 @@ def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]
 
 def run_jobs(jobs: list[dict], at_once: int, on_done=lambda job, seconds: None, stop_at: float = math.inf) -> list[str]:
     """Runs jobs (dicts: name, commands, log, after: the name of a job that must end first, or None),
-    up to `at_once` processes at a time, all on the one GPU, each pinned to its own share of this
-    machine's cores: the host launching kernels sets the pace of these small models, so each
+    up to `at_once` processes at a time (slot i on GPU i modulo the GPUs), each pinned to its own share
+    of this machine's cores: the host launching kernels sets the pace of these small models, so each
     process needs a core of its own. A job's commands run one after another, their output appended
     to its log; on_done(job, seconds) follows each job. After a failure, or past `stop_at`
     (time.time()), no job starts; the running ones finish. Returns the failed commands."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores, gpus = sorted(os.sched_getaffinity(0)), torch.cuda.device_count()
     share = max(1, len(cores) // at_once)
     slots = [cores[i * share % len(cores):][:share] for i in range(at_once)]
     pending, running, ended, failed = list(jobs), {}, set(), []
@@ -338,7 +338,8 @@ def run_jobs(jobs: list[dict], at_once: int, on_done=lambda job, seconds: None, 
             elif r["step"] + 1 < len(r["job"]["commands"]):
                 r["step"] += 1
                 cmd = r["job"]["commands"][r["step"]]
-                env = dict(os.environ, OMP_NUM_THREADS=str(len(slots[slot])))
+                env = dict(os.environ, OMP_NUM_THREADS=str(len(slots[slot])),
+                           **({"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 else {}))
                 os.makedirs(os.path.dirname(os.path.abspath(r["job"]["log"])), exist_ok=True)
                 with open(r["job"]["log"], "a") as log:
                     log.write("$ " + " ".join(cmd) + "\n")
@@ -671,7 +672,7 @@ def main():
     p.add_argument("--eval-seed", type=int, default=None, help="passkey documents' seed (default eval_passkey's; "
                    f"study: the report set's, default {REPORT_SEED})")
     p.add_argument("--bases", type=int, default=3, help="study: windowed bases, pretrained from seeds 0, 1, ...")
-    p.add_argument("--jobs", type=int, default=None, help="study: processes at once on the one GPU (default: "
+    p.add_argument("--jobs", type=int, default=None, help="study: processes at once, spread over the GPUs (default: "
                    f"{PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU)")
     p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
