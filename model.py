@@ -157,16 +157,19 @@ class Objective(nn.Module):
         return (losses * weights).sum() / losses.numel()
 
 
-def gpu_shortfall(model: nn.Module, device: torch.device) -> tp.Optional[str]:
-    """Why the weights and optimizer state alone cannot fit this GPU, or None: float32 weights,
-    gradients and AdamW's two moments (16 bytes) for each trained number, the stored dtype for the rest."""
+def gpu_shortfall(model: nn.Module, device: torch.device, shards: int = 1) -> tp.Optional[str]:
+    """Why the weights and optimizer state cannot fit this GPU, or None: float32 weights, gradients
+    and AdamW's two moments (16 bytes) for each trained number, the stored dtype for the rest, split
+    over `shards` processes by FSDP, but the whole model (trained weights in float32) before that."""
     if device.type != "cuda":
         return None
-    need = sum((16 if p.requires_grad else p.element_size()) * p.numel() for p in model.parameters())
+    whole = sum((4 if p.requires_grad else p.element_size()) * p.numel() for p in model.parameters())
+    state = sum((16 if p.requires_grad else p.element_size()) * p.numel() for p in model.parameters()) / shards
     have = torch.cuda.get_device_properties(device).total_memory
-    if need <= have:
+    if max(whole, state) <= have:
         return None
-    return f"{need / 2 ** 30:.0f} GiB for weights and optimizer state alone, more than this GPU's {have / 2 ** 30:.0f} GiB"
+    return (f"{max(whole, state) / 2 ** 30:.0f} GiB per GPU for weights and optimizer state alone, more than "
+            f"this GPU's {have / 2 ** 30:.0f} GiB")
 
 
 def low_precision(model: nn.Module) -> bool:

@@ -276,8 +276,8 @@ def main(argv=None):
             log(freeze.format_summary(freeze.apply_freeze(model, args.mode)))
         settings["mode"], settings["trained_len"] = args.mode if extending else settings["mode"], length
         freeze.upcast_trainable(model)
-        if (shortfall := M.gpu_shortfall(model, device)) is not None:
-            fail(f"--mode {args.mode} needs {shortfall}; train fewer parameters (ttt_only, ttt_layers, lora_ttt)")
+        if (shortfall := M.gpu_shortfall(model, device, world if args.fsdp else 1)) is not None:
+            fail(f"--mode {args.mode} needs {shortfall}; train fewer parameters or shard them (--fsdp)")
         if args.fsdp and not sharded:  # after TTT, LoRA and the freeze mode: the model's shape is final
             M.shard(model, bf16=low_precision)  # float32 weights gather as float32, as DDP computes
             sharded = settings["fsdp"] = True
