@@ -21,6 +21,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 N=${N:-2} PRESET=${PRESET:-gpu} DEVICE=${DEVICE:-cuda} L0=${L0:-1024} STEPS=${STEPS:-10} BATCH=${BATCH:-16}
 SAVE_EVERY=${SAVE_EVERY:-4} SPEED_STEPS=${SPEED_STEPS:-60} LOG_EVERY=${LOG_EVERY:-20}
 SPEED_BATCHES=${SPEED_BATCHES:-"32 64"} L7=${L7:-256} STEPS7=${STEPS7:-6} END7B=${END7B:-kill}
+CHECKPOINT7B=${CHECKPOINT7B-"--grad-checkpointing"}  # empty: no activation checkpointing in the 7B run
 SMALL7B=${SMALL7B:-$([ "$DEVICE" = cpu ] && echo 1 || echo 0)}
 PARTS=${PARTS:-"resume speed 7b"} OUTDIR=${OUTDIR:-out/fsdp_scale}
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=csv; fi
@@ -269,7 +270,7 @@ print(f"token arrays: 4 x [{1 + kw['n_q']}, {8 * length}]")
 PY
     local args=(train.py --init "$dir/model.safetensors" --init-config "$dir/config.json"
                 --data "$dir"/tokens0.npy "$dir"/tokens1.npy "$dir"/tokens2.npy "$dir"/tokens3.npy
-                --original-len "$L7" --scale 1 --mode full --grad-checkpointing --steps "$STEPS7" --batch "$N"
+                --original-len "$L7" --scale 1 --mode full $CHECKPOINT7B --steps "$STEPS7" --batch "$N"
                 --log-every 1 --eval-trials 1 --device "$DEVICE" --lr 5e-6 --lr-ttt 5e-6)
     # 1 GPU without --fsdp: weights, gradients and AdamW state in float32 need 16 bytes a number
     local cmd=(torchrun --standalone --nproc_per_node=1 "${args[@]}" --out "$OUTDIR/moshi7b_one")
@@ -302,7 +303,7 @@ PY
     fi
     local rate
     rate=$(steady "$OUTDIR/moshi7b_fsdp.log" "$N")
-    echo "$kind, full, --fsdp --grad-checkpointing on $N processes, batch $N x $L7 steps: steady $rate tok/s" \
+    echo "$kind, full, --fsdp $CHECKPOINT7B on $N processes, batch $N x $L7 steps: steady $rate tok/s" \
          "($(awk -v r="$rate" -v t="$((N * L7))" 'BEGIN { if (r + 0 > 0) printf "%.2f s/step", t / r; else printf "-" }'))"
 }
 
