@@ -1,8 +1,8 @@
 """In-Place Test-Time Training: the MLP down projection as fast weights, for Moshi.
 
-Implements "In-Place Test-Time Training" (Feng et al., ICLR 2026, arXiv 2604.06169, section 3:
-the chunk-wise update rule and the LM-aligned target; official code ByteDance-Seed/In-Place-TTT,
-`Qwen3MLP` in hf_models/hf_qwen3/modeling_qwen3.py).
+Implements "In-Place Test-Time Training" (Feng et al., ICLR 2026, arXiv 2604.06169: its chunk-wise
+update rule and LM-aligned target; official code ByteDance-Seed/In-Place-TTT, `Qwen3MLP` in
+hf_models/hf_qwen3/modeling_qwen3.py).
 The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down projection Wd
 (Moshi's `gating.linear_out`) adapts while the sequence is read, chunk by chunk (chunk size C):
 
