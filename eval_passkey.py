@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import freeze
 import model as M
 import yarn
 
@@ -140,7 +141,7 @@ def is_far(length: int, depth: float, window: tp.Optional[int]) -> bool:
     return (length - data.KEY_DIGITS) - needle_end >= window  # the first digit's query sees farthest back
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The 95 % interval of a proportion (Wilson score), right even at 0 and n successes."""
     if n == 0:
         return float("nan"), float("nan")
@@ -151,12 +152,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def near_far(row: dict, depths: list[float], trials: int, window: tp.Optional[int]) -> dict:
     """Splits a row of `evaluate` into needles inside the window (near) and beyond it (far):
-    accuracy, documents and 95 % interval of each."""
+    accuracy, documents right and in all, and the 95 % interval of each."""
     out = {}
     for part, far in (("near", False), ("far", True)):
         hits = [a * trials for d, a in zip(depths, row["by_depth"]) if is_far(row["length"], d, window) == far]
         n, k = trials * len(hits), round(sum(hits))
-        out[part] = dict(accuracy=k / n if n else None, n=n, interval=wilson(k, n))
+        out[part] = dict(accuracy=k / n if n else None, right=k, n=n, interval=wilson(k, n))
     return out
 
 
@@ -198,9 +199,8 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
         m = copy.deepcopy(model if how in ("off", "trained") else base_model)
         if isinstance(how, tuple):
             override_rope(m, how[0], how[1], settings["original_len"], False)
-        for gating in m.modules():
-            if how == "off" and hasattr(gating, "ttt_parameters"):
-                gating.eta = 0.0
+        for gating in freeze.ttt_modules(m) if how == "off" else []:
+            gating.eta = 0.0
         M.set_context(m, window)
         rows[name] = evaluate(m, corpus.val, lengths, FINAL_DEPTHS, trials, 16, device)
         for r in rows[name]:

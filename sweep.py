@@ -110,11 +110,9 @@ def run(cmd):
         sys.exit(f"sweep: step failed: {' '.join(cmd)}")
 
 
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % confidence interval of a proportion (Wilson score)."""
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(p: float, n: int) -> tuple[float, float]:
+    """95 % confidence interval of a proportion p of n (eval_passkey.wilson, which takes the count)."""
+    return eval_passkey.wilson(p * n, n)
 
 
 def distance(length: int, depth: float) -> int:
@@ -360,11 +358,8 @@ def run_jobs(jobs: list[dict], at_once: int, on_done=lambda job, seconds: None, 
 def split_counts(row: dict, depths: list[float], window: int, trials: int) -> dict:
     """Documents right and in all, [k, n], for near and far needles in one evaluated length; far as
     in train.py's final table (eval_passkey.is_far: the whole needle beyond the window)."""
-    out = {}
-    for far in (False, True):
-        acc = [a for d, a in zip(depths, row["by_depth"]) if eval_passkey.is_far(row["length"], d, window) == far]
-        out["far" if far else "near"] = [round(sum(acc) * trials), len(acc) * trials]
-    return out
+    split = eval_passkey.near_far(row, depths, trials, window)
+    return {part: [split[part]["right"], split[part]["n"]] for part in ("near", "far")}
 
 
 def study_summary(results: dict) -> dict:
