@@ -279,7 +279,7 @@ def main(argv=None):
         if (shortfall := M.gpu_shortfall(model, device, world if args.fsdp else 1)) is not None:
             fail(f"--mode {args.mode} needs {shortfall}; train fewer parameters or shard them (--fsdp)")
         if args.fsdp and not sharded:  # after TTT, LoRA and the freeze mode: the model's shape is final
-            M.shard(model, bf16=low_precision)  # float32 weights gather as float32, as DDP computes
+            M.shard(model, bf16=low_precision, multistream=multistream)  # float32 gathers as float32
             sharded = settings["fsdp"] = True
 
         # --- the optimizer: decay on matrices only; TTT's parameters have their own lr and decay
@@ -372,6 +372,7 @@ def main(argv=None):
 
 
         # --- stage end: validation, passkey, checkpoint (a sharded model is evaluated whole, on rank 0)
+        del optimizer, net  # the next stage makes its own: room for a sharded model's whole copy
         state = M.full_state(model, sharded=sharded)[0]
         if master:
             checkpoint = dict(model=state, settings=settings, stages=stages, stage=stage_index + 1, step=0,
