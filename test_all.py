@@ -1681,6 +1681,35 @@ def test_moshi_format_model_loads_trains_and_adapts(tmp_path, dtype):
     assert wrong.returncode == 2 and "token array" in wrong.stderr
 
 
+def test_fsdp_root_hooks_run_once_per_forward(tmp_path, monkeypatch):
+    """model.shard on both entry points (one gloo process): the root's FSDP2 hooks run once per
+    forward. moshi's multi-stream `forward` calls `forward_text`; wrapping both for FSDP nested the
+    root's hooks, and on CUDA the first backward then found the depformer's gathered output heads
+    freed (results/fsdp_scale_small7b_h100x2.log). On CPU it trains anyway, hence the count."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    calls, pre_forward = [], FSDPState._pre_forward
+
+    def counted(self, module, *args):
+        calls.append(module)
+        return pre_forward(self, module, *args)
+    monkeypatch.setattr(FSDPState, "_pre_forward", counted)
+    multi, _ = make_moshi_format_model(tmp_path)
+    codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :64].astype(np.int64))[None]
+    text = M.build_model(dict(M.PRESETS["cpu"], context=64))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for model, multistream, loss in ((multi, True, lambda m: M.multistream_loss(m, codes)),
+                                         (text, False, lambda m: M.logits(m, codes[:, 0] % 256).sum())):
+            M.shard(model, bf16=False, multistream=multistream)
+            calls.clear()
+            loss(model).backward()
+            assert sum(m is model for m in calls) == 1, multistream
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad), multistream
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
     """FSDP2 (fully_shard) on 2 gloo processes against 1 process without it, `ttt_layers` from a
     base: the weights after the stage within 1e-4 of the update (float32 sums in another order;

@@ -29,7 +29,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 echo "revision ${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}"
 echo "N=$N PRESET=$PRESET DEVICE=$DEVICE L0=$L0 STEPS=$STEPS BATCH=$BATCH SAVE_EVERY=$SAVE_EVERY" \
      "SPEED_STEPS=$SPEED_STEPS LOG_EVERY=$LOG_EVERY SPEED_BATCHES='$SPEED_BATCHES' L7=$L7 STEPS7=$STEPS7" \
-     "SMALL7B=$SMALL7B END7B=$END7B PARTS='$PARTS' OUTDIR=$OUTDIR"
+     "SMALL7B=$SMALL7B END7B=$END7B PARTS='$PARTS' OUTDIR=$OUTDIR NO_TORCH_COMPILE=${NO_TORCH_COMPILE:-}"
 mkdir -p "$OUTDIR" || exit 1
 
 # The launcher: runs a command in a session of its own, its output filtered to the screen and a log;
