@@ -20,6 +20,8 @@ import sys
 import time
 import typing as tp
 
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling dominates small runs
+
 import torch
 import torch.nn.functional as F
 

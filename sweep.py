@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling dominates small runs
+
 import torch
 
 import data

@@ -1415,6 +1415,21 @@ ALONE = {  # each concept file in a folder of its own, its usage as its docstrin
 }
 
 
+def test_scripts_keep_moshis_compile_off():
+    """Each script turns moshi's torch.compile off (NO_TORCH_COMPILE, unless set) before moshi loads,
+    whatever the order of its imports: compiling dominates small runs, and on torch 2.11 with CUDA
+    the compiled RMSNorm's backward fails on the GPU preset (results/gpu_preset_compile_failure_h100.log),
+    which a new import of a moshi-importing file ahead of model.py once let through."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
+    for script in ("train", "eval_passkey", "sweep", "bench"):
+        code = f"import {script}, moshi.modules.transformer as t; print(hasattr(t._rms_norm, '__wrapped__'))"
+        r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == ["False"], (script, r.stdout, r.stderr[-1000:])
+    code = "import freeze, moshi.modules.transformer as t; print(hasattr(t._rms_norm, '__wrapped__'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.split() == ["True"], r.stderr[-1000:]  # the check sees moshi's compile when it is on
+
+
 @pytest.mark.parametrize("name", sorted(ALONE))
 def test_concept_file_copies_alone(tmp_path, name):
     """Copied into an empty folder, with no other file of the project, a concept file imports
