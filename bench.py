@@ -23,7 +23,6 @@ import contextlib
 import copy
 import functools
 import gc
-import json
 import os
 import platform
 import statistics
@@ -604,9 +603,7 @@ def main():
                   else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps)))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        M.save_json(args.out, result)
         print(f"wrote {args.out}")
         return
     if args.profile is not None:
@@ -637,9 +634,7 @@ def main():
     step = bench_train_step(*step_cfg, dtype, device, reps)
     result = dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), revision=revision,
                   scan_error=check, gating=gating, rope=rope, train_step=step)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    M.save_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,6 @@ is where greedy decoding would leave the key), so one forward pass per document 
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -241,9 +240,7 @@ def final_report(model, settings: dict, stages: list[dict], args, corpus, device
                           args.method, args.scale)
     if results is not None:
         path = os.path.join(args.out, "results.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(dict(results, args=vars(args)), f, indent=1)
-        os.replace(path + ".tmp", path)
+        M.save_json(path, dict(results, args=vars(args)))
         print(f"wrote {path}")
 
 
@@ -368,10 +365,7 @@ def main(argv=None):
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))
     out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    M.save_json(out, result)
     print(f"wrote {out}")
     if save_heatmap(os.path.splitext(out)[0] + ".png", rows, args.depths):
         print(f"wrote {os.path.splitext(out)[0]}.png")

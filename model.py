@@ -247,6 +247,13 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def save_json(path: str, obj) -> None:
+    """Writes `obj` as JSON atomically (a temporary file, then renamed): a kill leaves the old file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     """Writes atomically: a temporary file in the same folder, flushed, then renamed, so a kill
     at any moment leaves the previous checkpoint intact."""

@@ -514,9 +514,7 @@ def plot_study(results: dict, path: str, names: list[str], bases: list[str]) -> 
 
 def save_json(results: dict, json_path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
+    M.save_json(json_path, results)
 
 
 def measure_parallel(c: dict, work: str, jobs: int) -> dict:
@@ -747,10 +745,7 @@ def main():
         row = json.load(open(eval_json))
         row["label"], row["seconds_total"] = label, round(time.time() - start, 1)
         results["rows"][name] = row
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(json_path + ".tmp", json_path)
+        save_json(results, json_path)
     table(results, args.out)
 
 
