@@ -368,10 +368,9 @@ def main(argv=None):
                     f"{tokens_done / max(time.time() - t0, 1e-9):,.0f} tok/s{ttt_text}")
             if saving:
                 state, optimizer_state = M.full_state(model, optimizer, sharded)
-                if rank == 0:
+                if master:
                     M.save_checkpoint(ckpt_path, dict(model=state, settings=settings, stages=stages, stage=stage_index,
                                                       step=step + 1, optimizer=optimizer_state))
-
 
         # --- stage end: validation, passkey, checkpoint (a sharded model is evaluated whole, on rank 0)
         del optimizer, net  # the next stage makes its own: room for a sharded model's whole copy
