@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import data
 import freeze
 import model as M
+import window_attention
 import yarn
 
 # Keys and filler for evaluation come from generators seeded at 2^40 and above; train.py's seeds
@@ -60,24 +61,23 @@ def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int = 256
 
 @torch.no_grad()
 def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, seed: int,
-                     device, batch: int = 8, streaming: bool = False) -> list[float]:
-    """Accuracy at each depth over `trials` documents of exactly `length` bytes. Parallel mode
-    reads each document once (see the module docstring); streaming mode decodes greedily."""
+                     device, batch: int = 8, streaming: bool = False) -> list[list[bool]]:
+    """Whether each of `trials` documents of exactly `length` bytes is right, at each depth. Parallel
+    mode reads each document once (see the module docstring); streaming mode decodes greedily."""
     model.eval()
-    accuracies = []
+    correct = []
     for d, depth in enumerate(depths):
         generator = torch.Generator().manual_seed(seed + 1000 * d)
         tokens, _ = data.passkey_batch(val, length, trials, generator, depths=[depth] * trials)
-        correct = 0
+        correct.append([])
         for start in range(0, trials, batch):
             x = tokens[start:start + batch].to(device)
             if streaming:
                 pred = streaming_greedy(model, x[:, :-data.KEY_DIGITS], data.KEY_DIGITS)
             else:
                 pred = M.logits(model, x[:, :-1])[:, -data.KEY_DIGITS:].argmax(-1)
-            correct += (pred == x[:, -data.KEY_DIGITS:]).all(dim=1).sum().item()
-        accuracies.append(correct / trials)
-    return accuracies
+            correct[-1] += (pred == x[:, -data.KEY_DIGITS:]).all(dim=1).tolist()
+    return correct
 
 
 @torch.no_grad()
@@ -99,9 +99,10 @@ def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, w
     """One row per length: passkey accuracy per depth and overall, and bits per byte."""
     rows = []
     for length in lengths:
-        acc = passkey_accuracy(model, val, length, depths, trials, seed + length, device, streaming=streaming)
+        correct = passkey_accuracy(model, val, length, depths, trials, seed + length, device, streaming=streaming)
+        acc = [sum(c) / len(c) for c in correct]
         bpb = bits_per_byte(model, val, length, windows, seed + length, device)
-        rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb))
+        rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb, correct=correct))
     return rows
 
 
@@ -350,6 +351,8 @@ def main(argv=None):
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
     # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
     M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
+    if str(args.device).startswith("cuda"):  # the window's pairs only: time and memory linear in the length
+        window_attention.apply_window_attention(model)
     if max(lengths) > len(corpus.val):
         fail(f"--lengths up to {max(lengths)} need more validation text ({len(corpus.val)} bytes)")
     start = time.time()

@@ -654,9 +654,241 @@ def study(args, p) -> None:
         print(f"study: stopped by --stop-after with {len(todo) - done[0]} jobs left; the same command resumes")
 
 
+# ---------------------------------------------------------------------------------------------
+# Setting "horizon": how far past the trained length the fast memory holds (issue: TTT past 4x)
+# ---------------------------------------------------------------------------------------------
+
+# Lengths as multiples of the window W; every needle depth here is far (wholly beyond W) at 4 W and up.
+# stream: the longest length is also decoded one token per step (the path LMGen runs) on base 0.
+PRESETS_HORIZON = {
+    "cuda": dict(PRESETS_STUDY["cuda"], multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5],
+                 stream_trials=8, stream_depth=0.25),
+    "cpu": dict(PRESETS_STUDY["cpu"], multiples=[4, 8], horizon_depths=[0.0, 0.25], stream_trials=2,
+                stream_depth=0.25),
+}
+HORIZON_ROWS = ["base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in"]
+
+
+def horizon_lengths(c: dict) -> list[int]:
+    return [m * c["window"] for m in c["multiples"]]
+
+
+def horizon(args, p) -> None:
+    c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
+    rows = [r for r in study_rows(c) if r.name in HORIZON_ROWS]
+    wanted = [r.name for r in rows] if args.rows is None else args.rows.split(",")
+    if any(r not in HORIZON_ROWS for r in wanted):
+        p.error(f"--rows must be among {HORIZON_ROWS}, got {args.rows}")
+    lengths = horizon_lengths(c)
+    if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
+        p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
+    json_path = args.out + ".json"
+    results = json.load(open(json_path)) if os.path.exists(json_path) else None
+    if args.tables:
+        if results is None or not results["rows"]:
+            p.error(f"no horizon rows at {json_path}")
+        return tables_horizon(results, args.out)
+    config = dict(c, seed=args.seed, eval_seed=eval_passkey.EVAL_SEED, lengths=lengths, torch=torch.__version__,
+                  hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
+    if results is None:
+        results = dict(config=config, rows={}, streaming={}, probe={})
+    elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
+                                                             "batch", "lr", "chunk", "eta", "seed", "lengths")):
+        p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
+    work, todo = args.work, []
+    for seed in range(args.bases):
+        folder = os.path.join(work, f"base{seed}")
+        if not os.path.exists(os.path.join(folder, "base.pt")):
+            todo.append(dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
+                             commands=[pretrain_command(c, seed, folder)]))
+    waits = {j["name"] for j in todo}
+    common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
+                   ",".join(str(d) for d in c["horizon_depths"])]
+    longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
+               "--windows", "1"]
+    for row in rows:
+        for seed in range(args.bases):
+            b = f"base{seed}"
+            if row.name not in wanted or row.name in results["rows"].get(b, {}):
+                continue
+            folder, checkpoint, commands = os.path.join(work, b, row.name), os.path.join(work, b, "base.pt"), []
+            if row.train:
+                base, checkpoint = checkpoint, os.path.join(folder, "ckpt.pt")
+                if not os.path.exists(os.path.join(folder, "results.json")):
+                    commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"]))
+            out = os.path.join(work, b, f"{row.name}_horizon.json")
+            flags = [] if row.train else row.flags
+            commands.append([sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
+                             "--out", out] + common_eval + flags)
+            todo.append(dict(name=f"{b}/{row.name}", after=b if b in waits else None, commands=commands,
+                             log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row.name, out=out))
+            if seed == 0 and row.name.startswith("ttt") and row.name not in results["probe"]:
+                probe_out = os.path.join(work, b, f"{row.name}_probe.json")
+                todo.append(dict(name=f"{b}/{row.name}/probe", after=f"{b}/{row.name}", row=row.name, probe=probe_out,
+                                 log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
+                                     [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
+                                      str(lengths[-1]), "--out", probe_out]]))
+            if seed == 0 and row.name.startswith("ttt") and row.name not in results["streaming"]:
+                outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
+                todo.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
+                                 log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
+                                     [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
+                                     + (["--streaming"] if way == "streaming" else []) for way in outs]))
+    print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(work, 'logs')}", flush=True)
+    done, start = [0], time.time()
+
+    def record(job, seconds):
+        done[0] += 1
+        if "probe" in job:
+            results["probe"][job["row"]] = json.load(open(job["probe"]))
+            print(f"[{done[0]}/{len(todo)}] {job['name']} ({seconds:.0f} s)", flush=True)
+        elif "outs" in job:  # the same documents, parallel form against one token per step
+            got = {way: json.load(open(path))["rows"][0] for way, path in job["outs"].items()}
+            results["streaming"][job["row"]] = dict(length=lengths[-1], depth=c["stream_depth"], **{
+                way: r["correct"][0] for way, r in got.items()})
+            same = got["parallel"]["correct"] == got["streaming"]["correct"]
+            print(f"[{done[0]}/{len(todo)}] {job['name']}: streaming {'==' if same else '!='} parallel per document "
+                  f"({seconds:.0f} s)", flush=True)
+        elif "row" in job:
+            results["rows"].setdefault(job["base"], {})[job["row"]] = json.load(open(job["out"]))["rows"]
+            far = " / ".join(f"{100 * r['passkey']:.0f}%" for r in results["rows"][job["base"]][job["row"]])
+            print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: far {far} ({seconds:.0f} s)",
+                  flush=True)
+        else:
+            print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: pretrained in {seconds:.0f} s",
+                  flush=True)
+        save_json(results, json_path)
+
+    failed = run_jobs(todo, args.jobs or c["jobs"], record,
+                      start + 60 * args.stop_after if args.stop_after else math.inf)
+    if results["rows"]:
+        tables_horizon(results, args.out)
+    print(f"horizon: {time.time() - start:.0f} s wall", flush=True)
+    if failed:
+        sys.exit(f"sweep: {len(failed)} step(s) failed (above); finished rows are in {json_path}, the same command resumes")
+
+
+@torch.no_grad()
+def probe(checkpoint: str, length: int, out: str, device: str) -> None:
+    """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
+    eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) V_j^T Z_j, the sum of
+    updates chunk i reads), |eta V_i^T Z_i| (chunk i's update) and the layer output's mean norm per
+    token, all Frobenius / Euclidean. Written to `out` as JSON."""
+    import ttt
+    model = M.model_from_checkpoint(M.load_checkpoint(checkpoint), device, checkpoint).eval()
+    M.set_context(model, M.load_checkpoint(checkpoint)["settings"].get("window"))
+    corpus = data.load_corpus(None)
+    tokens, _ = data.passkey_batch(corpus.val, length, 1, torch.Generator().manual_seed(eval_passkey.EVAL_SEED),
+                                   depths=[0.25])
+    layers = [(i, layer.gating) for i, layer in enumerate(model.transformer.layers)
+              if isinstance(layer.gating, ttt.TTTGating)]
+    record = {}
+
+    def hook(i):
+        def fn(module, inputs, output):
+            x = inputs[0].float()
+            Z, source, Zf = module._inputs(x, None if module.x0 is None else module.x0.float(),
+                                           torch.arange(x.shape[1], device=x.device))
+            V = module.targets(source, module.chunk_size).float()
+            C, S, r = module.chunk_size, None, dict(sum=[], update=[], output=[])
+            for start in range(0, x.shape[1], C):
+                dW = module.eta * V[0, start:start + C].T @ Zf[0, start:start + C].float()  # [d, h]
+                r["sum"].append(0.0 if S is None else S.norm().item())
+                r["update"].append(dW.norm().item())
+                r["output"].append(output[0, start:start + C].float().norm(dim=-1).mean().item())
+                S = dW if S is None else S + dW
+            record[str(i)] = r
+        return fn
+    handles = [g.register_forward_hook(hook(i)) for i, g in layers]
+    M.logits(model, tokens[:, :-1].to(device))
+    for h in handles:
+        h.remove()
+    M.save_json(out, dict(checkpoint=checkpoint, length=length, chunk=layers[0][1].chunk_size if layers else None,
+                          layers=record))
+    print(f"wrote {out}")
+
+
+def tables_horizon(results: dict, path: str) -> None:
+    """<path>.md: far retrieval and bits per byte of every row against length, per base, and whether
+    each TTT row's bits per byte stay at or below the no-TTT control's on every base; <path>.png."""
+    c = results["config"]
+    bases = sorted(results["rows"], key=lambda b: int(b.removeprefix("base")))
+    labels = {r.name: r.label for r in study_rows(c)}
+    names = [n for n in HORIZON_ROWS if any(n in results["rows"][b] for b in bases)]
+    lengths, W = c["lengths"], c["window"]
+    head = "| row | " + " | ".join(f"{L // W} W" for L in lengths) + " |"
+    rule = "|---" * (len(lengths) + 1) + "|"
+    lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, trained "
+             f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
+             f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
+             f"per depth and length, {c['windows']} validation windows for bits per byte. Each cell lists the "
+             f"bases in order. Made on {c['hardware']}, torch {c['torch']}.", "",
+             "### Far retrieval", "", head, rule]
+    cell = lambda name, i, f: " / ".join(f(results["rows"][b][name][i]) for b in bases if name in results["rows"][b])
+    for name in names:
+        lines.append(f"| {labels[name]} | " + " | ".join(
+            cell(name, i, lambda r: f"{100 * r['passkey']:.0f}%") for i in range(len(lengths))) + " |")
+    lines += ["", "### Bits per byte", "", head, rule]
+    for name in names:
+        lines.append(f"| {labels[name]} | " + " | ".join(
+            cell(name, i, lambda r: f"{r['bpb']:.2f}") for i in range(len(lengths))) + " |")
+    lines += ["", "### Against the no-TTT control (full fine-tuning), on every base", ""]
+    for name in names:
+        if not name.startswith("ttt"):
+            continue
+        worse = [f"{b} at {lengths[i] // W} W ({r['bpb']:.2f} against {results['rows'][b]['control'][i]['bpb']:.2f})"
+                 for b in bases if name in results["rows"][b] and "control" in results["rows"][b]
+                 for i, r in enumerate(results["rows"][b][name]) if r["bpb"] > results["rows"][b]["control"][i]["bpb"]]
+        lines.append(f"- {labels[name]}: bits per byte " + ("never above the control's" if not worse else
+                                                              "above the control's at " + "; ".join(worse)))
+    for name, s in results.get("streaming", {}).items():
+        same = s["parallel"] == s["streaming"]
+        lines.append(f"- {labels[name]}, base0, {s['length'] // W} W, depth {s['depth']}: one token per step "
+                     f"{'gives' if same else 'does not give'} the parallel form's answer on every one of "
+                     f"{len(s['parallel'])} documents ({sum(s['streaming'])} right streaming, "
+                     f"{sum(s['parallel'])} in parallel)")
+    if results.get("probe"):
+        first = next(iter(results["probe"].values()))
+        n = len(next(iter(first["layers"].values()))["sum"]) if first["layers"] else 0
+        at = [i for i in (1, 2, 8, 32, 128, 512) if i < n] + [n - 1]
+        lines += ["", f"### Why: norms per chunk on one document of {first['length'] // W} W, base0", "",
+                  "|eta S_i| (the sum of updates chunk i reads), |eta dW_i| (chunk i's update) and the TTT layer's "
+                  "mean output norm per token, at chunk i (chunk " + str(first["chunk"]) + ").", "",
+                  "| row | layer | " + " | ".join(f"chunk {i}: sum / update / output" for i in at) + " |",
+                  "|---" * (len(at) + 2) + "|"]
+        for name, pr in results["probe"].items():
+            for layer, r in pr["layers"].items():
+                lines.append(f"| {name} | {layer} | " + " | ".join(
+                    f"{r['sum'][i]:.3g} / {r['update'][i]:.3g} / {r['output'][i]:.3g}" for i in at) + " |")
+    _write_markdown(path, lines)
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    colors, styles = plt.get_cmap("tab10").colors, ["-", "--", ":", "-."]
+    for i, name in enumerate(names):
+        for k, b in enumerate(bases):
+            if name not in results["rows"][b]:
+                continue
+            rs = results["rows"][b][name]
+            for ax, key, f in ((axes[0], "passkey", 100), (axes[1], "bpb", 1)):
+                ax.plot([r["length"] // W for r in rs], [f * r[key] for r in rs], marker="o", color=colors[i % 10],
+                        linestyle=styles[k % 4], label=f"{labels[name][:40]} ({b})" if True else None)
+    for ax, what in zip(axes, ("far retrieval (%)", "bits per byte")):
+        ax.set_xscale("log", base=2)
+        ax.axvline(c["L0"] // W, color="grey", linestyle=":")
+        ax.set_xlabel(f"length in windows W = {W} (trained at {c['L0'] // W} W, dotted)")
+        ax.set_ylabel(what)
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path + ".png")
+    plt.close(fig)
+    print(f"wrote {path}.png")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setting", default="a", choices=("a", "b", "study"))
+    p.add_argument("--setting", default="a", choices=("a", "b", "study", "horizon"))
     p.add_argument("--out", default=None, help="JSON / md / png path stem (default results/sweep_<setting>)")
     p.add_argument("--work", default=None, help="checkpoints go here (default out/sweep_<setting>)")
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
@@ -673,13 +905,24 @@ def main():
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="study: start no job "
                    "after this many minutes; the running ones finish, the same command resumes")
+    p.add_argument("--probe", default=None, metavar="CHECKPOINT", help="horizon: only measure the norms of "
+                   "one checkpoint's fast weights along one long document (--probe-length) into --out")
+    p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
+    if args.probe:
+        if not args.probe_length or not args.out:
+            p.error("--probe needs --probe-length and --out")
+        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu")
     if args.setting == "study":
         if args.heatmaps:
             p.error("--heatmaps is for settings a and b")
         args.out = args.out or os.path.join("results", "sweep_study")
         args.work = args.work or os.path.join("out", "sweep_study")
         return study(args, p)
+    if args.setting == "horizon":
+        args.out = args.out or os.path.join("results", "horizon", "horizon")
+        args.work = args.work or os.path.join("out", "sweep_horizon")
+        return horizon(args, p)
     rows_spec = ROWS if args.setting == "a" else ROWS_B
     args.out = args.out or os.path.join("results", f"sweep_{args.setting}")
     args.work = args.work or os.path.join("out", f"sweep_{args.setting}")
