@@ -18,7 +18,6 @@
 Timing: warm-up, then the median of several repetitions (CUDA events on a GPU). Peak memory is
 what a forward + backward allocates beyond its inputs and parameters (CUDA only).
 """
-import argparse
 import contextlib
 import copy
 import functools
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from moshi.modules.gating import ActivationGating
 from moshi.modules.rope import apply_rope
 
+import eval_passkey
 import model as M
 import ttt
 import yarn
@@ -576,7 +576,7 @@ def revision_name() -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = eval_passkey.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     p.add_argument("--profile", type=int, default=None, metavar="T",

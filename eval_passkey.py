@@ -229,19 +229,18 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
                 window=window, rows=rows)
 
 
-def final_report(model, settings: dict, stages: list[dict], args, corpus, device, multistream: bool) -> None:
+def final_report(model, settings: dict, stages: list[dict], corpus, device, multistream: bool, trials: int,
+                 method: str, scale: float, path: str, config: dict) -> None:
     """train.py's end: the final table at L0 and every stage length against the base checkpoint the
-    run started from (if it is still there), written to <out>/results.json with the run's arguments."""
+    run started from (if it is still there), written to `path` with the run's configuration."""
     base_path, base_model = settings.get("base_path"), None
     if base_path and os.path.isfile(base_path):
         base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
                       else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
-    lengths = sorted({args.original_len} | {s["length"] for s in stages})
-    results = final_table(model, base_model, settings, lengths, corpus, args.eval_trials, device, multistream,
-                          args.method, args.scale)
+    lengths = sorted({settings["original_len"]} | {s["length"] for s in stages})
+    results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale)
     if results is not None:
-        path = os.path.join(args.out, "results.json")
-        M.save_json(path, dict(results, args=vars(args)))
+        M.save_json(path, dict(results, config=config))
         print(f"wrote {path}")
 
 
@@ -337,7 +336,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args, fail = parse_args(argv)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
     try:
+        M.check_writable(out, folder=False)
         checkpoint = M.load_checkpoint(args.checkpoint)
         model = M.model_from_checkpoint(checkpoint, args.device, args.checkpoint)
         corpus = data.load_corpus(args.data)
@@ -367,7 +368,6 @@ def main(argv=None):
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))
-    out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
     M.save_json(out, result)
     print(f"wrote {out}")
     if save_heatmap(os.path.splitext(out)[0] + ".png", rows, args.depths):

@@ -40,8 +40,9 @@ def build_model(model_settings: dict, device: tp.Union[str, torch.device] = "cpu
     """A text-only moshi LMModel over bytes (model_settings: dim, num_heads, num_layers, context),
     or, when model_settings holds `lm_kwargs`, the Moshi-format model they describe."""
     s = model_settings
-    if "lm_kwargs" in s:
-        return LMModel(**s["lm_kwargs"], device=device)
+    if "lm_kwargs" in s:  # through moshi's loader, which renames and drops what older configs hold
+        from moshi.models import loaders
+        return loaders.get_moshi_lm(None, lm_kwargs=dict(s["lm_kwargs"]), device=device, dtype=torch.float32).train()
     lm = LMModel(delays=[0], n_q=0, dep_q=0, text_card=VOCAB, dim=s["dim"],
                  num_heads=s["num_heads"], num_layers=s["num_layers"],
                  hidden_scale=s.get("hidden_scale", 4.125), norm="rms_norm_f32",
@@ -333,24 +334,40 @@ def new_settings(model_settings: dict, original_len: int, base_path: str, **extr
                 ttt=None, ttt_rope_modulo=False, window=None, mode="full", base_path=base_path, **extra)
 
 
-def starting_point(init: tp.Optional[str], init_config: tp.Optional[str], resume: tp.Optional[str],
-                   original_len: int):
-    """What train.py starts from: `resume` (its checkpoint's path) or `init` (a checkpoint of ours, or
-    a Moshi-format .safetensors with its json `init_config`). Returns (model, settings, resumed),
-    resumed the checkpoint read when resuming, else None; model is None when there is neither (a new
-    model is pretrained). ValueError, one line, on anything unreadable."""
-    if resume:
-        checkpoint = load_checkpoint(resume)
-        check_resumable(checkpoint, resume)
-        return model_from_checkpoint(checkpoint, "cpu", resume), copy.deepcopy(checkpoint["settings"]), checkpoint
+def starting_point(init: tp.Optional[str], init_config: tp.Optional[str]):
+    """What train.py extends: `init` (a checkpoint of ours, or a Moshi-format .safetensors with its
+    json `init_config`). Returns (model, settings, None), or (None, None, None) without `init` (a new
+    model is pretrained). Its L0 is the checkpoint's own, or for a Moshi model its `context` (train.py
+    `settle` may replace that one with --original-len). ValueError, one line, on anything unreadable."""
     if init and init.endswith(".safetensors"):
         model, model_settings = load_moshi(init, init_config)
-        return model, new_settings(model_settings, original_len, init, base_config=init_config), None
+        return model, new_settings(model_settings, model_settings.get("context") or 0, init,
+                                   base_config=init_config), None
     if init:
         checkpoint = load_checkpoint(init)
         return model_from_checkpoint(checkpoint, "cpu", init), dict(copy.deepcopy(checkpoint["settings"]),
                                                                     base_path=init), None
     return None, None, None
+
+
+def check_writable(path: str, folder: bool) -> None:
+    """That `path` (a folder, or a file's path) can be written, without creating anything: it is of
+    its kind where it exists, and its nearest existing parent is a writable folder. ValueError, one
+    line, naming the path."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            raise ValueError(f"{path} is not a folder: cannot write the run there")
+        if not folder and os.path.isdir(path):
+            raise ValueError(f"{path} is a folder: cannot write a file there")
+        if not os.access(path if folder else os.path.dirname(path), os.W_OK):
+            raise ValueError(f"{path} is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot create {path}: {parent} is not a writable folder")
 
 
 def check_resumable(checkpoint: dict, path: str) -> None:

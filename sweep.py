@@ -26,7 +26,6 @@ the same data, steps and seed where it trains, except the from-scratch row. Resu
 to the JSON after each row, so an interrupted sweep resumes where it stopped; a row whose
 training finished (its folder holds results.json) is evaluated again, not retrained.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -630,7 +629,7 @@ def study(args, p) -> None:
                  tokens=0, trainable=0, **{s: json.load(open(path))["rows"] for s, path in job["evals"].items()})
         if row.train:  # --scale 1: one extension stage of steps x batch sequences at L0 (train.curriculum)
             run = json.load(open(os.path.join(folder, "results.json")))
-            r["tokens"] = run["args"]["steps"] * run["args"]["batch"] * run["settings"]["trained_len"]
+            r["tokens"] = run["config"]["steps"] * run["config"]["batch"] * run["settings"]["trained_len"]
             r["trainable"] = sum(t.numel() for t in M.load_checkpoint(os.path.join(folder, "adapter.pt"))["model"].values())
         r["budget"] = r["tokens"] / base_tokens
         r["parameters"] = sum(t.numel() for t in M.load_checkpoint(job["checkpoint"])["model"].values())
@@ -887,7 +886,7 @@ def tables_horizon(results: dict, path: str) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = eval_passkey.OneLineParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", default="a", choices=("a", "b", "study", "horizon"))
     p.add_argument("--out", default=None, help="JSON / md / png path stem (default results/sweep_<setting>)")
     p.add_argument("--work", default=None, help="checkpoints go here (default out/sweep_<setting>)")
@@ -909,6 +908,12 @@ def main():
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
+    try:  # every path the sweep writes, before any work
+        for path, folder in ((args.out, False), (args.work, True)):
+            if path:
+                M.check_writable(path if folder else path + ".json", folder)
+    except ValueError as e:
+        p.error(str(e))
     if args.probe:
         if not args.probe_length or not args.out:
             p.error("--probe needs --probe-length and --out")

@@ -879,7 +879,7 @@ def test_bf16_frozen_weights_train_as_the_float32_path(mode):
     trained ones in float32 (freeze.upcast_trainable) under bf16 autocast. Against the path train.py
     took before (float32 weights under bf16 autocast, from the same bf16-representable start):
     the same weights after 5 AdamW steps (identical for ttt_only and ttt_layers; LoRA's sum rounds
-    in another order: within 5 % of the update). Against float32 without autocast: losses within
+    in another order: within 10 % of the update). Against float32 without autocast: losses within
     1e-2 (bf16 products). The frozen weights stay bf16 and unchanged."""
     base = tiny_model()
     ttt.apply_ttt(base, [1, 3], chunk_size=8, eta=0.5)
@@ -911,7 +911,8 @@ def test_bf16_frozen_weights_train_as_the_float32_path(mode):
     start, new, old = dict(base.named_parameters()), runs["bf16 frozen"], runs["float32 autocast"]
     trained = [n for n in new if new[n].requires_grad]
     change = lambda run: torch.cat([(run[n].float() - start[n]).flatten() for n in trained])
-    assert (change(new) - change(old)).norm() <= (0.05 if mode == "lora_ttt" else 0.0) * change(old).norm()
+    # LoRA: 6.6 % seen on one 2-core CPU, under 5 % on another: bf16 kernels round by the CPU's instructions
+    assert (change(new) - change(old)).norm() <= (0.1 if mode == "lora_ttt" else 0.0) * change(old).norm()
     assert losses["bf16 frozen"] == pytest.approx(losses["float32"], abs=1e-2)
     for n, p in new.items():
         if not p.requires_grad:
@@ -1361,7 +1362,7 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
     ["--passkey-share", "2"], ["--window", "-1"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
-    ["--steps", "x"], ["--seed", "-1"], ["--resume", "--init", "a.pt"], ["--frobnicate"],
+    ["--steps", "x"], ["--seed", "-1"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
     ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"],
 ])
@@ -1599,12 +1600,12 @@ def test_lora_ttt_training_and_adapter(tmp_path):
             assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
 
 
-def make_moshi_format_model(folder, dtype=torch.float32):
+def make_moshi_format_model(folder, dtype=torch.float32, context=128):
     """A tiny multi-stream Moshi (text + 2 audio codebooks, a depformer) saved as Moshi ships
     models: safetensors weights (bf16 for Moshi's own) and the json of its LMModel arguments."""
     from safetensors.torch import save_file
     lm_kwargs = dict(dim=32, text_card=48, existing_text_padding_id=3, n_q=2, dep_q=2, card=16,
-                     num_heads=2, num_layers=4, hidden_scale=4.125, causal=True, context=128,
+                     num_heads=2, num_layers=4, hidden_scale=4.125, causal=True, context=context,
                      max_period=10000, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
                      depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1,
                      depformer_dim_feedforward=32, depformer_multi_linear=True, depformer_pos_emb="none",
@@ -1796,6 +1797,118 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bare_resume_continues_the_stored_run(tmp_path):
+    """A `full` run killed after its pretraining stage, resumed with a bare --resume, trains `full`
+    (not the command line's default mode) and ends with the uninterrupted run's weights, bit for
+    bit; a flag given with --resume that differs from the stored run is refused in one line."""
+    args = QUICK + ["--mode", "full", "--steps", "40", "--seed", "3", "--lr", "1e-3"]
+    full = run_train(args + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args + ["--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:  # until the pretraining stage's checkpoint
+        if (out / "ckpt.pt").exists():
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert M.load_checkpoint(str(out / "ckpt.pt"))["stage"] == 1  # stopped inside the extension stage
+    for flag, value in (("--mode", "ttt_only"), ("--lr", "2e-3"), ("--seed", "0"), ("--steps", "41")):
+        r = run_train(["--resume", "--out", str(out), flag, value])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "resum" in lines[0], r.stderr
+    resumed = run_train(["--resume", "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    config = json.load(open(out / "results.json"))["config"]
+    assert (config["mode"], config["lr"], config["seed"], config["steps"]) == ("full", 1e-3, 3, 40)
+
+
+def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_path):
+    """From a checkpoint with a window and TTT: its window, L0 and TTT are the run's (and recorded
+    as such); --window 0, a --ttt-* flag or --original-len that contradicts them is refused in one
+    line, before anything is written."""
+    first = run_train(QUICK + ["--out", str(tmp_path / "first")])
+    assert first.returncode == 0, first.stderr
+    ckpt = str(tmp_path / "first" / "ckpt.pt")
+    settings = M.load_checkpoint(ckpt)["settings"]
+    assert settings["window"] == 256 and settings["ttt"]["chunk_size"] == 32
+    bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
+           ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
+           ["--ttt-no-target"], ["--original-len", "160"]]
+    for extra in bad:
+        r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and extra[0] in lines[0] and "--init" in lines[0], (extra, r.stderr)
+    assert not (tmp_path / "bad").exists()
+    same = ["--ttt-chunk", "32", "--window", "256", "--ttt-layers", ",".join(map(str, settings["ttt"]["layers"]))]
+    again = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "again"), "--ttt-eta", "0.3"] + same)
+    assert again.returncode == 0, again.stderr
+    config = json.load(open(tmp_path / "again" / "results.json"))["config"]
+    assert (config["window"], config["ttt_chunk"], config["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
+    assert M.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
+
+
+def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
+    """A Moshi-format --init without --original-len: L0 is the model's `context` (here 192), so
+    YaRN's ramp and the stages are built from it; with --original-len, that value."""
+    make_moshi_format_model(tmp_path, context=192)
+    args = ["--init", str(tmp_path / "model.safetensors"), "--init-config", str(tmp_path / "config.json"), "--data"] + [
+        str(tmp_path / f"tokens{i}.npy") for i in range(3)] + ["--scale", "2", "--steps", "1", "--batch", "2",
+                                                              "--ttt-layers", "1", "--ttt-chunk", "32"]
+    for extra, L0 in (([], 192), (["--original-len", "128"], 128)):
+        out = tmp_path / f"out{L0}"
+        r = run_train(args + extra + ["--out", str(out)])
+        assert r.returncode == 0, r.stderr
+        assert f"extend at length {2 * L0}" in r.stdout
+        settings = M.load_checkpoint(str(out / "ckpt.pt"))["settings"]
+        assert settings["original_len"] == L0 and settings["yarn"]["original_len"] == L0
+
+
+@pytest.mark.parametrize("extra", [{}, {"depformer_causal": False}, {"demux_second_stream": False},
+                                   {"depformer_causal": False, "demux_second_stream": False}])
+def test_moshi_checkpoints_rebuild_as_saved(tmp_path, extra):
+    """Rebuilding is the inverse of saving, for every configuration moshi's loader accepts: keys it
+    drops (depformer_causal) or renames (demux_second_stream) included. The rebuilt model has the
+    same parameters and outputs as the one loaded."""
+    lm, lm_kwargs = make_moshi_format_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"lm_kwargs": dict(lm_kwargs, **extra)}))
+    loaded, model_settings = M.load_moshi(str(tmp_path / "model.safetensors"), str(tmp_path / "config.json"))
+    checkpoint = dict(model=loaded.state_dict(), settings=M.new_settings(model_settings, 128, "base"))
+    M.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoint)
+    rebuilt = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
+    codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :32].astype(np.int64))[None]
+    with torch.no_grad():
+        a, b = loaded.eval()(codes), rebuilt(codes)
+    assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
+    assert loaded.state_dict().keys() == rebuilt.state_dict().keys()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    """An --out that is a file, or lies inside one: one line and exit 2 from every entry point,
+    before any training or evaluation."""
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        start = time.time()
+        r = run_train(QUICK + ["--out", str(out)])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and str(tmp_path / "file") in lines[0], r.stderr
+        assert "step " not in r.stdout
+    base = tmp_path / "base"
+    assert run_train(QUICK + ["--pretrain-only", "--pretrain-steps", "1", "--out", str(base)]).returncode == 0
+    for script, argv in (("eval_passkey.py", [str(base / "base.pt"), "--out", str(tmp_path / "file" / "e.json")]),
+                         ("sweep.py", ["--setting", "horizon", "--tables", "--out", str(tmp_path / "file" / "h")]),
+                         ("sweep.py", ["--setting", "horizon", "--work", str(tmp_path / "file")])):
+        r = subprocess.run([sys.executable, os.path.join(HERE, script)] + argv, capture_output=True, text=True,
+                           cwd=HERE, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "file" in lines[0], (script, r.stderr)
 
 
 def test_one_rank_dying_stops_the_other(tmp_path):

@@ -43,6 +43,10 @@ def block_mask(T: int, context: int, device: str):
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     # flex_attention is fast only compiled (a fused Triton kernel); eager it materialises scores.
+    # One compilation per shape, and past dynamo's recompile limit (8) it runs eager without a word:
+    # a run with several stage lengths and evaluations passes it, and evaluating 8 documents of
+    # 32768 steps then asked for 128 GiB of scores (H200, results/horizon). 64 shapes are allowed.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
