@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moshi.modules.gating import ActivationGating
 from moshi.modules.rope import apply_rope
 
+import checkpoints
 import eval_passkey
 import model as M
 import ttt
@@ -603,7 +604,7 @@ def main():
                   else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps)))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
-        M.save_json(args.out, result)
+        checkpoints.save_json(args.out, result)
         print(f"wrote {args.out}")
         return
     if args.profile is not None:
@@ -634,7 +635,7 @@ def main():
     step = bench_train_step(*step_cfg, dtype, device, reps)
     result = dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), revision=revision,
                   scan_error=check, gating=gating, rope=rope, train_step=step)
-    M.save_json(args.out, result)
+    checkpoints.save_json(args.out, result)
     print(f"wrote {args.out}")
 
 

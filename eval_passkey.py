@@ -24,6 +24,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling 
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import freeze
 import model as M
@@ -236,11 +237,11 @@ def final_report(model, settings: dict, stages: list[dict], corpus, device, mult
     base_path, base_model = settings.get("base_path"), None
     if base_path and os.path.isfile(base_path):
         base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
-                      else M.model_from_checkpoint(M.load_checkpoint(base_path), "cpu", base_path)).to(device)
+                      else checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(base_path), "cpu", base_path)).to(device)
     lengths = sorted({settings["original_len"]} | {s["length"] for s in stages})
     results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale)
     if results is not None:
-        M.save_json(path, dict(results, config=config))
+        checkpoints.save_json(path, dict(results, config=config))
         print(f"wrote {path}")
 
 
@@ -338,9 +339,9 @@ def main(argv=None):
     args, fail = parse_args(argv)
     out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
     try:
-        M.check_writable(out, folder=False)
-        checkpoint = M.load_checkpoint(args.checkpoint)
-        model = M.model_from_checkpoint(checkpoint, args.device, args.checkpoint)
+        checkpoints.check_writable(out, folder=False)
+        checkpoint = checkpoints.load_checkpoint(args.checkpoint)
+        model = checkpoints.model_from_checkpoint(checkpoint, args.device, args.checkpoint)
         corpus = data.load_corpus(args.data)
     except ValueError as e:
         fail(str(e))
@@ -368,7 +369,7 @@ def main(argv=None):
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))
-    M.save_json(out, result)
+    checkpoints.save_json(out, result)
     print(f"wrote {out}")
     if save_heatmap(os.path.splitext(out)[0] + ".png", rows, args.depths):
         print(f"wrote {os.path.splitext(out)[0]}.png")

@@ -1,16 +1,14 @@
-"""The small Moshi model these experiments train, and checkpoints that carry their settings.
+"""The small Moshi model these experiments train: building it, installing YaRN and TTT, the loss.
 
 The model is moshi's own `LMModel` in its text-only form (no audio codebooks, no depformer,
 `forward_text`), over bytes (vocabulary 256), with Moshi 7B's choices: RMSNorm in float32,
 interleaved RoPE with max_period 10000, SiLU gating with hidden_scale 4.125, causal attention
-with a finite `context`. A checkpoint holds the weights and a `settings` dict (model shape,
-YaRN, TTT, modulo RoPE, attention window, freeze mode); `install` re-applies YaRN and TTT from
-it, so evaluation needs no flags repeated. Checkpoints are written atomically and read with
-`torch.load(weights_only=True)` only.
+with a finite `context`; or a Moshi-format model through moshi's own loader. A model's `settings`
+(shape, YaRN, TTT, modulo RoPE, LoRA, attention window, freeze mode) travel in its checkpoints
+(checkpoints.py); `install` re-applies them, so evaluation needs no flags repeated.
 """
 import abc
 import contextlib
-import copy
 import json
 import os
 import typing as tp
@@ -228,104 +226,18 @@ def _fsdp_class_for(cls: type) -> None:
                           {"_apply": FSDPModule._apply, "__deepcopy__": _fully_shard._unimplemented_deepcopy})
 
 
-def full_state(model: nn.Module, optimizer=None, sharded: bool = False) -> tuple[dict, tp.Optional[dict]]:
-    """The model's (and optimizer's) whole state for a checkpoint; gathered onto rank 0 from every
-    process when the model is sharded (then every process must call it)."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None)
 
 
-def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool) -> None:
-    """Loads what full_state saved (a sharded run's optimizer state is keyed by parameter name)."""
-    if not sharded:
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_json(path: str, obj) -> None:
-    """Writes `obj` as JSON atomically (a temporary file, then renamed): a kill leaves the old file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Writes atomically: a temporary file in the same folder, flushed, then renamed, so a kill
-    at any moment leaves the previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    prefix = f".{os.path.basename(path)}.tmp"
-    for stale in os.listdir(folder):  # left by a process killed while writing
-        if stale.startswith(prefix):
-            os.remove(os.path.join(folder, stale))
-    tmp = os.path.join(folder, f"{prefix}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Reads a checkpoint with weights_only=True; ValueError (one line) if it is not one of ours."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or refusing to unpickle code
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "settings" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint of this project (no 'model' and 'settings')")
-    return checkpoint
 
 
-def match_dtypes(model: nn.Module, state: dict) -> None:
-    """Gives each parameter the dtype it has in `state` (bf16 frozen weights and float32 trained
-    ones stay so through a save and a load; load_state_dict alone would cast to the model's)."""
-    for name, p in model.named_parameters():
-        value = state.get(name)
-        if value is not None and value.is_floating_point() and value.dtype != p.dtype:
-            p.data = p.data.to(value.dtype)
 
 
-def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoint") -> LMModel:
-    """Rebuilds the model a checkpoint describes (shape, YaRN, TTT, LoRA, window) and loads its
-    weights. An adapter (`adapter_of` set: only the trained parameters) loads on top of the base
-    checkpoint it names."""
-    settings = checkpoint["settings"]
-    adapter_of = checkpoint.get("adapter_of")
-    try:
-        if adapter_of:  # paths relative to the adapter's own folder
-            here = os.path.dirname(os.path.abspath(path))
-            adapter_of = os.path.join(here, adapter_of)
-            if settings.get("base_config"):  # a Moshi-format base
-                model = load_moshi(adapter_of, os.path.join(here, settings["base_config"]))[0]
-            else:
-                model = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of)
-            model = install(model, settings)
-            match_dtypes(model, checkpoint["model"])
-            missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-            if unexpected:
-                raise ValueError(f"adapter parameters not in the model: {unexpected[:3]}")
-        else:
-            model = install(build_model(settings["model"]), settings)
-            match_dtypes(model, checkpoint["model"])
-            model.load_state_dict(checkpoint["model"], strict=True)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} does not match the model it describes: "
-                         f"{str(e).splitlines()[0][:200]}") from None
-    return model.to(device)
 
 
 def new_settings(model_settings: dict, original_len: int, base_path: str, **extra) -> dict:
@@ -334,61 +246,9 @@ def new_settings(model_settings: dict, original_len: int, base_path: str, **extr
                 ttt=None, ttt_rope_modulo=False, window=None, mode="full", base_path=base_path, **extra)
 
 
-def starting_point(init: tp.Optional[str], init_config: tp.Optional[str]):
-    """What train.py extends: `init` (a checkpoint of ours, or a Moshi-format .safetensors with its
-    json `init_config`). Returns (model, settings, None), or (None, None, None) without `init` (a new
-    model is pretrained). Its L0 is the checkpoint's own, or for a Moshi model its `context` (train.py
-    `settle` may replace that one with --original-len). ValueError, one line, on anything unreadable."""
-    if init and init.endswith(".safetensors"):
-        model, model_settings = load_moshi(init, init_config)
-        return model, new_settings(model_settings, model_settings.get("context") or 0, init,
-                                   base_config=init_config), None
-    if init:
-        checkpoint = load_checkpoint(init)
-        return model_from_checkpoint(checkpoint, "cpu", init), dict(copy.deepcopy(checkpoint["settings"]),
-                                                                    base_path=init), None
-    return None, None, None
 
 
-def check_writable(path: str, folder: bool) -> None:
-    """That `path` (a folder, or a file's path) can be written, without creating anything: it is of
-    its kind where it exists, and its nearest existing parent is a writable folder. ValueError, one
-    line, naming the path."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        if folder and not os.path.isdir(path):
-            raise ValueError(f"{path} is not a folder: cannot write the run there")
-        if not folder and os.path.isdir(path):
-            raise ValueError(f"{path} is a folder: cannot write a file there")
-        if not os.access(path if folder else os.path.dirname(path), os.W_OK):
-            raise ValueError(f"{path} is not writable")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot create {path}: {parent} is not a writable folder")
 
 
-def check_resumable(checkpoint: dict, path: str) -> None:
-    """The fields --resume reads, checked before any work: ValueError naming the first bad one."""
-    stages = checkpoint.get("stages")
-    if not (isinstance(stages, list) and stages and all(
-            isinstance(s, dict) and s.get("kind") in ("pretrain", "extend") and isinstance(s.get("length"), int)
-            and s["length"] > 0 and isinstance(s.get("scale"), float) and s["scale"] >= 1 for s in stages)):
-        raise ValueError(f"{path} cannot be resumed: no valid 'stages' (is it a base or final checkpoint?)")
-    stage, step = checkpoint.get("stage"), checkpoint.get("step")
-    if not (isinstance(stage, int) and 0 <= stage <= len(stages)):
-        raise ValueError(f"{path} cannot be resumed: 'stage' is {stage!r}, expected 0..{len(stages)}")
-    if not (isinstance(step, int) and step >= 0 and isinstance(checkpoint.get("optimizer"), dict)):
-        raise ValueError(f"{path} cannot be resumed: bad 'step' ({step!r}) or 'optimizer'")
 
 
-def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> None:
-    """Only the parameters that train (every one with requires_grad), the settings, and the path
-    of the base checkpoint they go on top of."""
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    relative = lambda p: os.path.relpath(os.path.abspath(p), os.path.dirname(os.path.abspath(path)))
-    if settings.get("base_config"):
-        settings = dict(settings, base_config=relative(settings["base_config"]))
-    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=relative(base_path)))

@@ -39,6 +39,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling 
 
 import torch
 
+import checkpoints
 import data
 import eval_passkey
 import model as M
@@ -513,7 +514,7 @@ def plot_study(results: dict, path: str, names: list[str], bases: list[str]) -> 
 
 def save_json(results: dict, json_path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    M.save_json(json_path, results)
+    checkpoints.save_json(json_path, results)
 
 
 def measure_parallel(c: dict, work: str, jobs: int) -> dict:
@@ -630,9 +631,9 @@ def study(args, p) -> None:
         if row.train:  # --scale 1: one extension stage of steps x batch sequences at L0 (train.curriculum)
             run = json.load(open(os.path.join(folder, "results.json")))
             r["tokens"] = run["config"]["steps"] * run["config"]["batch"] * run["settings"]["trained_len"]
-            r["trainable"] = sum(t.numel() for t in M.load_checkpoint(os.path.join(folder, "adapter.pt"))["model"].values())
+            r["trainable"] = sum(t.numel() for t in checkpoints.load_checkpoint(os.path.join(folder, "adapter.pt"))["model"].values())
         r["budget"] = r["tokens"] / base_tokens
-        r["parameters"] = sum(t.numel() for t in M.load_checkpoint(job["checkpoint"])["model"].values())
+        r["parameters"] = sum(t.numel() for t in checkpoints.load_checkpoint(job["checkpoint"])["model"].values())
         results["rows"].setdefault(job["base"], {})[row.name] = r
         save_json(results, json_path)
         far = lambda s: "/".join(percent(split_counts(x, DEPTHS_B, c["window"], c["trials"])["far"], False) for x in r[s])
@@ -774,8 +775,8 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     updates chunk i reads), |eta V_i^T Z_i| (chunk i's update) and the layer output's mean norm per
     token, all Frobenius / Euclidean. Written to `out` as JSON."""
     import ttt
-    model = M.model_from_checkpoint(M.load_checkpoint(checkpoint), device, checkpoint).eval()
-    M.set_context(model, M.load_checkpoint(checkpoint)["settings"].get("window"))
+    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
+    M.set_context(model, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
     corpus = data.load_corpus(None)
     tokens, _ = data.passkey_batch(corpus.val, length, 1, torch.Generator().manual_seed(eval_passkey.EVAL_SEED),
                                    depths=[0.25])
@@ -802,7 +803,7 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     M.logits(model, tokens[:, :-1].to(device))
     for h in handles:
         h.remove()
-    M.save_json(out, dict(checkpoint=checkpoint, length=length, chunk=layers[0][1].chunk_size if layers else None,
+    checkpoints.save_json(out, dict(checkpoint=checkpoint, length=length, chunk=layers[0][1].chunk_size if layers else None,
                           layers=record))
     print(f"wrote {out}")
 
@@ -911,7 +912,7 @@ def main():
     try:  # every path the sweep writes, before any work
         for path, folder in ((args.out, False), (args.work, True)):
             if path:
-                M.check_writable(path if folder else path + ".json", folder)
+                checkpoints.check_writable(path if folder else path + ".json", folder)
     except ValueError as e:
         p.error(str(e))
     if args.probe:

@@ -23,6 +23,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from moshi.modules.rope import apply_rope
 
+import checkpoints
+import config
 import data
 import eval_passkey
 import freeze
@@ -849,7 +851,7 @@ def test_ttt_mlp_in_updates_linear_in_and_leaves_the_rest_bit_identical():
 
 
 def test_train_accepts_ttt_mlp_in():
-    args, _ = train.parse_args(["--mode", "ttt_mlp_in"])
+    args, _ = config.parse_args(["--mode", "ttt_mlp_in"])
     assert args.mode == "ttt_mlp_in" and "ttt_mlp_in" in freeze.MODES
 
 
@@ -1106,7 +1108,7 @@ def test_study_rows_are_valid_train_py_runs(device):
     layers = M.PRESETS[c["preset"]]["num_layers"]
     for name, mode in expected.items():
         cmd = sweep.finetune_command(c, "base.pt", "out", rows[name].flags, 0, c["steps"])
-        args, _ = train.parse_args(cmd[2:])
+        args, _ = config.parse_args(cmd[2:])
         assert args.mode == mode and args.scale == 1 and args.window == c["window"]
         assert args.seed == (1 if name.endswith("_seed1") else 0)
         assert (args.ttt_layers == "none") == name.startswith("control")
@@ -1118,7 +1120,7 @@ def test_study_rows_are_valid_train_py_runs(device):
         else:
             assert args.passkey_max_depth == 1.0
     assert c["preset"] == ("head128" if device == "cuda" else "cpu")
-    seeds = {train.parse_args(sweep.pretrain_command(c, s, "b")[2:])[0].seed for s in range(3)}
+    seeds = {config.parse_args(sweep.pretrain_command(c, s, "b")[2:])[0].seed for s in range(3)}
     assert seeds == {0, 1, 2}
     assert sweep.REPORT_SEED != sweep.eval_passkey.EVAL_SEED and sweep.REPORT_SEED >= 2 ** 40
 
@@ -1323,8 +1325,8 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     settings = dict(model=TINY, original_len=32, yarn=m.yarn_settings,
                     ttt=dict(m.ttt_settings, eta=0.5), ttt_rope_modulo=False, window=None)
     path = str(tmp_path / "c.pt")
-    M.save_checkpoint(path, dict(model=m.state_dict(), settings=settings))
-    loaded = M.model_from_checkpoint(M.load_checkpoint(path)).eval()
+    checkpoints.save_checkpoint(path, dict(model=m.state_dict(), settings=settings))
+    loaded = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path)).eval()
     x = torch.randint(0, 256, (2, 40))
     assert torch.equal(M.logits(loaded, x), M.logits(m, x))
     assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
@@ -1335,27 +1337,27 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"model": Evil(), "settings": {}}))
     with pytest.raises(ValueError, match="cannot be read"):
-        M.load_checkpoint(str(evil))
+        checkpoints.load_checkpoint(str(evil))
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(open(path, "rb").read()[:100])
     with pytest.raises(ValueError, match="cannot be read"):
-        M.load_checkpoint(str(truncated))
+        checkpoints.load_checkpoint(str(truncated))
     with pytest.raises(ValueError, match="does not exist"):
-        M.load_checkpoint(str(tmp_path))
+        checkpoints.load_checkpoint(str(tmp_path))
     other = dict(settings, model=dict(TINY, dim=64, num_heads=2))
-    M.save_checkpoint(str(tmp_path / "o.pt"), dict(model=m.state_dict(), settings=other))
+    checkpoints.save_checkpoint(str(tmp_path / "o.pt"), dict(model=m.state_dict(), settings=other))
     with pytest.raises(ValueError, match="does not match"):
-        M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "o.pt")))
+        checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "o.pt")))
 
 
 def test_official_recipe_sets_the_official_values_and_flags_override():
-    args, _ = train.parse_args(["--recipe", "official"])
+    args, _ = config.parse_args(["--recipe", "official"])
     assert (args.ttt_eta, args.ttt_chunk, args.ttt_layers, args.mode) == (3.0, None, "official", "full")
     assert (args.lr, args.lr_ttt, args.weight_decay, args.ttt_weight_decay) == (5e-6, 5e-6, 0.1, 0.1)
     assert (args.warmup, args.clip, args.grad_clip) == (0.02, "global", 1.0)
-    args, _ = train.parse_args(["--recipe", "official", "--ttt-eta", "1", "--ttt-chunk", "64", "--mode", "ttt_only"])
+    args, _ = config.parse_args(["--recipe", "official", "--ttt-eta", "1", "--ttt-chunk", "64", "--mode", "ttt_only"])
     assert (args.ttt_eta, args.ttt_chunk, args.mode, args.lr) == (1.0, 64, "ttt_only", 5e-6)
-    assert train.parse_args([])[0].ttt_eta == 0.3
+    assert config.parse_args([])[0].ttt_eta == 0.3
 
 
 @pytest.mark.parametrize("argv", [
@@ -1368,7 +1370,7 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(argv)
+        config.parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: ") and len(err[0]) > 25, err
@@ -1465,7 +1467,7 @@ QUICK = ["--original-len", "128", "--scale", "2", "--pretrain-steps", "6", "--st
 
 
 def final_weights(out):
-    return M.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+    return checkpoints.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
 
 
 def test_train_bad_init_exits_2_and_writes_nothing(tmp_path):
@@ -1502,7 +1504,7 @@ def test_train_bad_data_and_checkpoints_exit_2_and_write_nothing(tmp_path):
     ]
     resumable = tmp_path / "notresumable"
     resumable.mkdir()
-    M.save_checkpoint(str(resumable / "ckpt.pt"), {"model": {}, "settings": shapes, "stage": 0})
+    checkpoints.save_checkpoint(str(resumable / "ckpt.pt"), {"model": {}, "settings": shapes, "stage": 0})
     cases.append((["--resume", "--out", str(resumable)], "cannot be resumed"))
     for extra, message in cases:
         r = run_train(QUICK + extra + ([] if "--out" in extra else ["--out", str(out)]))
@@ -1535,11 +1537,11 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
         assert [r["length"] for r in result["rows"]] == [128, 256] and result["corpus_files"] > 100
         assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
     # the adapter holds exactly the trained parameters and reproduces the trained model on the base
-    adapter = M.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
+    adapter = checkpoints.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
     assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
     x = torch.randint(0, 256, (2, 100))
-    full = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))).eval()
-    on_base = M.model_from_checkpoint(adapter, path=str(tmp_path / "one" / "adapter.pt")).eval()
+    full = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))).eval()
+    on_base = checkpoints.model_from_checkpoint(adapter, path=str(tmp_path / "one" / "adapter.pt")).eval()
     assert torch.equal(M.logits(on_base, x), M.logits(full, x))
     # the base checkpoint is reusable with --init, skipping pretraining
     again = run_train(QUICK + ["--init", str(tmp_path / "one" / "base.pt"), "--out", str(tmp_path / "three")])
@@ -1555,18 +1557,18 @@ def test_official_recipe_runs_with_its_chunk_capped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "TTT chunk 128: the official 4096 capped" in r.stdout  # half the shortest sequence, 256
     assert "freeze mode full" in r.stdout and "ttt grad" in r.stdout
-    checkpoint = M.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
     settings = checkpoint["settings"]
     assert settings["ttt"]["layers"] == [0] and settings["ttt"]["chunk_size"] == 128 and settings["ttt"]["eta"] == 3.0
     assert settings["ttt"]["target"] is False and not any("W_target" in k for k in checkpoint["model"])
-    M.model_from_checkpoint(checkpoint)  # rebuilds without W_target
+    checkpoints.model_from_checkpoint(checkpoint)  # rebuilds without W_target
 
 
 def test_non_finite_training_stops_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "out"
     r = run_train(QUICK + ["--ttt-eta", "1e30", "--out", str(out)])
     assert r.returncode == 1 and "non-finite gradient in the ttt parameters" in r.stdout, r.stdout[-500:]
-    kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0
+    kept = checkpoints.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0
     assert kept["stage"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
@@ -1579,7 +1581,7 @@ def test_non_finite_step_between_log_lines_stops_before_the_save(tmp_path):
     assert r.returncode == 1 and "non-finite gradient in the ttt parameters at stage 1 step 2" in r.stdout, \
         r.stdout[-500:]
     assert "step 1/4 | stage 1" in r.stdout
-    kept = M.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0, not at stage 1 step 2
+    kept = checkpoints.load_checkpoint(str(out / "ckpt.pt"))  # written at the end of stage 0, not at stage 1 step 2
     assert (kept["stage"], kept["step"]) == (1, 0) and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
@@ -1587,14 +1589,14 @@ def test_lora_ttt_training_and_adapter(tmp_path):
     out = tmp_path / "lora"
     r = run_train(QUICK + ["--mode", "lora_ttt", "--lora-rank", "2", "--out", str(out)])
     assert r.returncode == 0, r.stderr
-    trained = M.model_from_checkpoint(M.load_checkpoint(str(out / "ckpt.pt"))).eval()
-    adapter = M.load_checkpoint(str(out / "adapter.pt"))
+    trained = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(out / "ckpt.pt"))).eval()
+    adapter = checkpoints.load_checkpoint(str(out / "adapter.pt"))
     assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
                                      if "lora_" in n or n.endswith(("gating.conv.weight", "gating.W_target"))}
-    on_base = M.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
+    on_base = checkpoints.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
     x = torch.randint(0, 256, (2, 100))
     assert torch.equal(M.logits(on_base, x), M.logits(trained, x))
-    base = M.load_checkpoint(str(out / "base.pt"))["model"]  # frozen_W is the base, untouched
+    base = checkpoints.load_checkpoint(str(out / "base.pt"))["model"]  # frozen_W is the base, untouched
     for n, p in trained.state_dict().items():
         if ".frozen_W." in n:
             assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
@@ -1678,12 +1680,12 @@ def test_moshi_format_model_loads_trains_and_adapts(tmp_path, dtype):
     assert "stage 1: extend at length 512" in r.stdout and "final table (validation loss" in r.stdout
     losses = [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 6
-    checkpoint = M.load_checkpoint(str(out / "ckpt.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(out / "ckpt.pt"))
     for name, value in checkpoint["model"].items():
         if value.is_floating_point():
             assert value.dtype == (torch.float32 if name.endswith(("gating.conv.weight", "W_target")) else dtype), name
-    trained = M.model_from_checkpoint(checkpoint).eval()
-    on_base = M.model_from_checkpoint(M.load_checkpoint(str(out / "adapter.pt")), path=str(out / "adapter.pt")).eval()
+    trained = checkpoints.model_from_checkpoint(checkpoint).eval()
+    on_base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(out / "adapter.pt")), path=str(out / "adapter.pt")).eval()
     assert {n: p.dtype for n, p in trained.named_parameters()} == {n: p.dtype for n, p in on_base.named_parameters()}
     assert trained.transformer.layers[0].self_attn.context == 512  # widened by YaRN x4 of 128
     assert isinstance(trained.transformer.layers[1].gating, ttt.TTTGating)
@@ -1736,8 +1738,8 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
     one = run_train(args + ["--out", str(tmp_path / "one")])
     two = run_train(args + ["--fsdp", "--out", str(tmp_path / "two")], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    start, a, b = (M.load_checkpoint(str(tmp_path / p))["model"] for p in ("base/base.pt", "one/ckpt.pt", "two/ckpt.pt"))
-    assert a.keys() == b.keys() and M.load_checkpoint(str(tmp_path / "two/ckpt.pt"))["settings"]["fsdp"]
+    start, a, b = (checkpoints.load_checkpoint(str(tmp_path / p))["model"] for p in ("base/base.pt", "one/ckpt.pt", "two/ckpt.pt"))
+    assert a.keys() == b.keys() and checkpoints.load_checkpoint(str(tmp_path / "two/ckpt.pt"))["settings"]["fsdp"]
     change = torch.cat([(a[k] - start[k]).flatten() for k in start])
     assert torch.cat([(b[k] - a[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
     out, cmd = tmp_path / "killed", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1746,7 +1748,7 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:  # until a checkpoint in the middle of the stage
-        if (out / "ckpt.pt").exists() and M.load_checkpoint(str(out / "ckpt.pt")).get("step", 0) >= 2:
+        if (out / "ckpt.pt").exists() and checkpoints.load_checkpoint(str(out / "ckpt.pt")).get("step", 0) >= 2:
             break
         time.sleep(0.05)
     for pid in [p for p in os.listdir("/proc") if p.isdigit()]:  # torchrun's workers have sessions of their own
@@ -1756,13 +1758,13 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
         except OSError:
             pass
     proc.wait()
-    assert M.load_checkpoint(str(out / "ckpt.pt"))["step"] in (2, 3)
+    assert checkpoints.load_checkpoint(str(out / "ckpt.pt"))["step"] in (2, 3)
     again = QUICK + ["--mode", "ttt_layers", "--save-every", "1", "--resume", "--out", str(out)]
     plain = run_train(again)  # a sharded run's checkpoint resumes sharded only
     assert plain.returncode == 2 and "resume it the same way" in plain.stderr
     resumed = run_train(again + ["--fsdp"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    c = M.load_checkpoint(str(out / "ckpt.pt"))["model"]
+    c = checkpoints.load_checkpoint(str(out / "ckpt.pt"))["model"]
     assert torch.cat([(c[k] - b[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
 
 
@@ -1817,7 +1819,7 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    assert M.load_checkpoint(str(out / "ckpt.pt"))["stage"] == 1  # stopped inside the extension stage
+    assert checkpoints.load_checkpoint(str(out / "ckpt.pt"))["stage"] == 1  # stopped inside the extension stage
     for flag, value in (("--mode", "ttt_only"), ("--lr", "2e-3"), ("--seed", "0"), ("--steps", "41")):
         r = run_train(["--resume", "--out", str(out), flag, value])
         lines = r.stderr.strip().splitlines()
@@ -1837,7 +1839,7 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     first = run_train(QUICK + ["--out", str(tmp_path / "first")])
     assert first.returncode == 0, first.stderr
     ckpt = str(tmp_path / "first" / "ckpt.pt")
-    settings = M.load_checkpoint(ckpt)["settings"]
+    settings = checkpoints.load_checkpoint(ckpt)["settings"]
     assert settings["window"] == 256 and settings["ttt"]["chunk_size"] == 32
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
@@ -1852,7 +1854,7 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert again.returncode == 0, again.stderr
     config = json.load(open(tmp_path / "again" / "results.json"))["config"]
     assert (config["window"], config["ttt_chunk"], config["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
-    assert M.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
+    assert checkpoints.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
 
 
 def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
@@ -1867,7 +1869,7 @@ def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
         r = run_train(args + extra + ["--out", str(out)])
         assert r.returncode == 0, r.stderr
         assert f"extend at length {2 * L0}" in r.stdout
-        settings = M.load_checkpoint(str(out / "ckpt.pt"))["settings"]
+        settings = checkpoints.load_checkpoint(str(out / "ckpt.pt"))["settings"]
         assert settings["original_len"] == L0 and settings["yarn"]["original_len"] == L0
 
 
@@ -1881,8 +1883,8 @@ def test_moshi_checkpoints_rebuild_as_saved(tmp_path, extra):
     (tmp_path / "config.json").write_text(json.dumps({"lm_kwargs": dict(lm_kwargs, **extra)}))
     loaded, model_settings = M.load_moshi(str(tmp_path / "model.safetensors"), str(tmp_path / "config.json"))
     checkpoint = dict(model=loaded.state_dict(), settings=M.new_settings(model_settings, 128, "base"))
-    M.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoint)
-    rebuilt = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
+    checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoint)
+    rebuilt = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
     codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :32].astype(np.int64))[None]
     with torch.no_grad():
         a, b = loaded.eval()(codes), rebuilt(codes)
@@ -1895,7 +1897,6 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
     before any training or evaluation."""
     (tmp_path / "file").write_text("")
     for out in (tmp_path / "file", tmp_path / "file" / "run"):
-        start = time.time()
         r = run_train(QUICK + ["--out", str(out)])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and str(tmp_path / "file") in lines[0], r.stderr

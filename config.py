@@ -1,0 +1,302 @@
+"""train.py's run configuration: one dataclass, filled by the command line, completed from the
+starting point, stored whole in every checkpoint.
+
+A setting comes from one place. `parse_args` gives the Config the flags and the --recipe say
+(every value checked); `start` completes it from what the run starts from and refuses a flag that
+contradicts it, before any work:
+- --resume continues the stored configuration exactly; a flag given with it must equal the stored
+  value (only --out, --device and --resume itself may differ);
+- --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window, its TTT;
+- --init from a Moshi-format model takes L0 from the model's `context` unless --original-len says.
+
+    config, given = config.parse_args(sys.argv[1:])
+    run = config.start(config, given)    # the model, its settings, the corpus, the stages
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import typing as tp
+
+import torch
+
+import data
+import eval_passkey
+import freeze
+import checkpoints
+import model as M
+import ttt
+import yarn
+
+
+# The official In-Place TTT configs (configs/pretrain/*_longct.yaml): eta 3, chunk 4096 (None:
+# capped in `start`), every 6th layer, every parameter at 5e-6, weight decay 0.1, 2 % warmup, cosine,
+# one global clipping at 1.0. The project's defaults differ on purpose (README, "Defaults").
+RECIPES = {"project": {},
+           "official": dict(ttt_eta=3.0, ttt_chunk=None, ttt_layers="official", mode="full", lr=5e-6, lr_ttt=5e-6,
+                            weight_decay=0.1, ttt_weight_decay=0.1, warmup=0.02, clip="global", grad_clip=1.0)}
+
+
+def flag(default, help=None, **argparse_kwargs):
+    return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+@dataclasses.dataclass
+class Config:
+    """One run, whole: the command line fills it, `settle` completes it from the starting point, and
+    every checkpoint stores it, so that --resume continues exactly this run."""
+    recipe: str = flag("project", "defaults: ours or the official ones (README)", choices=tuple(RECIPES))
+    scale: float = flag(4.0, "final YaRN scale; stages double the length up to it")
+    mode: str = flag("ttt_only", "what trains in the extension stages", choices=freeze.MODES)
+    method: str = flag("yarn", "RoPE scaling in the extension stages", choices=yarn.METHODS[1:])
+    init: tp.Optional[str] = flag(None, "a base to extend: out/base.pt, or a model.safetensors with --init-config")
+    init_config: tp.Optional[str] = flag(None, "json of the LMModel arguments of a .safetensors --init")
+    resume: bool = flag(False, "continue the run in --out (its ckpt.pt) exactly as it was configured")
+    pretrain_only: bool = flag(False, "stop after pretraining the base (out/base.pt)")
+    original_len: int = flag(128, "L0, the length the base was trained at (from the --init: its own, or a Moshi "
+                             "model's context)")
+    window: tp.Optional[int] = flag(None, "attention's sliding window W in every stage (default 2 L0, so needles "
+                                    "farther back only TTT can carry; 0: none; from the --init where it has one)", type=int)
+    preset: str = flag("cpu", "model size when pretraining", choices=sorted(M.PRESETS))
+    data: tp.Optional[list] = flag(None, "UTF-8 text files (default: the Python stdlib source)", nargs="+")
+    passkey_share: float = flag(0.5, "share of training sequences that are passkeys")
+    answer_weight: float = flag(20.0, "loss weight of the passkey answer digits")
+    passkey_max_depth: float = flag(1.0, "training needles at depths in [0, this]")
+    ttt_layers: tp.Union[str, list] = flag("default", "comma list, 'default', 'official' (every 6th) or 'none'")
+    ttt_chunk: tp.Optional[int] = flag(64, "TTT chunk size C (--recipe official: 4096, capped)", type=int)
+    ttt_eta: float = flag(0.3, "TTT inner learning rate eta")
+    ttt_target: str = flag("hidden", "targets from the MLP input or X0", choices=("hidden", "embeddings"))
+    ttt_kernel: int = flag(5, "target conv kernel size (odd)")
+    ttt_target_std: float = flag(0.02, "std of W_target's initial diagonal")
+    ttt_no_target: bool = flag(False, "no W_target: V = Conv1D(X) (official ttt_proj: false)")
+    ttt_rope_modulo: bool = flag(False, "modulo RoPE on Z in the fast-weight path (ours)")
+    lora_rank: int = flag(8)
+    lora_scaling: float = flag(2.0)
+    text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")
+    first_codebook_weight: float = flag(1.0, "token streams: first audio codebook's weight")
+    pretrain_steps: int = flag(600)
+    steps: int = flag(40, "steps per extension stage")
+    batch: int = flag(16, "global batch in sequences")
+    grad_accum: int = flag(1, "micro-steps per step")
+    lr: float = flag(2e-3, "peak learning rate of base weights")
+    lr_ttt: float = flag(2e-3, "peak learning rate of the TTT conv and W_target")
+    weight_decay: float = flag(0.1)
+    ttt_weight_decay: float = flag(0.0)
+    warmup: float = flag(0.1, "warmup, a fraction of each stage's steps")
+    grad_clip: float = flag(1.0, "the gradient norm's bound (see --clip)")
+    clip: str = flag("per-group", "TTT and base apart, or together", choices=("per-group", "global"))
+    grad_checkpointing: bool = flag(False)
+    fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
+    eval_trials: int = flag(10, "passkey documents per depth in evaluations")
+    log_every: int = flag(25)
+    save_every: int = flag(100, "steps between checkpoints inside a stage")
+    out: str = flag("out")
+    seed: int = flag(0)
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# What a run may change when it resumes: where it is (--out, --device) and that it resumes.
+RESUME_FREE = ("resume", "out", "device")
+# What an --init checkpoint fixes, as (config field, key in its settings["ttt"] or None for the settings).
+FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layers"), ("ttt_chunk", "chunk_size"),
+                 ("ttt_eta", "eta"), ("ttt_kernel", "kernel_size"), ("ttt_target", "target_source"),
+                 ("ttt_target_std", "target_init_std"), ("ttt_no_target", "target"), ("ttt_rope_modulo", None)]
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None) -> tuple[Config, dict]:
+    """The command line: the Config its flags and recipe give (every value checked before any work)
+    and the flags given explicitly, by field name."""
+    p = eval_passkey.OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kw = {k: v for k, v in f.metadata.items() if v is not None}
+        if f.type is bool:
+            kw["action"] = "store_true"
+        elif "type" not in kw and "nargs" not in kw and f.type in (int, float, str):
+            kw["type"] = f.type
+        p.add_argument(option(f.name), default=argparse.SUPPRESS, **kw)
+    given = vars(p.parse_args(argv))
+    config = Config(**{**RECIPES[given.get("recipe", "project")], **given})
+    fail = p.error  # one line on stderr, exit code 2, nothing written
+    try:
+        check(config)
+    except ValueError as e:
+        fail(str(e))
+    if isinstance(given.get("ttt_layers"), str):
+        given["ttt_layers"] = config.ttt_layers
+    return config, given
+
+
+def check(c: Config) -> None:
+    """Each value in its range, and the flags that go together: ValueError, one line, naming it."""
+    for name in ("original_len", "steps", "batch", "grad_accum", "ttt_chunk", "eval_trials", "log_every",
+                 "save_every", "lora_rank", "pretrain_steps", "window"):
+        least = 0 if name in ("pretrain_steps", "window") else 1
+        if getattr(c, name) is not None and getattr(c, name) < least:
+            raise ValueError(f"{option(name)} must be >= {least}, got {getattr(c, name)}")
+    for name in ("lr", "lr_ttt", "ttt_eta", "ttt_target_std", "weight_decay", "ttt_weight_decay", "grad_clip",
+                 "answer_weight", "lora_scaling", "text_padding_weight", "first_codebook_weight"):
+        if not (math.isfinite(getattr(c, name)) and getattr(c, name) >= 0):
+            raise ValueError(f"{option(name)} must be a finite number >= 0, got {getattr(c, name)}")
+        if name in ("lr", "lr_ttt") and getattr(c, name) > 1e37:  # AdamW's first step divides by 0.1
+            raise ValueError(f"{option(name)} must be <= 1e37, got {getattr(c, name)}")
+    if not 0 <= c.warmup < 1:
+        raise ValueError(f"--warmup is a fraction of each stage's steps, in [0, 1), got {c.warmup}")
+    for name in ("passkey_share", "passkey_max_depth"):
+        if not 0 <= getattr(c, name) <= 1:
+            raise ValueError(f"{option(name)} must be in [0, 1], got {getattr(c, name)}")
+    if not (math.isfinite(c.scale) and c.scale >= 1):
+        raise ValueError(f"--scale must be >= 1, got {c.scale}")
+    if c.ttt_kernel < 1 or c.ttt_kernel % 2 == 0:
+        raise ValueError(f"--ttt-kernel must be odd and >= 1, got {c.ttt_kernel}")
+    if c.original_len < 128:
+        raise ValueError(f"--original-len must be >= 128 (a passkey document needs 104 bytes), got {c.original_len}")
+    if isinstance(c.ttt_layers, str) and c.ttt_layers not in ("default", "official", "none"):
+        try:
+            c.ttt_layers = [int(v) for v in c.ttt_layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--ttt-layers must be 'default', 'official', 'none' or a comma list of integers, "
+                             f"got {c.ttt_layers!r}") from None
+    if c.ttt_layers in ("none", []) and c.mode != "full":
+        raise ValueError("--ttt-layers none (no TTT) needs --mode full: the other modes train TTT parameters")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if c.batch % (world * c.grad_accum):
+        raise ValueError(f"--batch {c.batch} must be divisible by processes x --grad-accum = {world * c.grad_accum}")
+    if not 0 <= c.seed < 10 ** 6:
+        raise ValueError(f"--seed must be in [0, 1000000), got {c.seed}")
+    if bool(c.init and c.init.endswith(".safetensors")) != bool(c.init_config):
+        raise ValueError("--init-config goes with a .safetensors --init, and only with one")
+    if c.fsdp and ("RANK" not in os.environ or not (c.init or c.resume)):
+        raise ValueError("--fsdp needs torchrun and --init (it shards the model being extended, not pretraining)")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {c.device} but CUDA is not available")
+
+
+def resumed_config(given: dict) -> tuple[Config, dict]:
+    """--resume: the stored run, whole, and its checkpoint. A flag given with it must say what the
+    run already is (else ValueError naming the flag, the stored and the given value)."""
+    out = given.get("out", "out")
+    path = os.path.join(out, "ckpt.pt")
+    checkpoint = checkpoints.load_checkpoint(path)
+    checkpoints.check_resumable(checkpoint, path)
+    if not isinstance(checkpoint.get("config"), dict):
+        raise ValueError(f"{path} holds no run configuration (written before runs stored theirs): "
+                         f"start the run again")
+    stored = Config(**checkpoint["config"])
+    for name, value in given.items():
+        if name not in RESUME_FREE and value != getattr(stored, name):
+            raise ValueError(f"{option(name)} {value!r} differs from the run being resumed ({path}: "
+                             f"{getattr(stored, name)!r}); --resume continues the run as it was configured")
+    if stored.fsdp and "RANK" not in os.environ:
+        raise ValueError(f"{path} was saved with --fsdp: resume it the same way, under torchrun")
+    return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUME_FREE}), checkpoint
+
+
+def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, multistream: bool) -> None:
+    """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
+    window and its TTT; a Moshi-format one, L0 (its `context`) unless --original-len is given. A flag
+    that contradicts what the checkpoint fixes is refused (ValueError naming both values)."""
+    named = {"default": ttt.default_layers(n_layers), "official": list(range(0, n_layers, 6)), "none": []}
+    if isinstance(c.ttt_layers, str):
+        c.ttt_layers = named[c.ttt_layers]
+    if isinstance(given.get("ttt_layers"), str):
+        given["ttt_layers"] = named[given["ttt_layers"]]
+    if c.init and c.init.endswith(".safetensors"):
+        if "original_len" not in given:
+            if not settings["model"].get("context"):
+                raise ValueError("the Moshi model has no finite context: give its L0 with --original-len")
+            c.original_len = settings["model"]["context"]
+        settings["original_len"] = settings["trained_len"] = c.original_len
+    elif c.init:
+        fixed = dict(original_len=settings["original_len"])
+        if settings.get("window"):
+            fixed["window"] = settings["window"]
+        if settings.get("ttt"):
+            t = settings["ttt"]
+            fixed.update({name: (not t[key]) if name == "ttt_no_target" else t[key]
+                          for name, key in FIXED_BY_INIT if key is not None})
+            fixed["ttt_rope_modulo"] = bool(settings.get("ttt_rope_modulo"))
+        for name, value in fixed.items():
+            if name in given and given[name] != value:
+                raise ValueError(f"{option(name)} {given[name]!r} contradicts the --init checkpoint, whose "
+                                 f"{name} is {value!r}; leave the flag out to keep it")
+            setattr(c, name, value)
+    if c.window is None:  # a small model sees 2 L0: YaRN matters beyond L0, and only TTT beyond 2 L0;
+        c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)
+    if any(not 0 <= i < n_layers for i in c.ttt_layers):
+        raise ValueError(f"--ttt-layers {c.ttt_layers} out of range: the model has layers 0..{n_layers - 1}")
+
+
+def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
+    """Stage 0 pretrains at L0 (scale 1), then lengths double with the scale up to `scale`."""
+    stages = [dict(kind="pretrain", length=original_len, scale=1.0)] if pretrain else []
+    s = 1.0
+    while True:
+        s = min(2 * s, scale)
+        stages.append(dict(kind="extend", length=math.ceil(s * original_len), scale=s))
+        if s >= scale:
+            return stages
+
+
+@dataclasses.dataclass
+class Start:
+    """What a run starts from, checked: the model (None: pretrain a new one), its settings, the
+    resumed checkpoint (or None), the corpus and the stages."""
+    model: tp.Any
+    settings: dict
+    resume: tp.Optional[dict]
+    corpus: tp.Any
+    multistream: bool
+    stages: list
+
+
+def start(c: Config, given: dict) -> Start:
+    """The starting point and the data for `c`, completing `c` in place (see the module docstring).
+    Every output path is checked writable first. ValueError, one line, on anything wrong."""
+    checkpoints.check_writable(c.out, folder=True)
+    if c.resume:
+        resumed, resume = resumed_config(given)
+        for f in dataclasses.fields(Config):
+            setattr(c, f.name, getattr(resumed, f.name))
+        check(c)
+        model = checkpoints.model_from_checkpoint(resume, "cpu", os.path.join(c.out, "ckpt.pt"))
+        settings = copy.deepcopy(resume["settings"])
+    else:
+        model, settings, resume = checkpoints.starting_point(c.init, c.init_config)
+    multistream = model is not None and "lm_kwargs" in settings["model"]
+    if multistream and not c.data:
+        raise ValueError("a Moshi-format model trains on --data token arrays (.npy, [K, T])")
+    corpus = data.load_token_arrays(c.data, model.num_codebooks) if multistream else data.load_corpus(c.data)
+    if not resume:
+        n_layers = len(model.transformer.layers) if model is not None else M.PRESETS[c.preset]["num_layers"]
+        settle(c, given, settings, n_layers, multistream)
+    if model is None:  # pretrain a new model from scratch
+        settings = M.new_settings(dict(M.PRESETS[c.preset], context=c.original_len), c.original_len,
+                                  os.path.join(c.out, "base.pt"))
+        torch.manual_seed(c.seed)
+        model = M.build_model(settings["model"])
+    stages = resume["stages"] if resume else curriculum(c.scale, c.original_len, pretrain=not c.init)
+    if c.pretrain_only and stages[0]["kind"] != "pretrain":
+        raise ValueError("--pretrain-only needs a run that pretrains (no --init)")
+    stages = stages[:1] if c.pretrain_only else stages
+    if (longest := max(s["length"] for s in stages)) > (have := corpus.longest()):
+        raise ValueError(f"stage length {longest} needs more {'token steps' if multistream else 'text'} than the "
+                         f"corpus has (the shorter of train and validation: {have})")
+    shortest = min((s["length"] for s in stages if s["kind"] == "extend"), default=math.inf)
+    window = c.window or None
+    if c.ttt_chunk is None:  # --recipe official: 4096 (for 64k-token sequences), capped
+        c.ttt_chunk = min(4096, window or shortest, shortest // 2)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"TTT chunk {c.ttt_chunk}: the official 4096 capped by the attention window (a longer "
+                  f"chunk leaves tokens no layer sees) and half the shortest sequence (the fast weight must update)")
+    if window and c.ttt_layers and c.ttt_chunk > window:
+        raise ValueError(f"--ttt-chunk {c.ttt_chunk} is longer than --window {window}: tokens more than {window} "
+                         f"steps into a chunk would be seen by neither attention nor the fast weight")
+    if c.ttt_layers and c.ttt_chunk >= shortest:
+        raise ValueError(f"--ttt-chunk {c.ttt_chunk} must be shorter than the sequences ({shortest}): "
+                         f"with one chunk the fast weights never update")
+    return Start(model, settings, resume, corpus, multistream, stages)
