@@ -71,6 +71,7 @@ class Config:
     ttt_target_std: float = flag(0.02, "std of W_target's initial diagonal")
     ttt_no_target: bool = flag(False, "no W_target: V = Conv1D(X) (official ttt_proj: false)")
     ttt_rope_modulo: bool = flag(False, "modulo RoPE on Z in the fast-weight path (ours)")
+    ttt_decay: float = flag(1.0, "forgetting per chunk gamma in (0, 1]: the fast part decays by it (ours; 1: the paper)")
     lora_rank: int = flag(8)
     lora_scaling: float = flag(2.0)
     text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")
@@ -101,7 +102,8 @@ RESUME_FREE = ("resume", "out", "device")
 # What an --init checkpoint fixes, as (config field, key in its settings["ttt"] or None for the settings).
 FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layers"), ("ttt_chunk", "chunk_size"),
                  ("ttt_eta", "eta"), ("ttt_kernel", "kernel_size"), ("ttt_target", "target_source"),
-                 ("ttt_target_std", "target_init_std"), ("ttt_no_target", "target"), ("ttt_rope_modulo", None)]
+                 ("ttt_target_std", "target_init_std"), ("ttt_no_target", "target"), ("ttt_decay", "decay"),
+                 ("ttt_rope_modulo", None)]
 
 
 def option(name: str) -> str:
@@ -149,6 +151,8 @@ def check(c: Config) -> None:
     for name in ("passkey_share", "passkey_max_depth"):
         if not 0 <= getattr(c, name) <= 1:
             raise ValueError(f"{option(name)} must be in [0, 1], got {getattr(c, name)}")
+    if not 0 < c.ttt_decay <= 1:
+        raise ValueError(f"--ttt-decay must be in (0, 1], got {c.ttt_decay}")
     if not (math.isfinite(c.scale) and c.scale >= 1):
         raise ValueError(f"--scale must be >= 1, got {c.scale}")
     if c.ttt_kernel < 1 or c.ttt_kernel % 2 == 0:
@@ -217,7 +221,7 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             fixed["window"] = settings["window"]
         if settings.get("ttt"):
             t = settings["ttt"]
-            fixed.update({name: (not t[key]) if name == "ttt_no_target" else t[key]
+            fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, 1.0)
                           for name, key in FIXED_BY_INIT if key is not None})
             fixed["ttt_rope_modulo"] = bool(settings.get("ttt_rope_modulo"))
         for name, value in fixed.items():

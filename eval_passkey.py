@@ -297,6 +297,8 @@ def parse_args(argv):
     p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
     p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
     p.add_argument("--streaming", action="store_true", help="greedy decoding step by step, as Moshi runs")
+    p.add_argument("--ttt-decay", type=float, default=None, help="evaluate with this forgetting per chunk in every "
+                   "TTT layer instead of the trained one (an inference-only remedy)")
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the Python stdlib)")
     p.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -329,6 +331,8 @@ def parse_args(argv):
         fail(f"--scale must be >= 1, got {args.scale}")
     if (args.scale is not None or args.dynamic) and args.method is None:
         fail("--scale and --dynamic need --method")
+    if args.ttt_decay is not None and not 0 < args.ttt_decay <= 1:
+        fail(f"--ttt-decay must be in (0, 1], got {args.ttt_decay}")
     if args.dynamic and args.streaming:
         fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
              "step); stream with a fixed --scale")
@@ -350,6 +354,11 @@ def main(argv=None):
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
         override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
+    if args.ttt_decay is not None:
+        if not freeze.ttt_modules(model):
+            fail(f"--ttt-decay: {args.checkpoint} has no TTT layers")
+        for gating in freeze.ttt_modules(model):
+            gating.decay = args.ttt_decay
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
     # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
     M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
@@ -365,7 +374,7 @@ def main(argv=None):
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
     result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
-                  streaming=args.streaming,
+                  streaming=args.streaming, ttt_decay=args.ttt_decay,
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))

@@ -248,6 +248,8 @@ class StudyRow:
     flags: list[str]  # train.py's (eval_passkey.py's where train is False) on top of the common ones
     train: bool = True
     chosen_after_report: bool = False  # True for a row added after the report set's results were seen
+    eval_flags: list = dataclasses.field(default_factory=list)  # eval_passkey.py's, for a trained row
+    same_training: str = ""  # a row whose checkpoint this one evaluates (it trains nothing itself)
 
 
 def far_depth(length: int, window: int) -> float:
@@ -660,13 +662,28 @@ def study(args, p) -> None:
 
 # Lengths as multiples of the window W; every needle depth here is far (wholly beyond W) at 4 W and up.
 # stream: the longest length is also decoded one token per step (the path LMGen runs) on base 0.
+# "cpu" is the study's miniature (dim 128, 4 layers, L0 = 4 W as on the GPU): minutes on 2 cores.
 PRESETS_HORIZON = {
     "cuda": dict(PRESETS_STUDY["cuda"], multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5],
                  stream_trials=8, stream_depth=0.25),
-    "cpu": dict(PRESETS_STUDY["cpu"], multiples=[4, 8], horizon_depths=[0.0, 0.25], stream_trials=2,
-                stream_depth=0.25),
+    "cpu": dict(PRESETS_STUDY["cpu"], L0=512, window=128, pretrain_steps=600, pretrain_batch=8, steps=200, batch=8,
+                multiples=[4, 8, 16, 32], horizon_depths=[0.0, 0.25, 0.5], trials=10, windows=8, stream_trials=2,
+                stream_depth=0.25, jobs=2),
 }
-HORIZON_ROWS = ["base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in"]
+
+
+def horizon_rows(c: dict) -> list[StudyRow]:
+    """The study's rows that answer the horizon question, then the remedies (this project's, not the
+    paper's): forgetting per chunk (--ttt-decay), trained in or set at inference only."""
+    study = {r.name: r for r in study_rows(c)}
+    mlp_in = ["--mode", "ttt_mlp_in"]
+    rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
+    for decay in ("0.99", "0.97"):
+        rows.append(StudyRow(f"ttt_mlp_in_decay{decay[2:]}", f"ttt_mlp_in, decay {decay} per chunk, trained",
+                             mlp_in + ["--ttt-decay", decay]))
+    rows.append(StudyRow("ttt_mlp_in_eval_decay97", "ttt_mlp_in, decay 0.97 at inference only", mlp_in,
+                         eval_flags=["--ttt-decay", "0.97"], same_training="ttt_mlp_in"))
+    return rows
 
 
 def horizon_lengths(c: dict) -> list[int]:
@@ -675,10 +692,12 @@ def horizon_lengths(c: dict) -> list[int]:
 
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
-    rows = [r for r in study_rows(c) if r.name in HORIZON_ROWS]
-    wanted = [r.name for r in rows] if args.rows is None else args.rows.split(",")
-    if any(r not in HORIZON_ROWS for r in wanted):
-        p.error(f"--rows must be among {HORIZON_ROWS}, got {args.rows}")
+    rows = horizon_rows(c)
+    known = [r.name for r in rows]
+    wanted = known if args.rows is None else args.rows.split(",")
+    if any(r not in known for r in wanted):
+        p.error(f"--rows must be among {known}, got {args.rows}")
+    wanted += [r.same_training for r in rows if r.name in wanted and r.same_training]
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
@@ -711,24 +730,29 @@ def horizon(args, p) -> None:
             b = f"base{seed}"
             if row.name not in wanted or row.name in results["rows"].get(b, {}):
                 continue
-            folder, checkpoint, commands = os.path.join(work, b, row.name), os.path.join(work, b, "base.pt"), []
-            if row.train:
+            trained = row.same_training or row.name  # the folder of the training this row evaluates
+            folder, checkpoint, commands = os.path.join(work, b, trained), os.path.join(work, b, "base.pt"), []
+            if row.same_training:
+                checkpoint = os.path.join(folder, "ckpt.pt")
+            elif row.train:
                 base, checkpoint = checkpoint, os.path.join(folder, "ckpt.pt")
                 if not os.path.exists(os.path.join(folder, "results.json")):
                     commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"]))
             out = os.path.join(work, b, f"{row.name}_horizon.json")
-            flags = [] if row.train else row.flags
+            flags = row.eval_flags if row.train else row.flags
             commands.append([sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
                              "--out", out] + common_eval + flags)
-            todo.append(dict(name=f"{b}/{row.name}", after=b if b in waits else None, commands=commands,
+            after = b if b in waits else None  # a row evaluating another's checkpoint waits for its training
+            after = f"{b}/{row.same_training}" if any(j["name"] == f"{b}/{row.same_training}" for j in todo) else after
+            todo.append(dict(name=f"{b}/{row.name}", after=after, commands=commands,
                              log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row.name, out=out))
-            if seed == 0 and row.name.startswith("ttt") and row.name not in results["probe"]:
+            if seed == 0 and row.name.startswith("ttt") and not row.same_training and row.name not in results["probe"]:
                 probe_out = os.path.join(work, b, f"{row.name}_probe.json")
                 todo.append(dict(name=f"{b}/{row.name}/probe", after=f"{b}/{row.name}", row=row.name, probe=probe_out,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
                                      [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
                                       str(lengths[-1]), "--out", probe_out]]))
-            if seed == 0 and row.name.startswith("ttt") and row.name not in results["streaming"]:
+            if seed == 0 and row.name.startswith("ttt") and not row.same_training and row.name not in results["streaming"]:
                 outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
                 todo.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
@@ -813,8 +837,8 @@ def tables_horizon(results: dict, path: str) -> None:
     each TTT row's bits per byte stay at or below the no-TTT control's on every base; <path>.png."""
     c = results["config"]
     bases = sorted(results["rows"], key=lambda b: int(b.removeprefix("base")))
-    labels = {r.name: r.label for r in study_rows(c)}
-    names = [n for n in HORIZON_ROWS if any(n in results["rows"][b] for b in bases)]
+    labels = {r.name: r.label for r in horizon_rows(c)}
+    names = [n for n in labels if any(n in results["rows"][b] for b in bases)]
     lengths, W = c["lengths"], c["window"]
     head = "| row | " + " | ".join(f"{L // W} W" for L in lengths) + " |"
     rule = "|---" * (len(lengths) + 1) + "|"

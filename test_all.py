@@ -254,8 +254,9 @@ def test_apply_yarn_widens_context_and_records_settings():
 # TTT
 # ============================================================================================
 
-def ttt_naive_f64(Z, V, W, eta, C):
-    """Per position t: W_t = W + eta * sum over positions s in earlier chunks of v_s z_s^T."""
+def ttt_naive_f64(Z, V, W, eta, C, decay=1.0):
+    """Per position t: W_t = W + eta * sum over positions s in earlier chunks of
+    decay^(chunk(t) - 1 - chunk(s)) v_s z_s^T."""
     Z, V, W = Z.double(), V.double(), W.double()
     B, T, _ = Z.shape
     O = torch.zeros(B, T, W.shape[0], dtype=torch.float64)
@@ -263,32 +264,35 @@ def ttt_naive_f64(Z, V, W, eta, C):
         for t in range(T):
             Wt = W.clone()
             for s in range(0, (t // C) * C):
-                Wt += eta * torch.outer(V[b, s], Z[b, s])
+                Wt += eta * decay ** (t // C - 1 - s // C) * torch.outer(V[b, s], Z[b, s])
             O[b, t] = Wt @ Z[b, t]
     return O
 
 
+DECAYS = st.one_of(st.just(1.0), st.floats(0.3, 1.0))  # the paper's rule, or this project's forgetting
+
+
 @FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 24), C=st.integers(1, 30), h=st.integers(1, 6),
-       d=st.integers(1, 5), eta=st.floats(0.0, 2.0))
-def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta):
+       d=st.integers(1, 5), eta=st.floats(0.0, 2.0), decay=DECAYS)
+def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay):
     g = torch.Generator().manual_seed(B * 1000 + T * 10 + C)
     Z, V, W = torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)
-    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C)
-    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C))
+    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C, decay)
+    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C, decay))
 
 
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 50), C=st.integers(1, 20), h=st.integers(1, 9),
-       d=st.integers(1, 7), eta=st.floats(0.0, 1.0), group=st.integers(1, 60))
-def test_ttt_scan_equals_reference_with_gradients(B, T, C, h, d, eta, group):
+       d=st.integers(1, 7), eta=st.floats(0.0, 1.0), group=st.integers(1, 60), decay=DECAYS)
+def test_ttt_scan_equals_reference_with_gradients(B, T, C, h, d, eta, group, decay):
     """Any group size (one chunk: the plain scan; several: the within-group dual form; ragged
-    last chunk and group) gives ttt_chunked's output and gradients."""
+    last chunk and group), with or without decay, gives ttt_chunked's output and gradients."""
     g = torch.Generator().manual_seed(T * 100 + C)
     inputs = [torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)]
     dO = torch.randn(B, T, d, generator=g)
     results = []
-    for fn in (ttt.ttt_chunked, functools.partial(ttt.ttt_scan, group=group)):
+    for fn in (functools.partial(ttt.ttt_chunked, decay=decay), functools.partial(ttt.ttt_scan, group=group, decay=decay)):
         xs = [x.clone().requires_grad_() for x in inputs]
         out = fn(*xs, eta, C)
         out.backward(dO)
@@ -303,7 +307,8 @@ def test_ttt_scan_gradients_in_float64():
               torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True),
               torch.randn(3, 4, dtype=torch.float64, requires_grad=True)]
     for group in (4, 8, 12):  # the plain scan; groups of 2 and 3 chunks, the last one ragged
-        assert torch.autograd.gradcheck(lambda Z, V, W: ttt.ttt_scan(Z, V, W, 0.7, 4, group), inputs)
+        for decay in (1.0, 0.6):
+            assert torch.autograd.gradcheck(lambda Z, V, W: ttt.ttt_scan(Z, V, W, 0.7, 4, group, decay), inputs)
     Z, V = inputs[0].detach(), inputs[1].detach()
     fast_only = ttt.ttt_scan(Z, V, None, 0.7, 4, 8)
     torch.testing.assert_close(fast_only, ttt.ttt_chunked(Z, V, torch.zeros_like(inputs[2]), 0.7, 4))
@@ -491,12 +496,13 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
 
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 40), C=st.integers(1, 9), d=st.integers(1, 12),
-       h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16))
-def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed):
+       h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS)
+def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed, decay):
     """One TTTGating fed token by token against ttt_chunked (the paper's loop) on the same Z and
-    targets, float64: every slot, every fold slice (R = ceil(d / C) rows, C > d included)."""
+    targets, float64: every slot, every fold slice (R = ceil(d / C) rows, C > d included), with
+    or without decay."""
     torch.manual_seed(seed)
-    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel).double()
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay).double()
     with torch.no_grad():
         g.conv.weight.normal_()
         g.W_target.normal_()
@@ -504,7 +510,7 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
     gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
     Z = torch.nn.functional.silu(gate) * up
     V = ttt.conv_within_chunks(x, g.conv, C) @ g.W_target
-    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C)
+    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C, decay)
     with torch.no_grad(), g.streaming(B):
         out = torch.cat([g(x[:, t:t + 1]) for t in range(T)], dim=1)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -1125,6 +1131,25 @@ def test_study_rows_are_valid_train_py_runs(device):
     assert sweep.REPORT_SEED != sweep.eval_passkey.EVAL_SEED and sweep.REPORT_SEED >= 2 ** 40
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_horizon_rows_are_the_runs_they_name(device):
+    """Every horizon row that trains parses as a train.py run with its mode and forgetting; the
+    inference-only row evaluates another row's checkpoint with eval_passkey's --ttt-decay; every
+    needle depth is far at every length."""
+    c = sweep.PRESETS_HORIZON[device]
+    rows = {r.name: r for r in sweep.horizon_rows(c)}
+    for name, row in rows.items():
+        if not row.train or row.same_training:
+            continue
+        args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"])[2:])
+        assert args.mode == ("full" if name == "control" else "ttt_mlp_in" if "mlp_in" in name else "ttt_only")
+        assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
+    inference = rows["ttt_mlp_in_eval_decay97"]
+    assert inference.same_training == "ttt_mlp_in" and inference.eval_flags == ["--ttt-decay", "0.97"]
+    assert eval_passkey.parse_args(["x.pt"] + inference.eval_flags)[0].ttt_decay == 0.97
+    assert all(eval_passkey.is_far(L, d, c["window"]) for L in sweep.horizon_lengths(c) for d in c["horizon_depths"])
+
+
 def synthetic_study(by_depth: dict) -> dict:
     """A study JSON as sweep.study writes it, with the given accuracies per (base, row, split, length)."""
     c = dict(sweep.PRESETS_STUDY["cuda"], seed=0, dev_seed=1, report_seed=2, depths=sweep.DEPTHS_B,
@@ -1366,7 +1391,7 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     ["--passkey-share", "2"], ["--window", "-1"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
-    ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"],
+    ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"], ["--ttt-decay", "0"], ["--ttt-decay", "1.5"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1378,7 +1403,7 @@ def test_train_bad_flags_exit_2(argv, capsys):
 
 @pytest.mark.parametrize("argv", [["--depths", "0,2"], ["--trials", "0"], ["--lengths", "10"],
                                   ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"],
-                                  ["--method", "yarn", "--dynamic", "--streaming"]])
+                                  ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
@@ -1843,7 +1868,7 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert settings["window"] == 256 and settings["ttt"]["chunk_size"] == 32
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
-           ["--ttt-no-target"], ["--original-len", "160"]]
+           ["--ttt-no-target"], ["--ttt-decay", "0.9"], ["--original-len", "160"]]
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()

@@ -14,7 +14,12 @@ The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down
                                                  (or none: V = Conv1D(X), official `ttt_proj: false`)
 
 X is the MLP input (the official default for continual training) or the token embeddings
-(the paper's X0). The conv starts at zero, so a freshly converted model equals the base model.
+(the paper's X0). An option of this project, not the paper's: `decay` gamma forgets, per chunk,
+
+    Wd_(i+1) = Wd_0 + gamma * (Wd_i - Wd_0) + eta * V_i^T Z_i      (gamma = 1: the paper's rule)
+
+so the sum of updates stays bounded on a stream without end, as the forgetting gates of gated
+delta rules and Titans do; results/horizon says what it does past the trained length. The conv starts at zero, so a freshly converted model equals the base model.
 Causality holds because chunk i only sees updates from chunks before it; the last chunk's
 update is never used.
 
@@ -41,13 +46,13 @@ from torch.nn import functional as F
 # ---------------------------------------------------------------------------------------------
 
 def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, decay: float = 1.0) -> torch.Tensor:
     """The chunked fast-weight MLP output, the paper's equation read literally.
 
     Z: [B, T, h] gated activations, V: [B, T, d] targets, W_down: [d, h] (the layout of
     `linear_out.weight`). Returns O: [B, T, d] where chunk i is computed with
-    W_down + eta * sum over chunks j < i of V_j^T Z_j. Any T: the last chunk may be shorter,
-    and chunk_size >= T is one chunk, i.e. the plain MLP.
+    W_down + eta * sum over chunks j < i of decay^(i - 1 - j) V_j^T Z_j. Any T: the last chunk
+    may be shorter, and chunk_size >= T is one chunk, i.e. the plain MLP.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -58,7 +63,7 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         Z_i = Z[:, start:start + chunk_size]  # [B, C, h]
         V_i = V[:, start:start + chunk_size]  # [B, C, d]
         outputs.append(torch.einsum("bch,bdh->bcd", Z_i, W))
-        W = W + eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)
+        W = W_down + decay * (W - W_down) + eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)
     return torch.cat(outputs, dim=1)
 
 
@@ -136,12 +141,14 @@ class TTTGating(StreamingModule[_TTTState]):
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
                  eta: float, kernel_size: int = 5, target_source: str = "hidden",
-                 target_init_std: float = 0.02, target: bool = True):
+                 target_init_std: float = 0.02, target: bool = True, decay: float = 1.0):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
         if kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and > 0, got {kernel_size}")
         if target_source not in ("hidden", "embeddings"):
@@ -150,6 +157,7 @@ class TTTGating(StreamingModule[_TTTState]):
         self.linear_out = nn.Linear(hidden, dim, bias=False)
         self.activation = activation
         self.chunk_size, self.eta, self.target_source = chunk_size, float(eta), target_source
+        self.decay = float(decay)  # this project's forgetting per chunk; 1: the paper's rule
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
         nn.init.zeros_(self.conv.weight)
         W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
@@ -210,9 +218,9 @@ class TTTGating(StreamingModule[_TTTState]):
         W = self.down_weight()
         V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
         if self.z_transform is None:  # O_i = Z_i (Wd_0 + eta * sum_(j<i) V_j^T Z_j)^T
-            return ttt_scan(Z, V, W, self.eta, self.chunk_size)
+            return ttt_scan(Z, V, W, self.eta, self.chunk_size, decay=self.decay)
         # The fast path reads and writes a transformed Z; the base product keeps the plain one.
-        fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size)
+        fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size, decay=self.decay)
         return F.linear(Z, W) + fast
 
     def _streaming_step(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
@@ -264,14 +272,20 @@ class TTTGating(StreamingModule[_TTTState]):
         V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
         update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
         index = rows[:, :, None].expand(B, R, h)
-        state.fast.scatter_add_(1, index, update.mul_(keep).mul_(self.eta))
+        delta = update.mul_(self.eta)
+        if self.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
+            delta.add_(state.fast.gather(1, index), alpha=self.decay - 1)
+        state.fast.scatter_add_(1, index, delta.mul_(keep))
         state.fast_read.scatter_(1, index, state.fast.gather(1, index).to(state.fast_read.dtype))
 
         # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
         unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
         pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
         out = self.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
-        out = out + torch.bmm(Zf, state.fast_read.transpose(1, 2)).to(out.dtype)
+        read = torch.bmm(Zf, state.fast_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
+        if self.decay != 1:
+            read = read * (1 - (1 - self.decay) * unfolded.to(read.dtype))[:, None]
+        out = out + read.to(out.dtype)
         out = out + (self.eta * pending * unfolded[:, None]).to(out.dtype)
         state.offset.add_(run.long())
         return out
@@ -338,7 +352,7 @@ def _keep_embeddings(transformer: nn.Module, args: tuple) -> None:
 
 def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
               kernel_size: int = 5, target_source: str = "hidden",
-              target_init_std: float = 0.02, target: bool = True) -> nn.Module:
+              target_init_std: float = 0.02, target: bool = True, decay: float = 1.0) -> nn.Module:
     """Replaces `layer.gating` of the given layer indices of a moshi `LMModel` or
     `StreamingTransformer` by a TTTGating holding the same weights; returns the model.
 
@@ -365,7 +379,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         weight = old.linear_out.weight
         with torch.device(weight.device):  # built where the model is (a 7B layer is 0.6 GB in float32)
             new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
-                            target_source, target_init_std, target)
+                            target_source, target_init_std, target, decay)
         new.to(dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
@@ -376,7 +390,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         transformer.register_forward_pre_hook(_keep_embeddings)
     model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
                               kernel_size=int(kernel_size), target_source=target_source,
-                              target_init_std=float(target_init_std), target=bool(target))
+                              target_init_std=float(target_init_std), target=bool(target), decay=float(decay))
     return model
 
 
@@ -400,14 +414,16 @@ def check_chunk_fits_window(chunk_size: int, context: tp.Optional[int]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor], eta: float,
-             chunk_size: int, group: tp.Optional[int] = None) -> torch.Tensor:
+             chunk_size: int, group: tp.Optional[int] = None, decay: float = 1.0) -> torch.Tensor:
     """The same output as ttt_chunked, with one [B, d, h] float32 sum of updates in memory instead
     of one weight per chunk (autograd would keep every chunk's weight for the backward pass).
     Z and V share a dtype; the products run in it. The updates accumulate in float32 and their
     product is kept apart from Z W_down^T, so bf16 does not round away updates small next to W_down.
     W_down None: the fast part alone, as W_down = 0 without its product.
     `group`: tokens per sequential step, rounded down to whole chunks (at least one); by default
-    GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result."""
+    GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result.
+    `decay` < 1 forgets per chunk as ttt_chunked does; the backward then keeps the sum at the start of
+    every group (one [B, d, h] float32 each) instead of recovering it by undoing the updates."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if group is None:
@@ -415,7 +431,9 @@ def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor]
     if group <= 0:
         raise ValueError(f"group must be > 0 tokens, got {group}")
     group = chunk_size * max(1, group // chunk_size)
-    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group))
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group), float(decay))
 
 
 def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
@@ -444,83 +462,127 @@ class _FastWeightScan(torch.autograd.Function):
     token but 1/G as many sequential steps: worth it where each step's launches, not its
     arithmetic, are the cost (a GPU at these sizes).
 
+    With decay gamma < 1, chunk k of a group (k = 0 .. G - 1) reads gamma^k S_g, M[t, u] becomes
+    gamma^(k(t) - k(u) - 1) where chunk(t) > chunk(u), and S_(g+1) = gamma^G S_g + eta * sum over the
+    group's tokens u of gamma^(G - 1 - k(u)) V_u^T Z_u: the same algebra with constant weights.
+
     Saves only Z, V, W_down and the last group's S. Backward walks the groups in reverse, undoing
     each update to recover S_g, and carries R = sum over later groups k of dO_k^T Z_k:
         dZ_g = dO_g (W_down + S_g) + eta V_g R + eta (dP + dP^T) Z_g,   dP = M * (dO_g V_g^T)
         dV_g = eta Z_g R^T + eta (M * Z_g Z_g^T)^T dO_g,   dW_down = sum over all groups of dO_g^T Z_g
-    (the last is R once the walk is done: W_down's gradient costs nothing more).
+    (the last is R once the walk is done: W_down's gradient costs nothing more). With decay, undoing
+    an update would divide by gamma^G at every group, so every group's S is saved instead, and R,
+    the gradient reaching S_(g+1), is carried as R <- gamma^G R + sum over the group of gamma^k dO^T Z.
     """
 
     @staticmethod
-    def forward(ctx, Z, V, W_down, eta, chunk_size, group):
+    def forward(ctx, Z, V, W_down, eta, chunk_size, group, decay):
         B, T, h = Z.shape
         Z, V = Z.contiguous(), V.contiguous()
         state = torch.promote_types(Z.dtype, torch.float32)  # float32, or float64 for checks
         S = Z.new_zeros(B, V.shape[-1], h, dtype=state)  # [B, d, h]
         O = F.linear(Z, W_down.to(Z.dtype)) if W_down is not None else Z.new_zeros(B, T, V.shape[-1])
-        M = _within_group_mask(group, chunk_size, Z)
-        last = (T - 1) // group
+        M = _within_group_mask(group, chunk_size, Z, decay)
+        read, write = _decay_weights(group, chunk_size, decay, Z.dtype, Z.device)  # [L, 1] each, or None
+        last, starts = (T - 1) // group, []
         for n in range(last + 1):
             g = slice(n * group, (n + 1) * group)
             Z_g, V_g, O_g = Z[:, g], V[:, g], O[:, g]
+            L = Z_g.shape[1]
+            if decay != 1:
+                starts.append(S.clone())
             if n > 0:  # the updates of earlier groups
-                O_g.baddbmm_(Z_g, S.to(Z.dtype).transpose(1, 2))
+                if read is None:
+                    O_g.baddbmm_(Z_g, S.to(Z.dtype).transpose(1, 2))
+                else:
+                    O_g.add_(torch.bmm(Z_g, S.to(Z.dtype).transpose(1, 2)) * read[:L])
             if M is not None:  # the updates of earlier chunks of this group
-                L = Z_g.shape[1]
                 A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])  # [B, L, L]
                 O_g.baddbmm_(A, V_g, alpha=eta)
             if n < last:  # the last group's update is never used
-                _accumulate(S, V_g.transpose(1, 2), Z_g, eta)
-        ctx.save_for_backward(Z, V, W_down, S)
-        ctx.eta, ctx.chunk_size, ctx.group = eta, chunk_size, group
+                if write is not None:
+                    S.mul_(decay ** (group // chunk_size))
+                _accumulate(S, (V_g if write is None else V_g * write).transpose(1, 2), Z_g, eta)
+        ctx.save_for_backward(Z, V, W_down, torch.stack(starts) if decay != 1 else S)
+        ctx.eta, ctx.chunk_size, ctx.group, ctx.decay = eta, chunk_size, group, decay
         return O
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dO):
-        Z, V, W_down, S = ctx.saved_tensors
-        eta, group, dtype = ctx.eta, ctx.group, Z.dtype
-        M = _within_group_mask(group, ctx.chunk_size, Z)
+        Z, V, W_down, saved = ctx.saved_tensors
+        eta, group, decay, dtype = ctx.eta, ctx.group, ctx.decay, Z.dtype
+        M = _within_group_mask(group, ctx.chunk_size, Z, decay)
+        read, write = _decay_weights(group, ctx.chunk_size, decay, Z.dtype, Z.device)
         last = (Z.shape[1] - 1) // group
         dO = dO.to(dtype).contiguous()
-        S = S.clone()  # the sum the last group read; walked back one update per group
-        R = torch.zeros_like(S)
+        S = saved[-1] if decay != 1 else saved.clone()  # the sum the last group read
+        R = torch.zeros_like(S)  # dLoss / dS of the next group
+        R_down = R if decay == 1 else torch.zeros_like(S)  # sum of dO^T Z: W_down's gradient (R itself without decay)
         dZ = torch.matmul(dO, W_down.to(dtype)) if W_down is not None else torch.zeros_like(Z)  # [B, T, h]
         dV = torch.zeros_like(V)
         for n in range(last, -1, -1):
             g = slice(n * group, (n + 1) * group)
             Z_g, V_g, dO_g, dZ_g, dV_g = Z[:, g], V[:, g], dO[:, g], dZ[:, g], dV[:, g]
+            L = Z_g.shape[1]
             if n < last:  # this group's update reaches the later groups
                 R_low = R.to(dtype)
-                dZ_g.baddbmm_(V_g, R_low, alpha=eta)
-                dV_g.baddbmm_(Z_g, R_low.transpose(1, 2), alpha=eta)
-                if n > 0:
+                if write is None:
+                    dZ_g.baddbmm_(V_g, R_low, alpha=eta)
+                    dV_g.baddbmm_(Z_g, R_low.transpose(1, 2), alpha=eta)
+                else:
+                    dZ_g.add_(torch.bmm(V_g, R_low) * (eta * write[:L]))
+                    dV_g.add_(torch.bmm(Z_g, R_low.transpose(1, 2)) * (eta * write[:L]))
+                if n > 0 and decay == 1:
                     _accumulate(S, V_g.transpose(1, 2), Z_g, -eta)  # S_(n+1) -> S_n
-            if n > 0:
+            if decay != 1:
+                S = saved[n]
+            if n > 0 and read is None:
                 dZ_g.baddbmm_(dO_g, S.to(dtype))
+            elif n > 0:
+                dZ_g.add_(torch.bmm(dO_g, S.to(dtype)) * read[:L])
             if M is not None:  # within the group
-                L = Z_g.shape[1]
                 A = torch.bmm(Z_g, Z_g.transpose(1, 2)).mul_(M[:L, :L])
                 dV_g.baddbmm_(A.transpose(1, 2), dO_g, alpha=eta)
                 dP = torch.bmm(dO_g, V_g.transpose(1, 2)).mul_(M[:L, :L])
                 dZ_g.baddbmm_(dP + dP.transpose(1, 2), Z_g, alpha=eta)
-            _accumulate(R, dO_g.transpose(1, 2), Z_g, 1.0)
-        dW_down = R.sum(0).to(W_down.dtype) if W_down is not None else None
-        return dZ, dV, dW_down, None, None, None
+            if decay != 1:  # S_(n+1) = decay^G S_n + ...: the gradient reaching S_n
+                R.mul_(decay ** (group // ctx.chunk_size))
+                _accumulate(R, (dO_g * read[:L]).transpose(1, 2), Z_g, 1.0)
+                if W_down is not None:
+                    _accumulate(R_down, dO_g.transpose(1, 2), Z_g, 1.0)
+            else:
+                _accumulate(R, dO_g.transpose(1, 2), Z_g, 1.0)
+        dW_down = R_down.sum(0).to(W_down.dtype) if W_down is not None else None
+        return dZ, dV, dW_down, None, None, None, None
 
 
-def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor) -> tp.Optional[torch.Tensor]:
-    """[L, L]: 1 where position t's chunk comes after position u's, else 0; None for one chunk."""
+def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor, decay: float = 1.0) -> tp.Optional[torch.Tensor]:
+    """[L, L]: decay^(chunk(t) - chunk(u) - 1) where position t's chunk comes after position u's,
+    else 0; None for one chunk."""
     if group == chunk_size:
         return None
-    return _block_mask(group, chunk_size, like.dtype, like.device)
+    return _block_mask(group, chunk_size, like.dtype, like.device, decay)
 
 
 @functools.lru_cache(maxsize=8)
-def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device,
+                decay: float = 1.0) -> torch.Tensor:
     """Made once per size, dtype and device (each call would be three more kernel launches)."""
     chunk = torch.arange(group, device=device) // chunk_size
-    return (chunk[:, None] > chunk[None, :]).to(dtype)
+    after = chunk[:, None] - chunk[None, :]
+    return torch.where(after > 0, decay ** (after - 1).clamp(min=0).double(), 0.0).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype, device: torch.device):
+    """[L, 1] each: decay^k, with which chunk k of a group reads the sum left by earlier groups, and
+    decay^(G - 1 - k), with which its update enters the next group's; (None, None) without decay."""
+    if decay == 1:
+        return None, None
+    k = (torch.arange(group, device=device) // chunk_size).double()
+    G = group // chunk_size
+    return (decay ** k)[:, None].to(dtype), (decay ** (G - 1 - k))[:, None].to(dtype)
 
 
 # Tokens per group of the scan on a GPU, where each sequential step costs launches more than
