@@ -42,23 +42,12 @@ import ttt
 import yarn
 
 
-def prefix_sum_form(Z, V, W_down, eta, chunk_size):
-    """The official parallel form: one d x h weight per chunk, from an exclusive cumsum."""
-    B, T, h = Z.shape
-    n = -(-T // chunk_size)
-    pad = n * chunk_size - T
-    Zc = F.pad(Z, (0, 0, 0, pad)).view(B, n, chunk_size, h)
-    Vc = F.pad(V, (0, 0, 0, pad)).view(B, n, chunk_size, -1)
-    dW = torch.einsum("bncd,bnch->bndh", Vc, Zc)
-    W = W_down + eta * (torch.cumsum(dW, dim=1) - dW)  # [B, n, d, h]
-    return torch.einsum("bnch,bndh->bncd", Zc, W).reshape(B, n * chunk_size, -1)[:, :T]
-
-
 @contextlib.contextmanager
 def fast_weight_path(fn):
-    """Swaps the function TTTGating calls for its fast-weight product (bench only)."""
+    """Swaps the function TTTGating calls for its fast-weight product (bench only; the paper's rule,
+    decay 1, which is all the other forms compute)."""
     saved = ttt.ttt_scan
-    ttt.ttt_scan = fn
+    ttt.ttt_scan = lambda *args, decay=1.0, **kwargs: fn(*args, **kwargs)
     try:
         yield
     finally:
@@ -116,7 +105,7 @@ def bench_gating(d, h, B, T, chunks, dtype, device, reps):
         torch.nn.init.normal_(g.conv.weight, std=0.02)
         row = dict(d=d, h=h, B=B, T=T, chunk=C, plain_ms=t_plain, plain_mib=m_plain)
         paths = (("scan", ttt.ttt_scan), ("chunkwise", functools.partial(ttt.ttt_scan, group=C)),
-                 ("prefix_sum", prefix_sum_form), ("loop", ttt.ttt_chunked))
+                 ("prefix_sum", ttt.ttt_prefix_sum), ("loop", ttt.ttt_chunked))
         for name, fn in paths:
             if name == "loop" and T // C > 64:
                 continue  # autograd unrolls one weight per chunk: too slow and large to be useful

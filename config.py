@@ -57,7 +57,8 @@ class Config:
     original_len: int = flag(128, "L0, the length the base was trained at (from the --init: its own, or a Moshi "
                              "model's context)")
     window: tp.Optional[int] = flag(None, "attention's sliding window W in every stage (default 2 L0, so needles "
-                                    "farther back only TTT can carry; 0: none; from the --init where it has one)", type=int)
+                                    "farther back only TTT can carry; 0: none; from the --init where it has one)",
+                                    type=int)
     preset: str = flag("cpu", "model size when pretraining", choices=sorted(M.PRESETS))
     data: tp.Optional[list] = flag(None, "UTF-8 text files (default: the Python stdlib source)", nargs="+")
     passkey_share: float = flag(0.5, "share of training sequences that are passkeys")
@@ -71,7 +72,7 @@ class Config:
     ttt_target_std: float = flag(0.02, "std of W_target's initial diagonal")
     ttt_no_target: bool = flag(False, "no W_target: V = Conv1D(X) (official ttt_proj: false)")
     ttt_rope_modulo: bool = flag(False, "modulo RoPE on Z in the fast-weight path (ours)")
-    ttt_decay: float = flag(1.0, "forgetting per chunk gamma in (0, 1]: the fast part decays by it (ours; 1: the paper)")
+    ttt_decay: float = flag(1.0, "forgetting per chunk gamma in (0, 1] of the sum of updates (ours; 1: the paper)")
     lora_rank: int = flag(8)
     lora_scaling: float = flag(2.0)
     text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")

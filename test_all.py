@@ -386,22 +386,24 @@ def test_official_mlp_loads_and_matches_the_official_forward(proj):
         ttt.load_official_mlp(g, {k: v for k, v in sd.items() if k != "ttt_conv.weight"})
 
 
-def test_earlier_checkpoints_target_loads_as_its_transpose():
-    """Before W_target took the official orientation, `target` was an nn.Linear (conv(X) @ W^T)."""
-    torch.manual_seed(0)
-    g = ttt.TTTGating(6, 10, torch.nn.functional.silu, 4, 0.7).double()
-    W = torch.randn(6, 6, dtype=torch.float64)
+def test_earlier_checkpoints_target_is_refused():
+    """Before W_target took the official orientation, `target` was an nn.Linear: such a state dict is
+    refused in one line, not loaded."""
+    g = ttt.TTTGating(6, 10, torch.nn.functional.silu, 4, 0.7)
     state = {k: v for k, v in g.state_dict().items() if k != "W_target"}
-    state["target.weight"], state["conv.weight"] = W, torch.randn(6, 1, 5, dtype=torch.float64)
-    g.load_state_dict(state)
-    x = torch.randn(1, 13, 6, dtype=torch.float64)
-    gate, up = (x @ g.linear_in.weight.T).view(1, 13, 2, 10).unbind(2)
-    Z = torch.nn.functional.silu(gate) * up
-    V = torch.nn.functional.linear(ttt.conv_within_chunks(x, g.conv, 4), W)  # the earlier nn.Linear
-    torch.testing.assert_close(g(x), ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, 4))
-    bare = ttt.TTTGating(6, 10, torch.nn.functional.silu, 4, 0.7, target=False)
-    with pytest.raises(ValueError, match="has none"):
-        bare.load_state_dict(state)
+    state["target.weight"] = torch.randn(6, 6)
+    with pytest.raises(ValueError, match="earlier version"):
+        g.load_state_dict(state)
+
+
+@FAST
+@given(B=st.integers(1, 2), T=st.integers(1, 30), C=st.integers(1, 12), h=st.integers(1, 6), d=st.integers(1, 5),
+       eta=st.floats(0.0, 2.0))
+def test_official_prefix_sum_equals_the_chunk_loop(B, T, C, h, d, eta):
+    """The official parallel form (a weight per chunk from an exclusive cumsum) is Eq. (1)'s loop."""
+    g = torch.Generator().manual_seed(T * 31 + C)
+    Z, V, W = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((B, T, h), (B, T, d), (d, h)))
+    torch.testing.assert_close(ttt.ttt_prefix_sum(Z, V, W, eta, C), ttt_naive_f64(Z, V, W, eta, C))
 
 
 def test_ttt_at_init_equals_base_model():

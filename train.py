@@ -229,8 +229,9 @@ def main(argv=None):
             if saving:
                 state, optimizer_state = checkpoints.full_state(model, optimizer, sharded)
                 if master:
-                    checkpoints.save_checkpoint(ckpt_path, dict(model=state, settings=settings, config=stored, stages=stages, stage=stage_index,
-                                                      step=step + 1, optimizer=optimizer_state))
+                    checkpoints.save_checkpoint(ckpt_path, dict(model=state, settings=settings, config=stored,
+                                                                stages=stages, stage=stage_index, step=step + 1,
+                                                                optimizer=optimizer_state))
 
         # --- stage end: validation, passkey, checkpoint (a sharded model is evaluated whole, on rank 0)
         del optimizer, net  # the next stage makes its own: room for a sharded model's whole copy

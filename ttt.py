@@ -1,27 +1,32 @@
 """In-Place Test-Time Training: the MLP down projection as fast weights, for Moshi.
 
-Implements "In-Place Test-Time Training" (Feng et al., ICLR 2026, arXiv 2604.06169: its chunk-wise
-update rule and LM-aligned target; official code ByteDance-Seed/In-Place-TTT, `Qwen3MLP` in
-hf_models/hf_qwen3/modeling_qwen3.py).
+Implements "In-Place Test-Time Training" (Feng et al., ICLR 2026; the submission's text, as read
+here, is in the public repository AlufRon/moshi_in_place, papers/ttt_in_place_paper.txt; official
+code ByteDance-Seed/In-Place-TTT, `Qwen3MLP` in hf_models/hf_qwen3/modeling_qwen3.py).
 The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down projection Wd
 (Moshi's `gating.linear_out`) adapts while the sequence is read, chunk by chunk (chunk size C):
 
     O_i      = Z_i Wd_i^T                       chunk i uses the weight left by chunks j < i
-    Wd_(i+1) = Wd_i + eta * V_i^T Z_i            one gradient step on the loss -<Z Wd^T, V>_F
-    V        = Conv1D(X) W_target                the targets: a depthwise conv within each chunk
-                                                 (zero-initialised) then a d x d projection, used
+    Wd_(i+1) = Wd_i + eta * V_i^T Z_i            Eq. (1): a step on the loss -<Z Wd^T, V>_F
+    V        = Conv1D(X) W_target                section 3.2: a depthwise conv within each chunk
+                                                 (zero-initialised), then a d x d projection used
                                                  untransposed as the official `ttt_proj.weight`
                                                  (or none: V = Conv1D(X), official `ttt_proj: false`)
 
-X is the MLP input (the official default for continual training) or the token embeddings
-(the paper's X0). An option of this project, not the paper's: `decay` gamma forgets, per chunk,
+Every form below carries the sum of updates S_i = eta * sum_(j<i) V_j^T Z_j (so Wd_i = Wd_0 + S_i):
+`ttt_chunked` reads Eq. (1) literally, `ttt_prefix_sum` is the official parallel form (section
+3.4, Algorithm 1), `ttt_scan` the memory-bounded form TTTGating runs, `streaming_step` one token at
+a time for moshi's LMGen. X is the MLP input (the official default for continual training) or the
+token embeddings (the paper's X0). The conv starts at zero, so a freshly converted model equals
+the base model. Causality holds because chunk i only sees updates from chunks before it; the last
+chunk's update is never used.
 
-    Wd_(i+1) = Wd_0 + gamma * (Wd_i - Wd_0) + eta * V_i^T Z_i      (gamma = 1: the paper's rule)
+An option of this project, not the paper's: `decay` gamma forgets, per chunk,
+
+    S_(i+1) = gamma * S_i + eta * V_i^T Z_i       (gamma = 1: Eq. (1))
 
 so the sum of updates stays bounded on a stream without end, as the forgetting gates of gated
-delta rules and Titans do; results/horizon says what it does past the trained length. The conv starts at zero, so a freshly converted model equals the base model.
-Causality holds because chunk i only sees updates from chunks before it; the last chunk's
-update is never used.
+delta rules and Titans do; results/horizon says what it does past the trained length.
 
 Usage:
     import ttt
@@ -42,12 +47,12 @@ from torch.nn import functional as F
 
 
 # ---------------------------------------------------------------------------------------------
-# The math.
+# The math: Eq. (1) read literally, and the official parallel form.
 # ---------------------------------------------------------------------------------------------
 
 def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
                 chunk_size: int, decay: float = 1.0) -> torch.Tensor:
-    """The chunked fast-weight MLP output, the paper's equation read literally.
+    """The chunked fast-weight MLP output, Eq. (1) read literally: one chunk after another.
 
     Z: [B, T, h] gated activations, V: [B, T, d] targets, W_down: [d, h] (the layout of
     `linear_out.weight`). Returns O: [B, T, d] where chunk i is computed with
@@ -65,6 +70,22 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         outputs.append(torch.einsum("bch,bdh->bcd", Z_i, W))
         W = W_down + decay * (W - W_down) + eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)
     return torch.cat(outputs, dim=1)
+
+
+def ttt_prefix_sum(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
+                   chunk_size: int) -> torch.Tensor:
+    """The official parallel form (section 3.4, Algorithm 1): every chunk's update at once, then an
+    exclusive prefix sum over the chunk axis n gives each chunk its weight, Eq. (1) unrolled:
+        Wd_i = Wd_0 + eta * sum_(j<i) V_j^T Z_j,    O_i = Z_i Wd_i^T
+    It holds one [d, h] weight per chunk and sequence: the readable form, not the one to run at
+    Moshi's size (ttt_scan). Z: [B, T, h], V: [B, T, d], W_down: [d, h]; any T."""
+    B, T, h = Z.shape
+    n = -(-T // chunk_size)
+    Zc = F.pad(Z, (0, 0, 0, n * chunk_size - T)).view(B, n, chunk_size, h)  # [b, n, c, h]
+    Vc = F.pad(V, (0, 0, 0, n * chunk_size - T)).view(B, n, chunk_size, -1)  # [b, n, c, d]
+    dW = torch.einsum("bncd,bnch->bndh", Vc, Zc)  # each chunk's update
+    W = W_down + eta * (torch.cumsum(dW, dim=1) - dW)  # [b, n, d, h]: the updates of the chunks before
+    return torch.einsum("bnch,bndh->bncd", Zc, W).reshape(B, n * chunk_size, -1)[:, :T]
 
 
 def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> torch.Tensor:
@@ -97,7 +118,7 @@ def default_layers(num_layers: int) -> list[int]:
 class _TTTState(State):
     """Streaming state of one TTTGating. Every field is a device tensor of fixed shape, changed in
     place, and every step runs the same kernels whatever its position (see
-    `TTTGating._streaming_step`): a CUDA graph captured at one step replays correctly at all others.
+    `streaming_step`): a CUDA graph captured at one step replays correctly at all others.
     Each sequence of the batch has its own position, so moshi's exec_mask and per-sequence
     reset_streaming work as they do for moshi's own modules. `half` is the conv's kernel_size // 2."""
     offset: torch.Tensor  # [B] long: tokens seen; the token at offset t sits in slot t % C of its chunk
@@ -107,15 +128,14 @@ class _TTTState(State):
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
     V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target
-    fast: torch.Tensor  # [B, d, h] float32: eta * sum of V_j^T Z_j over the completed chunks before
-    #                     the last, plus the rows of the last one folded in so far
-    fast_read: torch.Tensor  # [B, d, h] `fast` in the model's dtype, what a step reads (the parallel
-    #                          form reads its float32 sum cast the same way); `fast` itself in float32
+    S: torch.Tensor  # [B, d, h] float32: the sum of updates, eta * sum of V_j^T Z_j over the completed
+    #                  chunks before the last, plus the rows of the last one folded in so far
+    S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
+    #                       reads its float32 sum cast the same way)
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.fast,
-                       self.fast_read):
+        for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.S, self.S_read):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -126,8 +146,7 @@ class TTTGating(StreamingModule[_TTTState]):
     ActivationGating, so its weights and checkpoint keys carry over. Adds the target generator:
     `conv` (depthwise, kernel 5, zero init; the official `ttt_conv`) and `W_target` (d x d,
     diagonal N(0, 0.02), V = conv(X) @ W_target as the official `ttt_proj.weight`; None with
-    `target=False`, V = conv(X)). Checkpoints of earlier versions held an nn.Linear `target`
-    applied as conv(X) @ weight^T: they load as W_target = weight^T, the same function.
+    `target=False`, V = conv(X)).
 
     `z_transform(Z, positions)`, if set, is applied to Z in the fast-weight path only (the reads
     and writes of the fast weight, not the base product Z Wd_0^T), e.g. a modulo RoPE.
@@ -135,7 +154,7 @@ class TTTGating(StreamingModule[_TTTState]):
 
     Inside moshi's `with model.streaming(B):` it gives the parallel form's outputs token by
     token, keeping everything in device tensors (`_TTTState`), so moshi's LMGen can capture a
-    step in a CUDA graph (its default). See `_streaming_step` for how a chunk's update is folded
+    step in a CUDA graph (its default). See `streaming_step` for how a chunk's update is folded
     in without a branch.
     """
 
@@ -162,7 +181,7 @@ class TTTGating(StreamingModule[_TTTState]):
         nn.init.zeros_(self.conv.weight)
         W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
         self.register_parameter("W_target", W_target)  # [d, d]: V = conv(X) @ W_target
-        self._register_load_state_dict_pre_hook(_load_earlier_target, with_module=True)
+        self._register_load_state_dict_pre_hook(_refuse_earlier_target, with_module=True)
         self.z_transform: tp.Optional[tp.Callable] = None
         self.x0: tp.Optional[torch.Tensor] = None
 
@@ -187,11 +206,10 @@ class TTTGating(StreamingModule[_TTTState]):
         W = self.down_weight()
         (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
-        fast = zeros(B, d, h, dtype=torch.promote_types(W.dtype, torch.float32))  # float64 for checks
+        S = zeros(B, d, h, dtype=torch.promote_types(W.dtype, torch.float32))  # float64 weights: float64
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
-                         V_prev=zeros(B, C, d), fast=fast,
-                         fast_read=fast if W.dtype == fast.dtype else zeros(B, d, h))
+                         V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,7 +230,7 @@ class TTTGating(StreamingModule[_TTTState]):
         state = self._streaming_state
         if state is not None:  # one token at a time: the same step for every token
             x0 = self.x0
-            return torch.cat([self._streaming_step(x[:, t:t + 1], None if x0 is None else x0[:, t:t + 1], state)
+            return torch.cat([streaming_step(self, x[:, t:t + 1], None if x0 is None else x0[:, t:t + 1], state)
                               for t in range(x.shape[1])], dim=1)
         Z, source, Zf = self._inputs(x, self.x0, torch.arange(x.shape[1], device=x.device))
         W = self.down_weight()
@@ -223,118 +241,12 @@ class TTTGating(StreamingModule[_TTTState]):
         fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size, decay=self.decay)
         return F.linear(Z, W) + fast
 
-    def _streaming_step(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
-                        state: _TTTState) -> torch.Tensor:
-        """One token, x: [B, 1, d] -> [B, 1, d], equal to the parallel form's output for it.
 
-        A token in chunk i reads Wd_0 + eta * sum_(j<i) V_j^T Z_j: all of chunk i - 1's update,
-        which is complete only when chunk i opens. Adding a whole [d, h] update at that one step
-        would need a branch (or a masked add at every step, which moves the [d, h] state twice
-        more per step). Instead the update of chunk i - 1 (`Z_prev`, `V_prev`) is folded into
-        `fast` a slice of R = ceil(d / C) output rows per step, slice p at slot p, so it is all
-        in by the time chunk i + 1 opens; the rows not yet folded are read in the dual form
-        from the chunk itself:
-            O_t = Z_t Wd_0^T + Z_t fast^T + eta * mask_t * (Z_t Z_prev^T) V_prev
-        with mask_t = 1 on the rows after slice p. The targets are built as the inputs come: a
-        token changes the conv outputs of the `half` slots before it and its own, and a slot's
-        output is final once the input `half` slots later is in, or at the end of the chunk.
-        Every step runs the same kernels; which slot, which slice and whether a chunk just
-        opened are device tensors, so a CUDA graph of one step replays correctly at every
-        position. Sequences whose exec_mask is False keep their state unchanged.
-        """
-        B, C, (d, h) = x.shape[0], self.chunk_size, state.fast.shape[1:]
-        half, R = self.conv.kernel_size[0] // 2, -(-d // C)  # R: rows folded per step
-        run = state.exec_mask  # [B] bool
-        slot = state.offset % C  # [B]
-        Z, source, Zf = self._inputs(x, x0, state.offset[:, None])
-        Zf = Zf.to(state.Z.dtype)  # [B, 1, h]
-
-        # A token in slot 0 opens a chunk: the chunk before it is complete and becomes `prev`.
-        opens = ((slot == 0) & run).view(B, 1, 1)
-        torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
-        torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
-
-        # The token joins its chunk. The conv outputs of slots slot - half .. slot read the inputs
-        # of slots slot - 2 half .. slot and, after the token, zeros (not known yet; at the end of
-        # the chunk, its edge padding). Later steps rewrite them until they are final.
-        arange = lambda n: torch.arange(n, device=x.device)
-        _write_rows(state.Z, slot[:, None], Zf, run)
-        _write_rows(state.source, slot[:, None] + 2 * half, source, run)
-        window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
-        inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
-        V_new = self.targets(inputs, 3 * half + 1)[:, half:2 * half + 1]
-        _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
-
-        # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `fast`.
-        rows = slot[:, None] * R + arange(R)  # [B, R]
-        keep = ((rows < d) & run[:, None]).unsqueeze(-1)  # rows past d (when C R > d) add nothing
-        rows = rows.clamp(max=d - 1)
-        V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
-        update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
-        index = rows[:, :, None].expand(B, R, h)
-        delta = update.mul_(self.eta)
-        if self.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
-            delta.add_(state.fast.gather(1, index), alpha=self.decay - 1)
-        state.fast.scatter_add_(1, index, delta.mul_(keep))
-        state.fast_read.scatter_(1, index, state.fast.gather(1, index).to(state.fast_read.dtype))
-
-        # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
-        unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
-        pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
-        out = self.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
-        read = torch.bmm(Zf, state.fast_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
-        if self.decay != 1:
-            read = read * (1 - (1 - self.decay) * unfolded.to(read.dtype))[:, None]
-        out = out + read.to(out.dtype)
-        out = out + (self.eta * pending * unfolded[:, None]).to(out.dtype)
-        state.offset.add_(run.long())
-        return out
-
-
-def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A @ B batched, in float32 whatever A and B's dtype (bf16 operands: one kernel on a GPU)."""
-    if A.dtype == torch.float32 or A.dtype == torch.float64:
-        return torch.bmm(A, B)
-    if A.is_cuda:
-        return torch.bmm(A, B, out_dtype=torch.float32)
-    return torch.bmm(A.float(), B.float())
-
-
-def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, run: torch.Tensor) -> None:
-    """buffer[b, rows[b, j]] = values[b, j] where run[b]; buffer: [B, N, D], rows: [B, n] distinct
-    in each sequence, values: [B, n, D]."""
-    index = rows[..., None].expand(-1, -1, buffer.shape[2])
-    old = buffer.gather(1, index)
-    buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), values.to(buffer.dtype), old))
-
-
-def _load_earlier_target(module: "TTTGating", state_dict: dict, prefix: str, *args) -> None:
-    """Earlier checkpoints: an nn.Linear `target` used as conv(X) @ weight^T is W_target = weight^T."""
-    weight = state_dict.pop(prefix + "target.weight", None)
-    if weight is not None:
-        if module.W_target is None:
-            raise ValueError(f"{prefix}target.weight: the checkpoint has a W_target, the module has none")
-        state_dict[prefix + "W_target"] = weight.t()
-
-
-def load_official_mlp(gating: TTTGating, state_dict: dict) -> TTTGating:
-    """Loads one official In-Place TTT MLP (ByteDance-Seed/In-Place-TTT, `Qwen3MLP` of a TTT layer:
-    `gate_proj`, `up_proj`, `down_proj`, `ttt_conv` and, unless `ttt_proj: false`, `ttt_proj`) into
-    a TTTGating built with the same sizes and SiLU; returns it. The official config's `ttt_lr` is
-    eta and `ttt_chunk` the chunk size: set them when building the TTTGating. The official code
-    takes its targets' source as an argument; `target_source` chooses it here."""
-    names = {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv.weight"}
-    names |= {"ttt_proj.weight"} if gating.W_target is not None else set()
-    missing, extra = names - set(state_dict), set(state_dict) - names
-    if missing or extra:
-        raise ValueError(f"official TTT MLP state dict: missing {sorted(missing)}, unexpected {sorted(extra)} "
-                         f"(a TTTGating built with target={gating.W_target is not None})")
-    ours = {"linear_in.weight": torch.cat([state_dict["gate_proj.weight"], state_dict["up_proj.weight"]]),
-            "linear_out.weight": state_dict["down_proj.weight"], "conv.weight": state_dict["ttt_conv.weight"]}
-    if gating.W_target is not None:
-        ours["W_target"] = state_dict["ttt_proj.weight"]  # the official orientation is ours
-    gating.load_state_dict(ours)
-    return gating
+def _refuse_earlier_target(module: "TTTGating", state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints of an earlier version held an nn.Linear `target` (conv(X) @ weight^T): refused."""
+    if prefix + "target.weight" in state_dict:
+        raise ValueError(f"{prefix}target.weight: a checkpoint of an earlier version of ttt.py (an nn.Linear "
+                         f"target, before W_target); retrain it with this one")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +320,38 @@ def check_chunk_fits_window(chunk_size: int, context: tp.Optional[int]) -> None:
                          f"than {context} steps into a chunk would be seen neither by attention nor by the "
                          f"fast weight (it holds completed chunks only); use a chunk <= {context}")
 
+
+def load_official_mlp(gating: TTTGating, state_dict: dict) -> TTTGating:
+    """Loads one official In-Place TTT MLP (ByteDance-Seed/In-Place-TTT, `Qwen3MLP` of a TTT layer:
+    `gate_proj`, `up_proj`, `down_proj`, `ttt_conv` and, unless `ttt_proj: false`, `ttt_proj`) into
+    a TTTGating built with the same sizes and SiLU; returns it. The official config's `ttt_lr` is
+    eta and `ttt_chunk` the chunk size: set them when building the TTTGating. The official code
+    takes its targets' source as an argument; `target_source` chooses it here."""
+    names = {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "ttt_conv.weight"}
+    names |= {"ttt_proj.weight"} if gating.W_target is not None else set()
+    missing, extra = names - set(state_dict), set(state_dict) - names
+    if missing or extra:
+        raise ValueError(f"official TTT MLP state dict: missing {sorted(missing)}, unexpected {sorted(extra)} "
+                         f"(a TTTGating built with target={gating.W_target is not None})")
+    ours = {"linear_in.weight": torch.cat([state_dict["gate_proj.weight"], state_dict["up_proj.weight"]]),
+            "linear_out.weight": state_dict["down_proj.weight"], "conv.weight": state_dict["ttt_conv.weight"]}
+    if gating.W_target is not None:
+        ours["W_target"] = state_dict["ttt_proj.weight"]  # the official orientation is ours
+    gating.load_state_dict(ours)
+    return gating
+
+
 # ---------------------------------------------------------------------------------------------
-# The fast path: ttt_chunked's output with memory independent of the number of chunks, which is
-# what TTTGating's parallel forward runs (tested against ttt_chunked, outputs and gradients).
+# The memory-bounded scan: ttt_chunked's output with memory independent of the number of
+# chunks, which is what TTTGating's parallel forward runs (tested against ttt_chunked, outputs and gradients).
 # ---------------------------------------------------------------------------------------------
+
+# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
+# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
+# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
+# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
+GPU_GROUP_TOKENS = 2048
+
 
 def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor], eta: float,
              chunk_size: int, group: tp.Optional[int] = None, decay: float = 1.0) -> torch.Tensor:
@@ -557,7 +497,8 @@ class _FastWeightScan(torch.autograd.Function):
         return dZ, dV, dW_down, None, None, None, None
 
 
-def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor, decay: float = 1.0) -> tp.Optional[torch.Tensor]:
+def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor,
+                       decay: float = 1.0) -> tp.Optional[torch.Tensor]:
     """[L, L]: decay^(chunk(t) - chunk(u) - 1) where position t's chunk comes after position u's,
     else 0; None for one chunk."""
     if group == chunk_size:
@@ -585,8 +526,90 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
     return (decay ** k)[:, None].to(dtype), (decay ** (G - 1 - k))[:, None].to(dtype)
 
 
-# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
-# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
-# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
-# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
-GPU_GROUP_TOKENS = 2048
+# ---------------------------------------------------------------------------------------------
+# Streaming: one token per step inside moshi's `streaming()`, as LMGen runs it (CUDA graphs on).
+# ---------------------------------------------------------------------------------------------
+
+def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
+                   state: _TTTState) -> torch.Tensor:
+    """One token, x: [B, 1, d] -> [B, 1, d], equal to the parallel form's output for it.
+
+    A token in chunk i reads Wd_0 + eta * sum_(j<i) V_j^T Z_j: all of chunk i - 1's update,
+    which is complete only when chunk i opens. Adding a whole [d, h] update at that one step
+    would need a branch (or a masked add at every step, which moves the [d, h] state twice
+    more per step). Instead the update of chunk i - 1 (`Z_prev`, `V_prev`) is folded into
+    `S` a slice of R = ceil(d / C) output rows per step, slice p at slot p, so it is all
+    in by the time chunk i + 1 opens; the rows not yet folded are read in the dual form
+    from the chunk itself:
+        O_t = Z_t Wd_0^T + Z_t S^T + eta * mask_t * (Z_t Z_prev^T) V_prev
+    with mask_t = 1 on the rows after slice p. The targets are built as the inputs come: a
+    token changes the conv outputs of the `half` slots before it and its own, and a slot's
+    output is final once the input `half` slots later is in, or at the end of the chunk.
+    Every step runs the same kernels; which slot, which slice and whether a chunk just
+    opened are device tensors, so a CUDA graph of one step replays correctly at every
+    position. Sequences whose exec_mask is False keep their state unchanged.
+    """
+    B, C, (d, h) = x.shape[0], gating.chunk_size, state.S.shape[1:]
+    half, R = gating.conv.kernel_size[0] // 2, -(-d // C)  # R: rows folded per step
+    run = state.exec_mask  # [B] bool
+    slot = state.offset % C  # [B]
+    Z, source, Zf = gating._inputs(x, x0, state.offset[:, None])
+    Zf = Zf.to(state.Z.dtype)  # [B, 1, h]
+
+    # A token in slot 0 opens a chunk: the chunk before it is complete and becomes `prev`.
+    opens = ((slot == 0) & run).view(B, 1, 1)
+    torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
+    torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
+
+    # The token joins its chunk. The conv outputs of slots slot - half .. slot read the inputs
+    # of slots slot - 2 half .. slot and, after the token, zeros (not known yet; at the end of
+    # the chunk, its edge padding). Later steps rewrite them until they are final.
+    arange = lambda n: torch.arange(n, device=x.device)
+    _write_rows(state.Z, slot[:, None], Zf, run)
+    _write_rows(state.source, slot[:, None] + 2 * half, source, run)
+    window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
+    inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
+    V_new = gating.targets(inputs, 3 * half + 1)[:, half:2 * half + 1]
+    _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
+
+    # Fold rows [slot R, (slot + 1) R) of prev's update eta * V_prev^T Z_prev into `S`.
+    rows = slot[:, None] * R + arange(R)  # [B, R]
+    keep = ((rows < d) & run[:, None]).unsqueeze(-1)  # rows past d (when C R > d) add nothing
+    rows = rows.clamp(max=d - 1)
+    V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
+    update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
+    index = rows[:, :, None].expand(B, R, h)
+    delta = update.mul_(gating.eta)
+    if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
+        delta.add_(state.S.gather(1, index), alpha=gating.decay - 1)
+    state.S.scatter_add_(1, index, delta.mul_(keep))
+    state.S_read.scatter_(1, index, state.S.gather(1, index).to(state.S_read.dtype))
+
+    # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
+    unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
+    pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
+    out = gating.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
+    read = torch.bmm(Zf, state.S_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
+    if gating.decay != 1:
+        read = read * (1 - (1 - gating.decay) * unfolded.to(read.dtype))[:, None]
+    out = out + read.to(out.dtype)
+    out = out + (gating.eta * pending * unfolded[:, None]).to(out.dtype)
+    state.offset.add_(run.long())
+    return out
+
+
+def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B batched, in float32 whatever A and B's dtype (bf16 operands: one kernel on a GPU)."""
+    if A.dtype == torch.float32 or A.dtype == torch.float64:
+        return torch.bmm(A, B)
+    if A.is_cuda:
+        return torch.bmm(A, B, out_dtype=torch.float32)
+    return torch.bmm(A.float(), B.float())
+
+
+def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, run: torch.Tensor) -> None:
+    """buffer[b, rows[b, j]] = values[b, j] where run[b]; buffer: [B, N, D], rows: [B, n] distinct
+    in each sequence, values: [B, n, D]."""
+    index = rows[..., None].expand(-1, -1, buffer.shape[2])
+    old = buffer.gather(1, index)
+    buffer.scatter_(1, index, torch.where(run.view(-1, 1, 1), values.to(buffer.dtype), old))
