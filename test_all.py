@@ -1062,11 +1062,10 @@ def test_training_batch_is_deterministic_and_mixed():
 @FAST
 @given(length=st.integers(110, 5000), depth=st.floats(0, 1))
 def test_sweep_needle_distance_matches_the_document(length, depth):
-    """The near / far split of Setting B's tables: the distance sweep.py computes from (length,
-    depth) is where passkey_document puts the needle, counted back from the answer."""
+    """The distance sweep.py's plots put a needle at, from (length, depth), is where passkey_document
+    puts it, counted back from the answer."""
     _, at, answer = data.passkey_document(length, depth, 12345, b"x" * length)
     assert sweep.distance(length, depth) == answer - at
-    assert sweep.is_far(length, depth, answer - at - 1) and not sweep.is_far(length, depth, answer - at)
 
 
 def test_sweep_wilson_interval():
@@ -1154,7 +1153,7 @@ def test_horizon_rows_are_the_runs_they_name(device):
 
 def synthetic_study(by_depth: dict) -> dict:
     """A study JSON as sweep.study writes it, with the given accuracies per (base, row, split, length)."""
-    c = dict(sweep.PRESETS_STUDY["cuda"], seed=0, dev_seed=1, report_seed=2, depths=sweep.DEPTHS_B,
+    c = dict(sweep.PRESETS_STUDY["cuda"], seed=0, dev_seed=1, report_seed=2, depths=sweep.DEPTHS,
              hardware="test", torch="test")
     rows = {}
     for (base, name, split, length), acc in by_depth.items():
@@ -1180,7 +1179,7 @@ def test_study_summary_pools_documents_over_bases(correct):
     s = sweep.study_summary(results)["dev"]["ttt_only"]["1024"]
     needle = len(data.needle(12345))
     far = [answer - (at + needle) >= c["window"] for at, answer in
-           (data.passkey_document(1024, d, 12345, bytes(1024))[1:] for d in sweep.DEPTHS_B)]
+           (data.passkey_document(1024, d, 12345, bytes(1024))[1:] for d in sweep.DEPTHS)]
     assert far == [True, True, True, True, False]
     want_far = sum(k for ks in correct for k, f in zip(ks, far) if f)
     want_near = sum(k for ks in correct for k, f in zip(ks, far) if not f)
