@@ -196,12 +196,12 @@ def shard(model: LMModel, bf16: bool, multistream: bool) -> LMModel:
     runs; the rest of the model is one more. `bf16`: gathered in bf16 (frozen bf16 weights next
     to float32 trained ones), gradients reduced in float32. A float32 model gathers in float32:
     bf16 gathers put its residual stream in bf16, 0.14 of the update away from one GPU after 10
-    steps (results/fsdp_h100x2.log) against a run-to-run spread of 3e-4.
+    steps (results/multi_gpu/fsdp_h100x2.log) against a run-to-run spread of 3e-4.
     `multistream`: the model is called through `forward` (moshi's loss on token streams), else
     through `forward_text`, which FSDP must then be told about. Not both: `forward` calls
     `forward_text`, and the root's hooks run nested inside themselves then; on CUDA the first
     backward of Moshi's 7B (and of a small model of its shape) failed with "setStorage: ... storage
-    of size 0" on the depformer's output heads (results/fsdp_scale_small7b_h100x2.log)."""
+    of size 0" on the depformer's output heads (results/multi_gpu/fsdp_scale_small7b_h100x2.log)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     groups = list(model.transformer.layers) + (list(model.depformer.layers) if model.depformer else [])

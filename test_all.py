@@ -1447,7 +1447,7 @@ ALONE = {  # each concept file in a folder of its own, its usage as its docstrin
 def test_scripts_keep_moshis_compile_off():
     """Each script turns moshi's torch.compile off (NO_TORCH_COMPILE, unless set) before moshi loads,
     whatever the order of its imports: compiling dominates small runs, and on torch 2.11 with CUDA
-    the compiled RMSNorm's backward fails on the GPU preset (results/gpu_preset_compile_failure_h100.log),
+    the compiled RMSNorm's backward fails on the GPU preset (results/training_7b/gpu_preset_compile_failure_h100.log),
     which a new import of a moshi-importing file ahead of model.py once let through."""
     env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
     for script in ("train", "eval_passkey", "sweep", "bench"):
@@ -1729,7 +1729,7 @@ def test_fsdp_root_hooks_run_once_per_forward(tmp_path, monkeypatch):
     """model.shard on both entry points (one gloo process): the root's FSDP2 hooks run once per
     forward. moshi's multi-stream `forward` calls `forward_text`; wrapping both for FSDP nested the
     root's hooks, and on CUDA the first backward then found the depformer's gathered output heads
-    freed (results/fsdp_scale_small7b_h100x2.log). On CPU it trains anyway, hence the count."""
+    freed (results/multi_gpu/fsdp_scale_small7b_h100x2.log). On CPU it trains anyway, hence the count."""
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
     calls, pre_forward = [], FSDPState._pre_forward

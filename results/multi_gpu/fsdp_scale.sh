@@ -10,9 +10,9 @@
 #           random token arrays, `full` with --fsdp --grad-checkpointing on N GPUs: the peak GPU memory
 #           of each GPU (nvidia-smi) and steady tokens/s; the same on 1 GPU without --fsdp, which
 #           train.py's fit check should refuse (its one-line error is printed).
-#   bash results/fsdp_scale.sh                       # 2 GPUs over NCCL, gpu preset; N=4 for 4 GPUs
+#   bash results/multi_gpu/fsdp_scale.sh                       # 2 GPUs over NCCL, gpu preset; N=4 for 4 GPUs
 #   DEVICE=cpu PRESET=cpu L0=128 BATCH=4 STEPS=6 SAVE_EVERY=2 SPEED_STEPS=5 LOG_EVERY=2 SPEED_BATCHES=4 \
-#       L7=128 STEPS7=3 bash results/fsdp_scale.sh   # gloo; a tiny Moshi-shaped model (SMALL7B=1) for 7b
+#       L7=128 STEPS7=3 bash results/multi_gpu/fsdp_scale.sh   # gloo; a tiny Moshi-shaped model (SMALL7B=1) for 7b
 # END7B=kill (default) stops the 7B run once its last step is logged: its stage end (gathering the model
 # on rank 0, evaluating an unsharded float32 copy there, writing two 29 GiB files, the final table) is
 # not measured; END7B=run lets it finish. The 7B weights and tokens stay in $OUTDIR/moshi7b for reuse.

@@ -1,8 +1,8 @@
 #!/bin/bash
 # DDP check: N processes against 1, same global batch. Prints the weights' difference after
 # STEPS steps (against the run-to-run spread of 1 process with itself) and tokens/s.
-#   bash results/ddp_check.sh            # 2 GPUs over NCCL, gpu preset (results/ddp_h100x2.log)
-#   PRESET=cpu DEVICE=cpu STEPS=3 BATCH=4 SPEED_STEPS=6 LOG_EVERY=2 SPEED_BATCHES=4 bash results/ddp_check.sh
+#   bash results/multi_gpu/ddp_check.sh            # 2 GPUs over NCCL, gpu preset (results/multi_gpu/ddp_h100x2.log)
+#   PRESET=cpu DEVICE=cpu STEPS=3 BATCH=4 SPEED_STEPS=6 LOG_EVERY=2 SPEED_BATCHES=4 bash results/multi_gpu/ddp_check.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
 N=${N:-2} PRESET=${PRESET:-gpu} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-20} BATCH=${BATCH:-32}

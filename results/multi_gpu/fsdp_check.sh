@@ -1,8 +1,8 @@
 #!/bin/bash
 # FSDP2 check: `train.py --fsdp` on N processes against 1 process and against DDP on N processes,
 # from the same base, `full` mode; the weights' differences against the run-to-run spread of 1.
-#   bash results/fsdp_check.sh                                # N GPUs over NCCL, gpu preset
-#   PRESET=cpu DEVICE=cpu L0=128 STEPS=3 BATCH=4 bash results/fsdp_check.sh
+#   bash results/multi_gpu/fsdp_check.sh                                # N GPUs over NCCL, gpu preset
+#   PRESET=cpu DEVICE=cpu L0=128 STEPS=3 BATCH=4 bash results/multi_gpu/fsdp_check.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
 N=${N:-2} PRESET=${PRESET:-gpu} DEVICE=${DEVICE:-cuda} L0=${L0:-1024} STEPS=${STEPS:-10} BATCH=${BATCH:-16}
