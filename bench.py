@@ -3,13 +3,14 @@
     python bench.py                 # CUDA if available (bf16), else a smaller CPU version (fp32)
     python bench.py --out bench.json --quick
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
-    python bench.py --stream-check       # streaming through CUDA graphs and LMGen = parallel form
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
     python bench.py --scale              # one training step at moshi's 7B configuration, per mode
 
-0. The fast path's error against a float64 reference on the same (e.g. bf16) inputs.
+Correctness on the GPU (the scan in bf16, streaming through CUDA graphs and LMGen, the window's
+flex_attention) is checked by test_all.py's tests marked for CUDA, not here.
+
 1. TTT gating forward + backward vs moshi's ActivationGating of the same size: time, peak memory.
-2. The same for the paper's prefix-sum form (official In-Place TTT; kept here as the anchor), for
+2. The same for the official prefix-sum form (`ttt.ttt_prefix_sum`), for
    `ttt.ttt_scan` one chunk per step (group = chunk), and for the readable reference
    `ttt.ttt_chunked` (a Python loop that autograd unrolls).
 3. YaRN RoPE vs moshi's apply_rope: forward + backward over q, k.
@@ -19,7 +20,6 @@ Timing: warm-up, then the median of several repetitions (CUDA events on a GPU). 
 what a forward + backward allocates beyond its inputs and parameters (CUDA only).
 """
 import contextlib
-import copy
 import functools
 import gc
 import os
@@ -122,26 +122,6 @@ def bench_gating(d, h, B, T, chunks, dtype, device, reps):
     return rows
 
 
-def check_scan(d, h, T, chunk, dtype, device):
-    """Relative error of ttt_scan (the default group on this device) and its gradients against
-    ttt_chunked in float64 on the same inputs: bf16 inputs should land between 1e-3 and 1e-2."""
-    g = torch.Generator(device).manual_seed(0)
-    Z = torch.randn(2, T, h, device=device, generator=g).to(dtype)
-    V = (0.1 * torch.randn(2, T, d, device=device, generator=g)).to(dtype)
-    W = (torch.randn(d, h, device=device, generator=g) / h ** 0.5).to(dtype)
-    dO = torch.randn(2, T, d, device=device, generator=g)
-    results = []
-    for fn, cast in ((ttt.ttt_chunked, torch.float64), (ttt.ttt_scan, dtype)):
-        xs = [x.to(cast).requires_grad_() for x in (Z, V, W)]
-        out = fn(*xs, 0.01, chunk)
-        out.backward(dO.to(out.dtype))
-        results.append([out] + [x.grad for x in xs])
-    errors = {name: ((got.double() - ref).norm() / ref.norm()).item()
-              for name, ref, got in zip(("O", "dZ", "dV", "dW"), *results)}
-    print(f"  T {T}, chunk {chunk}, {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
-    return dict(T=T, chunk=chunk, **errors)
-
-
 def bench_rope(shape, dtype, device, reps):
     B, H, T, D = shape
     q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -230,83 +210,7 @@ def profile_gating(d, h, T, chunk, dtype, device):
 # Streaming the way Moshi is deployed: one step per 80 ms frame through LMGen, CUDA graphs on.
 # ---------------------------------------------------------------------------------------------
 
-def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, seed=0):
-    """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64
-    kept, TTT on two layers with embedding targets and modulo RoPE, non-zero conv and W_target."""
-    torch.manual_seed(seed)
-    m = M.build_model(dict(dim=128, num_heads=4, num_layers=4, context=window))
-    settings = dict(window=window)
-    if with_ttt:
-        settings.update(yarn=dict(scale=4.0, original_len=32, widen_context=False), ttt_rope_modulo=True,
-                        ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings"))
-    M.install(m, settings)
-    with torch.no_grad():
-        for g in m.modules():
-            if isinstance(g, ttt.TTTGating):
-                g.conv.weight.normal_(std=0.3)
-                g.W_target.normal_(std=0.3)
-    return m.to(device=device, dtype=dtype).eval()
-
-
 @torch.no_grad()
-def stream_check(device, T=256, B=2):
-    """The proof on the path users run: CUDAGraphed(lm.forward_text) one token per step against
-    eager streaming and the parallel forward, float32 and bf16; then LMGen's greedy tokens with and
-    without CUDA graphs against the parallel form. T 256 crosses 16 chunk boundaries and wraps the
-    window's KV cache 4 times. moshi's own model (no TTT, no YaRN) gives the bf16 floor."""
-    from moshi.models.lm import LMGen
-    from moshi.utils.compile import CUDAGraphed, no_cuda_graph
-    x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
-    result = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        for with_ttt in (True, False):
-            m = small_streaming_model(dtype, device, with_ttt=with_ttt)
-            parallel = m.forward_text(x)[1].float()  # [B, 1, T, 256]
-            # the same (bf16-rounded) weights in float32: how far each bf16 path is from exact
-            reference = copy.deepcopy(m).float().forward_text(x)[1].float()
-            outs = {}
-            for name in ("eager", "graphed"):
-                with m.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
-                    step = CUDAGraphed(m.forward_text)
-                    outs[name] = torch.cat([step(x[..., t:t + 1])[1].float().clone() for t in range(T)], dim=2)
-                    offsets = [int(g._streaming_state.offset.min()) for g in m.modules() if isinstance(g, ttt.TTTGating)]
-                    assert all(o == T for o in offsets), f"TTT offsets {offsets} after {T} steps ({name})"
-            diff = lambda a, b: (a - b).abs().max().item()
-            row = dict(graphed_vs_eager=diff(outs["graphed"], outs["eager"]),
-                       graphed_vs_parallel=diff(outs["graphed"], parallel),
-                       eager_vs_parallel=diff(outs["eager"], parallel), logit_scale=parallel.abs().max().item(),
-                       parallel_vs_float32=diff(parallel, reference), graphed_vs_float32=diff(outs["graphed"], reference))
-            key = f"{'ttt_yarn' if with_ttt else 'moshi_base'}_{str(dtype).split('.')[-1]}"
-            result[key] = row
-            print(f"  {key:<20} max |logit difference|: graphed vs eager {row['graphed_vs_eager']:.2e}, "
-                  f"graphed vs parallel {row['graphed_vs_parallel']:.2e}, eager vs parallel "
-                  f"{row['eager_vs_parallel']:.2e} (logits up to {row['logit_scale']:.1f}); against float32: "
-                  f"parallel {row['parallel_vs_float32']:.2e}, graphed {row['graphed_vs_float32']:.2e}", flush=True)
-            if not with_ttt:
-                continue
-            # LMGen, greedy: the tokens it generates, with and without CUDA graphs, and whether each
-            # is the parallel form's arg-max given the tokens before it.
-            tokens = {}
-            for name in ("eager", "graphed"):
-                gen = LMGen(m, use_sampling=False)
-                with gen.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
-                    tokens[name] = torch.cat([gen.step(x[:, :0, :1])[:, 0] for _ in range(T)], dim=1)  # [B, T]
-            initial = torch.full((B, 1), m.text_initial_token_id, device=device)
-            fed = torch.cat([initial, tokens["graphed"][:, :-1]], dim=1)
-            logits = m.forward_text(fed[:, None])[1][:, 0].float()
-            agree = logits.argmax(-1) == tokens["graphed"]
-            first = int((~agree).any(0).float().argmax()) if not agree.all() else T
-            top2 = logits.topk(2, dim=-1).values
-            margin = (top2[..., 0] - top2[..., 1])[:, first].min().item() if first < T else None
-            gen_row = dict(graphed_equals_eager=bool(torch.equal(tokens["graphed"], tokens["eager"])),
-                           steps_agreeing_with_parallel=first, margin_at_first_disagreement=margin)
-            result[key + "_lmgen"] = gen_row
-            print(f"  {key + ' LMGen':<20} greedy tokens graphed == eager: {gen_row['graphed_equals_eager']}; "
-                  f"equal to the parallel arg-max for {first} of {T} steps"
-                  + (f" (top-2 margin there {margin:.2e})" if margin is not None else ""), flush=True)
-    return result
-
-
 def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_scale=None, chunk=None) -> None:
     """One set of 7B weights for every configuration of a benchmark: back to moshi's own MLPs
     (`gatings`), RoPE and window `context`, then YaRN at `yarn_scale` and TTT at chunk `chunk`
@@ -437,29 +341,6 @@ def realtime(device, steps, eager_steps=20, rounds=2):
 # Training at Moshi 7B's size: one step, frozen bf16 weights, the window computed pair by pair.
 # ---------------------------------------------------------------------------------------------
 
-def window_check(device, T=700, context=100):
-    """flex_attention's window against moshi's masked attention on the GPU, float32: logits and
-    every gradient of a small model with YaRN (head dim 128), as max relative differences."""
-    import window_attention
-    from moshi.modules.transformer import StreamingMultiheadAttention
-    torch.manual_seed(0)
-    m = M.build_model(dict(dim=256, num_heads=2, num_layers=2, context=context)).to(device)
-    yarn.apply_yarn(m, 4.0, context, widen_context=False)
-    x = torch.randint(0, 256, (2, T + 1), device=device)
-    results = []
-    for flex in (False, True):
-        for layer in m.transformer.layers:
-            layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
-        out = M.logits(m, x[:, :-1])
-        F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
-        results.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
-        m.zero_grad(set_to_none=True)
-    rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(results[1], results[0]))
-    print(f"  window attention (flex) vs moshi's masked attention, T {T}, window {context}, float32: "
-          f"logits and gradients within {rel:.1e} (relative)", flush=True)
-    return rel
-
-
 def scale(device, steps=2, lm_kwargs=None):
     """One training step (forward, backward, AdamW) of moshi's own 7B configuration with random
     weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
@@ -471,7 +352,6 @@ def scale(device, steps=2, lm_kwargs=None):
     from moshi.models.lm import LMModel
     from moshi.modules.transformer import StreamingMultiheadAttention
     import freeze
-    check = window_check(device)
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
@@ -550,7 +430,7 @@ def scale(device, steps=2, lm_kwargs=None):
         a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
         if "s_per_step" in a and "s_per_step" in b:
             print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
-    return dict(window_check=check, weights_gib=weights_gib, rows=rows)
+    return dict(weights_gib=weights_gib, rows=rows)
 
 
 def revision_name() -> str:
@@ -571,8 +451,6 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     p.add_argument("--profile", type=int, default=None, metavar="T",
                    help="only profile one TTT gating forward + backward at length T (chunk 256)")
-    p.add_argument("--stream-check", action="store_true", help="only: streaming through CUDA graphs and "
-                   "LMGen against eager and the parallel form, small model, float32 and bf16 (CUDA)")
     p.add_argument("--realtime", action="store_true", help="only: LMGen.step of moshi's 7B configuration, "
                    "random weights, bf16, CUDA graphs, with and without YaRN and TTT (CUDA, ~40 GB)")
     p.add_argument("--scale", action="store_true", help="only: one training step of moshi's 7B configuration, "
@@ -582,15 +460,14 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if (args.stream_check or args.realtime or args.scale) and not cuda:
-        p.error("--stream-check, --realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
+    if (args.realtime or args.scale) and not cuda:
+        p.error("--realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
-    if args.stream_check or args.realtime or args.scale:
-        what = "stream_check" if args.stream_check else "realtime" if args.realtime else "scale"
+    if args.realtime or args.scale:
+        what = "realtime" if args.realtime else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = (stream_check(device) if args.stream_check else scale(device) if args.scale
-                  else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps)))
+        result = scale(device) if args.scale else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         checkpoints.save_json(args.out, result)
@@ -613,8 +490,6 @@ def main():
         lengths, reps = lengths[:1], 3
     revision = revision_name()
     print(f"bench on {hardware}, torch {torch.__version__}, {dtype}, revision {revision}")
-    print("0. ttt_scan vs ttt_chunked in float64, relative error of the output and gradients:")
-    check = check_scan(d, h, lengths[0], chunks[0], dtype, device)
     print(f"1-2. TTT gating fwd+bwd vs moshi ActivationGating (d {d}, h {h}), "
           f"scan (group {ttt.GPU_GROUP_TOKENS if cuda else 'chunk'}) / chunkwise scan / prefix-sum / loop:")
     gating = [r for T in lengths for r in bench_gating(d, h, B, T, chunks, dtype, device, reps)]
@@ -623,7 +498,7 @@ def main():
     print("4. training step:")
     step = bench_train_step(*step_cfg, dtype, device, reps)
     result = dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), revision=revision,
-                  scan_error=check, gating=gating, rope=rope, train_step=step)
+                  gating=gating, rope=rope, train_step=step)
     checkpoints.save_json(args.out, result)
     print(f"wrote {args.out}")
 

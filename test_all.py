@@ -3,6 +3,7 @@ transformers' numbers kept in testdata/, a float64 formula, a naive loop), never
 
     python -m pytest -q test_all.py
 """
+import contextlib
 import copy
 import functools
 import json
@@ -1966,3 +1967,111 @@ def is_rank(pid, marker, rank):
             return rank in f.read().split(b"\0")
     except OSError:
         return False
+
+
+# ============================================================================================
+# On a GPU: the paths a deployment runs (skipped where CUDA is absent; run on the device with
+# `python -m pytest -q test_all.py -k cuda`)
+# ============================================================================================
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("decay", [1.0, 0.97])
+def test_cuda_scan_in_bf16_is_within_its_rounding(decay):
+    """ttt_scan on bf16 inputs (the GPU group of chunks) against ttt_chunked in float64 on the same
+    inputs, at a size where the GPU path groups chunks: output and gradients within 1e-2 relative
+    (bf16's rounding; 2e-3 to 4e-3 seen on an H100)."""
+    device, (d, h, T, C) = torch.device("cuda"), (1024, 2816, 4096, 256)
+    g = torch.Generator(device).manual_seed(0)
+    Z = torch.randn(2, T, h, device=device, generator=g).bfloat16()
+    V = (0.1 * torch.randn(2, T, d, device=device, generator=g)).bfloat16()
+    W = (torch.randn(d, h, device=device, generator=g) / h ** 0.5).bfloat16()
+    dO = torch.randn(2, T, d, device=device, generator=g)
+    results = []
+    for fn, cast in ((ttt.ttt_chunked, torch.float64), (ttt.ttt_scan, torch.bfloat16)):
+        xs = [x.to(cast).requires_grad_() for x in (Z, V, W)]
+        out = fn(*xs, 0.01, C, decay=decay)
+        out.backward(dO.to(out.dtype))
+        results.append([out] + [x.grad for x in xs])
+    for name, ref, got in zip(("O", "dZ", "dV", "dW"), *results):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2, name
+
+
+def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, decay=1.0, seed=0):
+    """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64
+    kept, TTT on two layers with embedding targets and modulo RoPE, non-zero conv and W_target."""
+    torch.manual_seed(seed)
+    m = M.build_model(dict(dim=128, num_heads=4, num_layers=4, context=window))
+    settings = dict(window=window)
+    if with_ttt:
+        settings.update(yarn=dict(scale=4.0, original_len=32, widen_context=False), ttt_rope_modulo=True,
+                        ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings", decay=decay))
+    M.install(m, settings)
+    with torch.no_grad():
+        for g in m.modules():
+            if isinstance(g, ttt.TTTGating):
+                g.conv.weight.normal_(std=0.3)
+                g.W_target.normal_(std=0.3)
+    return m.to(device=device, dtype=dtype).eval()
+
+
+@CUDA
+@torch.no_grad()
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay):
+    """The path users run: CUDAGraphed(lm.forward_text) one token per step, 256 steps (16 chunk
+    boundaries, the window's KV cache wrapped 4 times), batch 2. Graphed equals eager bit for bit;
+    in float32 both equal the parallel forward (within 1e-4; 1.7e-5 seen) and LMGen's greedy tokens,
+    graphed and eager, are the parallel arg-max at every step; in bf16 streaming is no further from
+    the float32 forward than the parallel bf16 forward is (1.25x allowed; 0.186 against 0.192 seen)."""
+    from moshi.models.lm import LMGen
+    from moshi.utils.compile import CUDAGraphed, no_cuda_graph
+    device, B, T = torch.device("cuda"), 2, 256
+    x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        m = small_streaming_model(dtype, device, decay=decay)
+        parallel = m.forward_text(x)[1].float()
+        exact = copy.deepcopy(m).float().forward_text(x)[1].float()  # the same weights in float32
+        outs = {}
+        for name in ("eager", "graphed"):
+            with m.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
+                step = CUDAGraphed(m.forward_text)
+                outs[name] = torch.cat([step(x[..., t:t + 1])[1].float().clone() for t in range(T)], dim=2)
+        assert torch.equal(outs["graphed"], outs["eager"]), dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(outs["graphed"], parallel, atol=1e-4, rtol=1e-4)
+            tokens = {}
+            for name in ("eager", "graphed"):
+                gen = LMGen(m, use_sampling=False)
+                with gen.streaming(B), (no_cuda_graph() if name == "eager" else contextlib.nullcontext()):
+                    tokens[name] = torch.cat([gen.step(x[:, :0, :1])[:, 0] for _ in range(T)], dim=1)
+            assert torch.equal(tokens["graphed"], tokens["eager"])
+            fed = torch.cat([torch.full((B, 1), m.text_initial_token_id, device=device), tokens["graphed"][:, :-1]], 1)
+            assert torch.equal(m.forward_text(fed[:, None])[1][:, 0].argmax(-1), tokens["graphed"])
+        else:
+            off = lambda a: (a - exact).abs().max().item()
+            assert off(outs["graphed"]) <= 1.25 * off(parallel), (off(outs["graphed"]), off(parallel))
+
+
+@CUDA
+def test_cuda_window_attention_equals_moshis_masked_attention():
+    """flex_attention's window against moshi's masked attention, float32, YaRN, head dim 128: the
+    logits and every gradient within 1e-4 relative (2.3e-6 seen on an H100)."""
+    import window_attention
+    from moshi.modules.transformer import StreamingMultiheadAttention
+    torch.manual_seed(0)
+    device, T, context = torch.device("cuda"), 700, 100
+    m = M.build_model(dict(dim=256, num_heads=2, num_layers=2, context=context)).to(device)
+    yarn.apply_yarn(m, 4.0, context, widen_context=False)
+    x = torch.randint(0, 256, (2, T + 1), device=device)
+    results = []
+    for flex in (False, True):
+        for layer in m.transformer.layers:
+            layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
+        out = M.logits(m, x[:, :-1])
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        results.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(results[1], results[0])) < 1e-4
