@@ -1900,19 +1900,38 @@ def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
         assert settings["original_len"] == L0 and settings["yarn"]["original_len"] == L0
 
 
+def moshi_7b_kwargs_small() -> dict:
+    """moshi's own Moshi 7B configuration (loaders._lm_kwargs: every key it has, 8 audio codebooks per
+    speaker, the depformer's options), with its sizes shrunk to run on a CPU in a test."""
+    from moshi.models import loaders
+    return dict(loaders._lm_kwargs, dim=32, text_card=48, card=16, num_heads=2, num_layers=2, context=64,
+                depformer_dim=16, depformer_dim_feedforward=32, depformer_num_heads=2, depformer_num_layers=1)
+
+
 @pytest.mark.parametrize("extra", [{}, {"depformer_causal": False}, {"demux_second_stream": False},
-                                   {"depformer_causal": False, "demux_second_stream": False}])
+                                   {"depformer_causal": False, "demux_second_stream": False}, "moshi 7b"])
 def test_moshi_checkpoints_rebuild_as_saved(tmp_path, extra):
-    """Rebuilding is the inverse of saving, for every configuration moshi's loader accepts: keys it
-    drops (depformer_causal) or renames (demux_second_stream) included. The rebuilt model has the
-    same parameters and outputs as the one loaded."""
+    """Rebuilding is the inverse of saving, for every configuration moshi's loader accepts: moshi's
+    own 7B keys, and keys it drops (depformer_causal) or renames (demux_second_stream). The rebuilt
+    model has the same parameters and outputs as the one loaded."""
     lm, lm_kwargs = make_moshi_format_model(tmp_path)
+    if extra == "moshi 7b":
+        from moshi.models import loaders
+        from safetensors.torch import save_file
+        lm_kwargs, extra = moshi_7b_kwargs_small(), {}
+        torch.manual_seed(0)
+        lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, dtype=torch.float32)
+        save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(tmp_path / "model.safetensors"))
+        codes = torch.randint(0, 16, (1, 17, 32))
+        codes[:, 0] = torch.randint(0, 48, (1, 32))
+        torch.save(codes, tmp_path / "codes.pt")
     (tmp_path / "config.json").write_text(json.dumps({"lm_kwargs": dict(lm_kwargs, **extra)}))
     loaded, model_settings = M.load_moshi(str(tmp_path / "model.safetensors"), str(tmp_path / "config.json"))
     checkpoint = dict(model=loaded.state_dict(), settings=M.new_settings(model_settings, 128, "base"))
     checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoint)
     rebuilt = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
-    codes = torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :32].astype(np.int64))[None]
+    codes = (torch.load(tmp_path / "codes.pt") if (tmp_path / "codes.pt").exists()
+             else torch.from_numpy(np.load(tmp_path / "tokens0.npy")[:, :32].astype(np.int64))[None])
     with torch.no_grad():
         a, b = loaded.eval()(codes), rebuilt(codes)
     assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
