@@ -590,8 +590,9 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
     out = gating.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
     read = torch.bmm(Zf, state.S_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
-    if gating.decay != 1:  # in float32: gamma rounded to bf16 (0.8984 for 0.9) would bias every read
-        read = read.float() * (1 - (1 - gating.decay) * unfolded.float())[:, None]
+    if gating.decay != 1:  # in float32 at least: gamma rounded to bf16 (0.8984 for 0.9) would bias every read
+        wide = torch.promote_types(read.dtype, torch.float32)
+        read = read.to(wide) * (1 - (1 - gating.decay) * unfolded.to(wide))[:, None]
     out = out + read.to(out.dtype)
     out = out + (gating.eta * pending * unfolded[:, None]).to(out.dtype)
     state.offset.add_(run.long())
