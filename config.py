@@ -9,8 +9,8 @@ contradicts it, before any work:
 - --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window, its TTT;
 - --init from a Moshi-format model takes L0 from the model's `context` unless --original-len says.
 
-    config, given = config.parse_args(sys.argv[1:])
-    run = config.start(config, given)    # the model, its settings, the corpus, the stages
+    c, given = config.parse_args(sys.argv[1:])
+    run = config.start(c, given)         # the model, its settings, the corpus, the stages
 """
 import argparse
 import copy
@@ -21,10 +21,10 @@ import typing as tp
 
 import torch
 
+import checkpoints
 import data
 import eval_passkey
 import freeze
-import checkpoints
 import model as M
 import ttt
 import yarn

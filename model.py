@@ -51,7 +51,9 @@ def build_model(model_settings: dict, device: tp.Union[str, torch.device] = "cpu
 
 
 def set_context(model: LMModel, context: tp.Optional[int]) -> None:
-    """Sets every attention's window (None: full attention)."""
+    """Sets the window of every attention of the main transformer (None: full attention). Not moshi's
+    `set_attention_context`, which sets every attention of the model, the depformer's own window
+    (8 steps in Moshi 7B) included."""
     for layer in model.transformer.layers:
         layer.self_attn.context = context
 
