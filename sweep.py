@@ -642,8 +642,8 @@ def horizon(args, p) -> None:
 @torch.no_grad()
 def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
-    eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) V_j^T Z_j, the sum of
-    updates chunk i reads), |eta V_i^T Z_i| (chunk i's update) and the layer output's mean norm per
+    eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) gamma^(i-1-j) V_j^T Z_j,
+    the sum of updates chunk i reads), |eta V_i^T Z_i| (chunk i's update) and the layer output's mean norm per
     token, all Frobenius / Euclidean. Written to `out` as JSON."""
     import ttt
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
@@ -667,7 +667,7 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
                 r["sum"].append(0.0 if S is None else S.norm().item())
                 r["update"].append(dW.norm().item())
                 r["output"].append(output[0, start:start + C].float().norm(dim=-1).mean().item())
-                S = dW if S is None else S + dW
+                S = dW if S is None else module.decay * S + dW  # the sum the next chunk reads
             record[str(i)] = r
         return fn
     handles = [g.register_forward_hook(hook(i)) for i, g in layers]

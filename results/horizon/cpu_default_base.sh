@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The horizon on the default run's own base, on a CPU: the recipe that learns far retrieval there
+# (ttt_mlp_in, TTT in all 4 layers, 200 steps per stage, trained up to 512 = 2 W), with and without
+# forgetting per chunk, each evaluated with far needles only at 2, 4, 8 and 16 W (W = 256).
+#   bash results/horizon/cpu_default_base.sh        # from the repository root; OUT=... to move it
+set -euo pipefail
+OUT=${OUT:-out/horizon_cpu_default}
+export NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+[ -f "$OUT/base/base.pt" ] || python train.py --pretrain-only --out "$OUT/base" > "$OUT/base.log" 2>&1
+run() {  # name, train.py flags; then the evaluation of the trained checkpoint (and with --ttt-decay at inference)
+    local name=$1; shift
+    [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_mlp_in --ttt-layers 0,1,2,3 \
+        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    python eval_passkey.py "$OUT/$name/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
+        --windows 16 --out "$OUT/$name/horizon.json" >> "$OUT/$name.log" 2>&1
+}
+run plain & run decay99 --ttt-decay 0.99 & wait
+run decay97 --ttt-decay 0.97 &
+python train.py --init "$OUT/base/base.pt" --mode full --ttt-layers none --steps 200 --eval-trials 1 --log-every 50 \
+    --out "$OUT/control" > "$OUT/control.log" 2>&1 && python eval_passkey.py "$OUT/control/ckpt.pt" \
+    --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 --windows 16 --out "$OUT/control/horizon.json" >> "$OUT/control.log" 2>&1 &
+wait
+python eval_passkey.py "$OUT/plain/ckpt.pt" --ttt-decay 0.97 --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
+    --windows 16 --out "$OUT/plain/horizon_eval_decay97.json" >> "$OUT/plain.log" 2>&1
+echo done
