@@ -554,7 +554,8 @@ def horizon(args, p) -> None:
         if results is None or not results["rows"]:
             p.error(f"no horizon rows at {json_path}")
         return tables_horizon(results, args.out)
-    config = dict(c, seed=args.seed, eval_seed=eval_passkey.EVAL_SEED, lengths=lengths, torch=torch.__version__,
+    config = dict(c, jobs=args.jobs or c["jobs"], seed=args.seed, eval_seed=eval_passkey.EVAL_SEED, lengths=lengths,
+                  torch=torch.__version__,
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={}, streaming={}, probe={})

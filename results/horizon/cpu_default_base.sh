@@ -3,6 +3,7 @@
 # (ttt_mlp_in, TTT in all 4 layers, 200 steps per stage, trained up to 512 = 2 W), with and without
 # forgetting per chunk, each evaluated with far needles only at 2, 4, 8 and 16 W (W = 256).
 #   bash results/horizon/cpu_default_base.sh        # from the repository root; OUT=... to move it
+# results/horizon/cpu_default_base/ holds one run's evaluations, probes and logs, copied from $OUT.
 set -euo pipefail
 OUT=${OUT:-out/horizon_cpu_default}
 export NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1
