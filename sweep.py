@@ -145,6 +145,24 @@ def pretrain_command(c: dict, seed: int, folder: str) -> list[str]:
             "--out", folder] + study_common(c, seed)
 
 
+def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
+    """The rows --rows names (default: all), with --bases and --jobs checked: one line, exit 2."""
+    known = [r.name for r in rows]
+    wanted = known if args.rows is None else args.rows.split(",")
+    if any(r not in known for r in wanted):
+        p.error(f"--rows must be among {known}, got {args.rows}")
+    if args.bases < 1 or args.jobs is not None and args.jobs < 1:
+        p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
+    return wanted
+
+
+def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
+    """run_jobs' jobs that pretrain the bases not pretrained yet (work/base<seed>/base.pt)."""
+    return [dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
+                 commands=[pretrain_command(c, seed, os.path.join(work, f"base{seed}"))])
+            for seed in range(bases) if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
+
+
 def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int) -> list[str]:
     # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range
     return [sys.executable, "train.py", "--init", base, "--scale", "1", "--steps", str(steps), "--batch",
@@ -409,12 +427,7 @@ def measure_parallel(c: dict, work: str, jobs: int) -> dict:
 def study(args, p) -> None:
     c = PRESETS_STUDY["cuda" if torch.cuda.is_available() else "cpu"]
     rows = study_rows(c)
-    known = [r.name for r in rows]
-    wanted = known if args.rows is None else args.rows.split(",")
-    if any(r not in known for r in wanted):
-        p.error(f"--rows must be among {known}, got {args.rows}")
-    if args.bases < 1 or args.jobs is not None and args.jobs < 1:
-        p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
+    wanted = wanted_rows(rows, args, p)
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
     if args.tables:
@@ -439,12 +452,7 @@ def study(args, p) -> None:
         return save_json(results, json_path)
     # --- the jobs: each base's pretraining, then every row on every base (row by row, so that a
     # study stopped early has each finished row on every base)
-    work, todo = args.work, []
-    for seed in range(args.bases):
-        folder = os.path.join(work, f"base{seed}")
-        if not os.path.exists(os.path.join(folder, "base.pt")):
-            todo.append(dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
-                             commands=[pretrain_command(c, seed, folder)]))
+    work, todo = args.work, pretrain_jobs(c, args.bases, args.work)
     waits = {j["name"] for j in todo}
     for row in rows:
         for seed in range(args.bases):
@@ -540,10 +548,7 @@ def horizon_lengths(c: dict) -> list[int]:
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
-    known = [r.name for r in rows]
-    wanted = known if args.rows is None else args.rows.split(",")
-    if any(r not in known for r in wanted):
-        p.error(f"--rows must be among {known}, got {args.rows}")
+    wanted = wanted_rows(rows, args, p)
     wanted += [r.same_training for r in rows if r.name in wanted and r.same_training]
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
@@ -562,12 +567,7 @@ def horizon(args, p) -> None:
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    work, todo = args.work, []
-    for seed in range(args.bases):
-        folder = os.path.join(work, f"base{seed}")
-        if not os.path.exists(os.path.join(folder, "base.pt")):
-            todo.append(dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
-                             commands=[pretrain_command(c, seed, folder)]))
+    work, todo = args.work, pretrain_jobs(c, args.bases, args.work)
     waits = {j["name"] for j in todo}
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
                    ",".join(str(d) for d in c["horizon_depths"])]

@@ -92,6 +92,23 @@ def configure_optimizer(model, config: Config):
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95)), ttt_params, base_params
 
 
+def describe(model, corpus, settings: dict, config: Config, stages: list[dict], where: str,
+             multistream: bool) -> str:
+    """The run's opening lines: the corpus, the model and its stages, and how YaRN splits its RoPE
+    pairs next to Moshi 7B's."""
+    lines = [f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation "
+             f"{'token arrays' if multistream else 'bytes'}, sha256 {corpus.sha256[:16]}",
+             f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; {where}; "
+             f"stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages)]
+    if config.method == "yarn" and config.scale > 1 and any(s["kind"] == "extend" for s in stages):
+        attention, base = model.transformer.layers[0].self_attn, model.transformer.rope.max_period
+        head_dim = attention.embed_dim // attention.num_heads
+        lines.append(f"YaRN's RoPE pairs kept / blended / interpolated: "
+                     f"{yarn.split_counts(head_dim, base, config.original_len)} at head dim {head_dim}, L0 "
+                     f"{config.original_len}; Moshi 7B's: {yarn.split_counts(128, 10_000.0, 3000)}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     config, given = parse_args(argv)
     fail = eval_passkey.OneLineParser(prog="train.py").error  # one line on stderr, exit 2, nothing written
@@ -131,15 +148,7 @@ def main(argv=None):
     low_precision = M.low_precision(model)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or low_precision
                 else contextlib.nullcontext())
-    log(f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation "
-        f"{'token arrays' if multistream else 'bytes'}, sha256 {corpus.sha256[:16]}")
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; {world} "
-        f"process(es) on {device}; stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages))
-    if config.method == "yarn" and config.scale > 1 and any(s["kind"] == "extend" for s in stages):
-        attention, base = model.transformer.layers[0].self_attn, model.transformer.rope.max_period
-        head_dim = attention.embed_dim // attention.num_heads
-        log(f"YaRN's RoPE pairs kept / blended / interpolated: {yarn.split_counts(head_dim, base, config.original_len)}"
-            f" at head dim {head_dim}, L0 {config.original_len}; Moshi 7B's: {yarn.split_counts(128, 10_000.0, 3000)}")
+    log(describe(model, corpus, settings, config, stages, f"{world} process(es) on {device}", multistream))
 
     sharded, view = False, model
     for stage_index in range(resume["stage"] if resume else 0, len(stages)):
