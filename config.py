@@ -181,6 +181,13 @@ def check(c: Config) -> None:
         raise ValueError(f"--device {c.device} but CUDA is not available")
 
 
+def resolve_layers(layers: tp.Union[str, list], n_layers: int) -> list[int]:
+    """--ttt-layers as layer indices: 'default', 'official' (every 6th) and 'none' by name."""
+    if not isinstance(layers, str):
+        return layers
+    return {"default": ttt.default_layers(n_layers), "official": list(range(0, n_layers, 6)), "none": []}[layers]
+
+
 def resumed_config(given: dict) -> tuple[Config, dict]:
     """--resume: the stored run, whole, and its checkpoint. A flag given with it must say what the
     run already is (else ValueError naming the flag, the stored and the given value)."""
@@ -192,6 +199,9 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
         raise ValueError(f"{path} holds no run configuration (written before runs stored theirs): "
                          f"start the run again")
     stored = Config(**checkpoint["config"])
+    model = checkpoint["settings"]["model"]
+    layers = model.get("num_layers") or model.get("lm_kwargs", {}).get("num_layers", 0)
+    given = dict(given, ttt_layers=resolve_layers(given["ttt_layers"], layers)) if "ttt_layers" in given else given
     for name, value in given.items():
         if name not in RESUME_FREE and value != getattr(stored, name):
             raise ValueError(f"{option(name)} {value!r} differs from the run being resumed ({path}: "
@@ -205,11 +215,9 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
     """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
     window and its TTT; a Moshi-format one, L0 (its `context`) unless --original-len is given. A flag
     that contradicts what the checkpoint fixes is refused (ValueError naming both values)."""
-    named = {"default": ttt.default_layers(n_layers), "official": list(range(0, n_layers, 6)), "none": []}
-    if isinstance(c.ttt_layers, str):
-        c.ttt_layers = named[c.ttt_layers]
-    if isinstance(given.get("ttt_layers"), str):
-        given["ttt_layers"] = named[given["ttt_layers"]]
+    c.ttt_layers = resolve_layers(c.ttt_layers, n_layers)
+    if "ttt_layers" in given:
+        given["ttt_layers"] = resolve_layers(given["ttt_layers"], n_layers)
     if c.init and c.init.endswith(".safetensors"):
         if "original_len" not in given:
             if not settings["model"].get("context"):

@@ -1851,12 +1851,14 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
         r = run_train(["--resume", "--out", str(out), flag, value])
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "resum" in lines[0], r.stderr
+    same, _ = config.resumed_config(dict(resume=True, out=str(out), ttt_layers="default", mode="full", lr=1e-3))
+    assert same.ttt_layers == ttt.default_layers(4) and same.mode == "full"  # named layers: the same run
     resumed = run_train(["--resume", "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    config = json.load(open(out / "results.json"))["config"]
-    assert (config["mode"], config["lr"], config["seed"], config["steps"]) == ("full", 1e-3, 3, 40)
+    recorded = json.load(open(out / "results.json"))["config"]
+    assert (recorded["mode"], recorded["lr"], recorded["seed"], recorded["steps"]) == ("full", 1e-3, 3, 40)
 
 
 def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_path):
@@ -1879,8 +1881,8 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     same = ["--ttt-chunk", "32", "--window", "256", "--ttt-layers", ",".join(map(str, settings["ttt"]["layers"]))]
     again = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "again"), "--ttt-eta", "0.3"] + same)
     assert again.returncode == 0, again.stderr
-    config = json.load(open(tmp_path / "again" / "results.json"))["config"]
-    assert (config["window"], config["ttt_chunk"], config["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
+    recorded = json.load(open(tmp_path / "again" / "results.json"))["config"]
+    assert (recorded["window"], recorded["ttt_chunk"], recorded["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
     assert checkpoints.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
 
 
