@@ -237,7 +237,8 @@ def final_report(model, settings: dict, stages: list[dict], corpus, device, mult
     base_path, base_model = settings.get("base_path"), None
     if base_path and os.path.isfile(base_path):
         base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
-                      else checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(base_path), "cpu", base_path)).to(device)
+                      else checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(base_path), "cpu",
+                                                             base_path)).to(device)
     lengths = sorted({settings["original_len"]} | {s["length"] for s in stages})
     results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale)
     if results is not None:
@@ -341,7 +342,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args, fail = parse_args(argv)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "") + "_passkey.json"
+    out = args.out or (os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "")
+                       + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "") + "_passkey.json")
     try:
         checkpoints.check_writable(out, folder=False)
         checkpoint = checkpoints.load_checkpoint(args.checkpoint)
