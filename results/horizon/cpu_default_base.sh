@@ -22,6 +22,8 @@ python train.py --init "$OUT/base/base.pt" --mode full --ttt-layers none --steps
     --out "$OUT/control" > "$OUT/control.log" 2>&1 && python eval_passkey.py "$OUT/control/ckpt.pt" \
     --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 --windows 16 --out "$OUT/control/horizon.json" >> "$OUT/control.log" 2>&1 &
 wait
-python eval_passkey.py "$OUT/plain/ckpt.pt" --ttt-decay 0.97 --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
-    --windows 16 --out "$OUT/plain/horizon_eval_decay97.json" >> "$OUT/plain.log" 2>&1
+for gamma in 0.97 0.9 0.8; do  # forgetting at inference only, on the model trained without it
+    python eval_passkey.py "$OUT/plain/ckpt.pt" --ttt-decay $gamma --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 \
+        --trials 20 --windows 16 --out "$OUT/plain/horizon_eval_decay$gamma.json" >> "$OUT/plain.log" 2>&1
+done
 echo done
