@@ -594,13 +594,14 @@ def horizon(args, p) -> None:
             after = f"{b}/{row.same_training}" if any(j["name"] == f"{b}/{row.same_training}" for j in todo) else after
             todo.append(dict(name=f"{b}/{row.name}", after=after, commands=commands,
                              log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row.name, out=out))
-            if seed == 0 and row.name.startswith("ttt") and not row.same_training and row.name not in results["probe"]:
+            checked = seed == 0 and row.name.startswith("ttt") and not row.same_training  # base 0's own TTT trainings
+            if checked and row.name not in results["probe"]:
                 probe_out = os.path.join(work, b, f"{row.name}_probe.json")
                 todo.append(dict(name=f"{b}/{row.name}/probe", after=f"{b}/{row.name}", row=row.name, probe=probe_out,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
                                      [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
                                       str(lengths[-1]), "--out", probe_out]]))
-            if seed == 0 and row.name.startswith("ttt") and not row.same_training and row.name not in results["streaming"]:
+            if checked and row.name not in results["streaming"]:
                 outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
                 todo.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
