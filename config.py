@@ -73,6 +73,10 @@ class Config:
     ttt_no_target: bool = flag(False, "no W_target: V = Conv1D(X) (official ttt_proj: false)")
     ttt_rope_modulo: bool = flag(False, "modulo RoPE on Z in the fast-weight path (ours)")
     ttt_decay: float = flag(1.0, "forgetting per chunk gamma in (0, 1] of the sum of updates (ours; 1: the paper)")
+    ttt_update_clip: float = flag(0.0, "largest Frobenius norm tau of a chunk's update eta V^T Z (the paper's "
+                                  "Appendix D.2 clipping; 0: none)")
+    ttt_average_after: int = flag(0, "past K chunks, read K times the mean of the updates instead of their sum "
+                                  "(ours; 0: the sum, the paper)")
     lora_rank: int = flag(8)
     lora_scaling: float = flag(2.0)
     text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")
@@ -104,7 +108,9 @@ RESUME_FREE = ("resume", "out", "device")
 FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layers"), ("ttt_chunk", "chunk_size"),
                  ("ttt_eta", "eta"), ("ttt_kernel", "kernel_size"), ("ttt_target", "target_source"),
                  ("ttt_target_std", "target_init_std"), ("ttt_no_target", "target"), ("ttt_decay", "decay"),
-                 ("ttt_rope_modulo", None)]
+                 ("ttt_update_clip", "update_clip"), ("ttt_average_after", "average_after"), ("ttt_rope_modulo", None)]
+# Their values in checkpoints written before the setting existed.
+TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0)
 
 
 def option(name: str) -> str:
@@ -137,12 +143,12 @@ def parse_args(argv=None) -> tuple[Config, dict]:
 def check(c: Config) -> None:
     """Each value in its range, and the flags that go together: ValueError, one line, naming it."""
     for name in ("original_len", "steps", "batch", "grad_accum", "ttt_chunk", "eval_trials", "log_every",
-                 "save_every", "lora_rank", "pretrain_steps", "window"):
-        least = 0 if name in ("pretrain_steps", "window") else 1
+                 "save_every", "lora_rank", "pretrain_steps", "window", "ttt_average_after"):
+        least = 0 if name in ("pretrain_steps", "window", "ttt_average_after") else 1
         if getattr(c, name) is not None and getattr(c, name) < least:
             raise ValueError(f"{option(name)} must be >= {least}, got {getattr(c, name)}")
     for name in ("lr", "lr_ttt", "ttt_eta", "ttt_target_std", "weight_decay", "ttt_weight_decay", "grad_clip",
-                 "answer_weight", "lora_scaling", "text_padding_weight", "first_codebook_weight"):
+                 "ttt_update_clip", "answer_weight", "lora_scaling", "text_padding_weight", "first_codebook_weight"):
         if not (math.isfinite(getattr(c, name)) and getattr(c, name) >= 0):
             raise ValueError(f"{option(name)} must be a finite number >= 0, got {getattr(c, name)}")
         if name in ("lr", "lr_ttt") and getattr(c, name) > 1e37:  # AdamW's first step divides by 0.1
@@ -230,7 +236,7 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             fixed["window"] = settings["window"]
         if settings.get("ttt"):
             t = settings["ttt"]
-            fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, 1.0)
+            fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
                           for name, key in FIXED_BY_INIT if key is not None})
             fixed["ttt_rope_modulo"] = bool(settings.get("ttt_rope_modulo"))
         for name, value in fixed.items():

@@ -300,6 +300,11 @@ def parse_args(argv):
     p.add_argument("--streaming", action="store_true", help="greedy decoding step by step, as Moshi runs")
     p.add_argument("--ttt-decay", type=float, default=None, help="evaluate with this forgetting per chunk in every "
                    "TTT layer instead of the trained one (an inference-only remedy)")
+    p.add_argument("--ttt-update-clip", type=float, default=None, metavar="TAU", help="evaluate with each chunk's "
+                   "update clipped to this Frobenius norm in every TTT layer instead of the trained setting (the "
+                   "paper's inference clipping, Appendix D.2; 0: none)")
+    p.add_argument("--ttt-average-after", type=int, default=None, metavar="K", help="evaluate with every TTT layer "
+                   "reading K times the mean of the updates past K chunks instead of the trained setting (0: the sum)")
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the Python stdlib)")
     p.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -334,6 +339,10 @@ def parse_args(argv):
         fail("--scale and --dynamic need --method")
     if args.ttt_decay is not None and not 0 < args.ttt_decay <= 1:
         fail(f"--ttt-decay must be in (0, 1], got {args.ttt_decay}")
+    if args.ttt_update_clip is not None and not (math.isfinite(args.ttt_update_clip) and args.ttt_update_clip >= 0):
+        fail(f"--ttt-update-clip must be a finite number >= 0 (0: none), got {args.ttt_update_clip}")
+    if args.ttt_average_after is not None and args.ttt_average_after < 0:
+        fail(f"--ttt-average-after must be a whole number of chunks >= 0 (0: the sum), got {args.ttt_average_after}")
     if args.dynamic and args.streaming:
         fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
              "step); stream with a fixed --scale")
@@ -343,7 +352,10 @@ def parse_args(argv):
 def main(argv=None):
     args, fail = parse_args(argv)
     out = args.out or (os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "")
-                       + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "") + "_passkey.json")
+                       + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
+                       + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
+                       + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
+                       + "_passkey.json")
     try:
         checkpoints.check_writable(out, folder=False)
         checkpoint = checkpoints.load_checkpoint(args.checkpoint)
@@ -356,11 +368,14 @@ def main(argv=None):
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
         override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
-    if args.ttt_decay is not None:
-        if not freeze.ttt_modules(model):
-            fail(f"--ttt-decay: {args.checkpoint} has no TTT layers")
-        for gating in freeze.ttt_modules(model):
-            gating.decay = args.ttt_decay
+    for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
+                              ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
+                              ("--ttt-average-after", "average_after", args.ttt_average_after)):
+        if value is not None:
+            if not freeze.ttt_modules(model):
+                fail(f"{flag}: {args.checkpoint} has no TTT layers")
+            for gating in freeze.ttt_modules(model):
+                setattr(gating, name, value)
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
     # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
     M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
@@ -376,7 +391,8 @@ def main(argv=None):
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
     result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
-                  streaming=args.streaming, ttt_decay=args.ttt_decay,
+                  streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
+                  ttt_average_after=args.ttt_average_after,
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))

@@ -528,16 +528,27 @@ PRESETS_HORIZON = {
 
 
 def horizon_rows(c: dict) -> list[StudyRow]:
-    """The study's rows that answer the horizon question, then the remedies (this project's, not the
-    paper's): forgetting per chunk (--ttt-decay), trained in or set at inference only."""
+    """The study's rows that answer the horizon question, then the remedies: forgetting per chunk
+    (--ttt-decay, ours), K times the mean past K chunks (--ttt-average-after, ours; K = the trained
+    length's chunks changes nothing up to it) and the paper's update clipping (--ttt-update-clip at
+    1, about half the deeper layers' update norms), trained in or set at inference only."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
+    trained_chunks = c["L0"] // c["chunk"]
+    for k in (trained_chunks // 4, trained_chunks // 2):
+        rows.append(StudyRow(f"ttt_mlp_in_average{k}", f"ttt_mlp_in, mean past {k} chunks, trained",
+                             mlp_in + ["--ttt-average-after", str(k)]))
+    rows.append(StudyRow(f"ttt_mlp_in_eval_average{trained_chunks}", f"ttt_mlp_in, mean past {trained_chunks} "
+                         "chunks (the trained length) at inference only", mlp_in,
+                         eval_flags=["--ttt-average-after", str(trained_chunks)], same_training="ttt_mlp_in"))
     for decay in ("0.99", "0.97"):
         rows.append(StudyRow(f"ttt_mlp_in_decay{decay[2:]}", f"ttt_mlp_in, decay {decay} per chunk, trained",
                              mlp_in + ["--ttt-decay", decay]))
     rows.append(StudyRow("ttt_mlp_in_eval_decay97", "ttt_mlp_in, decay 0.97 at inference only", mlp_in,
                          eval_flags=["--ttt-decay", "0.97"], same_training="ttt_mlp_in"))
+    rows.append(StudyRow("ttt_mlp_in_eval_clip1", "ttt_mlp_in, updates clipped to norm 1 at inference only "
+                         "(the paper's)", mlp_in, eval_flags=["--ttt-update-clip", "1"], same_training="ttt_mlp_in"))
     return rows
 
 
@@ -645,8 +656,9 @@ def horizon(args, p) -> None:
 def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
     eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) gamma^(i-1-j) V_j^T Z_j,
-    the sum of updates chunk i reads), |eta V_i^T Z_i| (chunk i's update) and the layer output's mean norm per
-    token, all Frobenius / Euclidean. Written to `out` as JSON."""
+    the sum of updates chunk i reads, with the layer's clipping and mean past K chunks), |eta V_i^T Z_i|
+    (chunk i's update) and the layer output's mean norm per token, all Frobenius / Euclidean.
+    Written to `out` as JSON."""
     import ttt
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
     M.set_context(model, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
@@ -666,7 +678,10 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
             C, S, r = module.chunk_size, None, dict(sum=[], update=[], output=[])
             for start in range(0, x.shape[1], C):
                 dW = module.eta * V[0, start:start + C].T @ Zf[0, start:start + C].float()  # [d, h]
-                r["sum"].append(0.0 if S is None else S.norm().item())
+                if module.update_clip:
+                    dW = dW * min(1.0, module.update_clip / max(dW.norm().item(), 1e-30))
+                i, K = start // C, module.average_after
+                r["sum"].append(0.0 if S is None else S.norm().item() * (K / max(i, K) if K else 1.0))
                 r["update"].append(dW.norm().item())
                 r["output"].append(output[0, start:start + C].float().norm(dim=-1).mean().item())
                 S = dW if S is None else module.decay * S + dW  # the sum the next chunk reads

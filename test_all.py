@@ -255,32 +255,80 @@ def test_apply_yarn_widens_context_and_records_settings():
 # TTT
 # ============================================================================================
 
-def ttt_naive_f64(Z, V, W, eta, C, decay=1.0):
-    """Per position t: W_t = W + eta * sum over positions s in earlier chunks of
-    decay^(chunk(t) - 1 - chunk(s)) v_s z_s^T."""
+def ttt_naive_f64(Z, V, W, eta, C, decay=1.0, update_clip=0.0, average_after=0):
+    """Per position t: W_t = W + a_t * sum over earlier chunks j of decay^(chunk(t) - 1 - j) U_j, where
+    U_j = eta * sum over positions s of chunk j of v_s z_s^T, scaled to Frobenius norm
+    update_clip where it is larger (Appendix D.2), and a_t = K / max(chunk(t), K) with
+    K = average_after (1 without)."""
     Z, V, W = Z.double(), V.double(), W.double()
     B, T, _ = Z.shape
     O = torch.zeros(B, T, W.shape[0], dtype=torch.float64)
     for b in range(B):
+        updates = []
+        for j in range(0, T, C):
+            U = sum(eta * torch.outer(V[b, s], Z[b, s]) for s in range(j, min(j + C, T)))
+            norm = math.sqrt(float((U * U).sum()))
+            updates.append(U * update_clip / norm if update_clip > 0 and norm > update_clip else U)
         for t in range(T):
-            Wt = W.clone()
-            for s in range(0, (t // C) * C):
-                Wt += eta * decay ** (t // C - 1 - s // C) * torch.outer(V[b, s], Z[b, s])
-            O[b, t] = Wt @ Z[b, t]
+            S = torch.zeros_like(W)
+            for j in range(t // C):
+                S += decay ** (t // C - 1 - j) * updates[j]
+            a = average_after / max(t // C, average_after) if average_after else 1.0
+            O[b, t] = (W + a * S) @ Z[b, t]
     return O
 
 
 DECAYS = st.one_of(st.just(1.0), st.floats(0.3, 1.0))  # the paper's rule, or this project's forgetting
+CLIPS = st.one_of(st.just(0.0), st.floats(0.05, 5.0))  # none, or the paper's update clipping at tau
+AVERAGES = st.integers(0, 4)  # the sum, or this project's K times the mean past K chunks
 
 
 @FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 24), C=st.integers(1, 30), h=st.integers(1, 6),
-       d=st.integers(1, 5), eta=st.floats(0.0, 2.0), decay=DECAYS)
-def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay):
+       d=st.integers(1, 5), eta=st.floats(0.0, 2.0), decay=DECAYS, clip=CLIPS, average=AVERAGES)
+def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay, clip, average):
     g = torch.Generator().manual_seed(B * 1000 + T * 10 + C)
     Z, V, W = torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)
-    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C, decay)
-    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C, decay))
+    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C, decay, clip, average)
+    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C, decay, clip, average))
+
+
+@FAST
+@given(B=st.integers(1, 2), T=st.integers(1, 40), C=st.integers(1, 12), h=st.integers(1, 8), d=st.integers(1, 6),
+       eta=st.floats(0.01, 1.0), group=st.integers(1, 40), decay=DECAYS, clip=st.floats(0.05, 5.0))
+def test_clipped_updates_as_scaled_targets_give_the_reference_and_its_gradients(B, T, C, h, d, eta, group, decay,
+                                                                                 clip):
+    """What TTTGating runs for the paper's clipping (the scan on V scaled by clip_factors, the norm
+    from Gram matrices) gives ttt_chunked's clipped output and gradients (each update clipped as a
+    matrix there), in float64."""
+    g = torch.Generator().manual_seed(T * 100 + C * 7 + d)
+    inputs = [torch.randn(B, T, h, generator=g, dtype=torch.float64), torch.randn(B, T, d, generator=g, dtype=torch.float64),
+              torch.randn(d, h, generator=g, dtype=torch.float64)]
+    dO = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    scaled = lambda Z, V, W: ttt.ttt_scan(Z, V * ttt.clip_factors(Z, V, eta, C, clip), W, eta, C, group, decay)
+    results = []
+    for fn in (lambda Z, V, W: ttt.ttt_chunked(Z, V, W, eta, C, decay, clip), scaled):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.backward(dO)
+        results.append([out] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_clip_factors_have_finite_gradients_where_nothing_is_clipped_or_the_update_is_zero():
+    """V = 0 (TTTGating's conv starts at zero) and updates under tau: factor 1, gradient exactly 0;
+    gradcheck where some chunks clip and others do not."""
+    Z = torch.randn(2, 12, 5, dtype=torch.float64, requires_grad=True)
+    V = torch.zeros(2, 12, 3, dtype=torch.float64, requires_grad=True)
+    f = ttt.clip_factors(Z, V, 0.5, 4, 0.1)
+    f.sum().backward()
+    assert torch.equal(f, torch.ones_like(f)) and torch.equal(V.grad, torch.zeros_like(V))
+    V = torch.randn(2, 12, 3, dtype=torch.float64)
+    V[:, 4:8] *= 1e-3  # the middle chunk stays under tau
+    V.requires_grad_()
+    assert (ttt.clip_factors(Z, V, 0.5, 4, 0.5) == 1).any() and (ttt.clip_factors(Z, V, 0.5, 4, 0.5) < 1).any()
+    assert torch.autograd.gradcheck(lambda Z, V: ttt.clip_factors(Z, V, 0.5, 4, 0.5), [Z, V])
 
 
 @FAST
@@ -499,13 +547,15 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
 
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 40), C=st.integers(1, 9), d=st.integers(1, 12),
-       h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS)
-def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed, decay):
-    """One TTTGating fed token by token against ttt_chunked (the paper's loop) on the same Z and
-    targets, float64: every slot, every fold slice (R = ceil(d / C) rows, C > d included), with
-    or without decay."""
+       h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS,
+       clip=CLIPS, average=AVERAGES)
+def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed, decay, clip, average):
+    """One TTTGating, its parallel form and fed token by token, against ttt_chunked (the paper's
+    loop) on the same Z and targets, float64: every slot, every fold slice (R = ceil(d / C) rows,
+    C > d included), with or without decay, the update clipping, the average past K chunks."""
     torch.manual_seed(seed)
-    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay).double()
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
+                      average_after=average).double()
     with torch.no_grad():
         g.conv.weight.normal_()
         g.W_target.normal_()
@@ -513,7 +563,9 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
     gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
     Z = torch.nn.functional.silu(gate) * up
     V = ttt.conv_within_chunks(x, g.conv, C) @ g.W_target
-    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C, decay)
+    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C, decay, clip, average)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), ref, atol=1e-10, rtol=1e-10)  # the parallel form
     with torch.no_grad(), g.streaming(B):
         out = torch.cat([g(x[:, t:t + 1]) for t in range(T)], dim=1)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -1135,9 +1187,9 @@ def test_study_rows_are_valid_train_py_runs(device):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_horizon_rows_are_the_runs_they_name(device):
-    """Every horizon row that trains parses as a train.py run with its mode and forgetting; the
-    inference-only row evaluates another row's checkpoint with eval_passkey's --ttt-decay; every
-    needle depth is far at every length."""
+    """Every horizon row that trains parses as a train.py run with its mode, forgetting and mean past
+    K chunks; the inference-only rows evaluate another row's checkpoint with eval_passkey's flags
+    (K = the trained length's chunks for the mean); every needle depth is far at every length."""
     c = sweep.PRESETS_HORIZON[device]
     rows = {r.name: r for r in sweep.horizon_rows(c)}
     for name, row in rows.items():
@@ -1146,9 +1198,14 @@ def test_horizon_rows_are_the_runs_they_name(device):
         args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"])[2:])
         assert args.mode == ("full" if name == "control" else "ttt_mlp_in" if "mlp_in" in name else "ttt_only")
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
-    inference = rows["ttt_mlp_in_eval_decay97"]
-    assert inference.same_training == "ttt_mlp_in" and inference.eval_flags == ["--ttt-decay", "0.97"]
-    assert eval_passkey.parse_args(["x.pt"] + inference.eval_flags)[0].ttt_decay == 0.97
+        assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
+        assert args.ttt_update_clip == 0
+    inference = {n: r for n, r in rows.items() if r.same_training}
+    assert all(r.same_training == "ttt_mlp_in" for r in inference.values())
+    assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_decay97"].eval_flags)[0].ttt_decay == 0.97
+    K = c["L0"] // c["chunk"]
+    assert eval_passkey.parse_args(["x.pt"] + inference[f"ttt_mlp_in_eval_average{K}"].eval_flags)[0].ttt_average_after == K
+    assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_clip1"].eval_flags)[0].ttt_update_clip == 1
     assert all(eval_passkey.is_far(L, d, c["window"]) for L in sweep.horizon_lengths(c) for d in c["horizon_depths"])
 
 
@@ -1394,6 +1451,8 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     ["--steps", "x"], ["--seed", "-1"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
     ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"], ["--ttt-decay", "0"], ["--ttt-decay", "1.5"],
+    ["--ttt-update-clip", "-1"], ["--ttt-update-clip", "nan"], ["--ttt-average-after", "-1"],
+    ["--ttt-average-after", "1.5"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1405,7 +1464,8 @@ def test_train_bad_flags_exit_2(argv, capsys):
 
 @pytest.mark.parametrize("argv", [["--depths", "0,2"], ["--trials", "0"], ["--lengths", "10"],
                                   ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"],
-                                  ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"]])
+                                  ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"],
+                                  ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
@@ -1872,7 +1932,8 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert settings["window"] == 256 and settings["ttt"]["chunk_size"] == 32
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
-           ["--ttt-no-target"], ["--ttt-decay", "0.9"], ["--original-len", "160"]]
+           ["--ttt-no-target"], ["--ttt-decay", "0.9"], ["--ttt-update-clip", "2"],
+           ["--ttt-average-after", "4"], ["--original-len", "160"]]
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()
@@ -2020,7 +2081,8 @@ def test_cuda_scan_in_bf16_is_within_its_rounding(decay):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2, name
 
 
-def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, decay=1.0, seed=0):
+def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, decay=1.0, seed=0, update_clip=0.0,
+                          average_after=0):
     """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64
     kept, TTT on two layers with embedding targets and modulo RoPE, non-zero conv and W_target."""
     torch.manual_seed(seed)
@@ -2028,7 +2090,8 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, dec
     settings = dict(window=window)
     if with_ttt:
         settings.update(yarn=dict(scale=4.0, original_len=32, widen_context=False), ttt_rope_modulo=True,
-                        ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings", decay=decay))
+                        ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings", decay=decay,
+                                 update_clip=update_clip, average_after=average_after))
     M.install(m, settings)
     with torch.no_grad():
         for g in m.modules():
@@ -2040,8 +2103,8 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, dec
 
 @CUDA
 @torch.no_grad()
-@pytest.mark.parametrize("decay", [1.0, 0.9])
-def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay):
+@pytest.mark.parametrize("decay,clip,average", [(1.0, 0.0, 0), (0.9, 0.0, 0), (1.0, 48.0, 4)])  # norms: 44-54
+def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, average):
     """The path users run: CUDAGraphed(lm.forward_text) one token per step, 256 steps (16 chunk
     boundaries, the window's KV cache wrapped 4 times), batch 2. Graphed equals eager bit for bit;
     in float32 both equal the parallel forward (within 1e-4; 1.7e-5 seen) and LMGen's greedy tokens,
@@ -2052,7 +2115,7 @@ def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay):
     device, B, T = torch.device("cuda"), 2, 256
     x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
-        m = small_streaming_model(dtype, device, decay=decay)
+        m = small_streaming_model(dtype, device, decay=decay, update_clip=clip, average_after=average)
         parallel = m.forward_text(x)[1].float()
         exact = copy.deepcopy(m).float().forward_text(x)[1].float()  # the same weights in float32
         outs = {}

@@ -28,6 +28,22 @@ An option of this project, not the paper's: `decay` gamma forgets, per chunk,
 so the sum of updates stays bounded on a stream without end, as the forgetting gates of gated
 delta rules and Titans do; results/horizon says what it does past the trained length.
 
+The paper's inference clipping (Appendix D.2; not in the official code), `update_clip` tau, scales
+each chunk's update down to Frobenius norm tau when it is larger:
+
+    eta V_i^T Z_i  ->  eta V_i^T Z_i * min(1, tau / |eta V_i^T Z_i|_F)     (tau = 0: no clipping)
+
+A per-chunk factor on V_i, so every form below takes it as `clip_factors` scaling V.
+
+Another option of this project, `average_after` K: past K chunks, a chunk reads K times the mean
+of the updates before it instead of their sum,
+
+    Wd_i = Wd_0 + (K / max(i, K)) * S_i          (K = 0: the sum, Eq. (1))
+
+so what a chunk reads keeps the size it had at chunk K however long the stream, and no update is
+forgotten: each is diluted (K / i) rather than decayed (gamma^i). A factor on the fast part's
+output per chunk (`average_factors`).
+
 Usage:
     import ttt
     ttt.apply_ttt(model, layers=ttt.default_layers(len(model.transformer.layers)),
@@ -51,13 +67,16 @@ from torch.nn import functional as F
 # ---------------------------------------------------------------------------------------------
 
 def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
-                chunk_size: int, decay: float = 1.0) -> torch.Tensor:
+                chunk_size: int, decay: float = 1.0, update_clip: float = 0.0,
+                average_after: int = 0) -> torch.Tensor:
     """The chunked fast-weight MLP output, Eq. (1) read literally: one chunk after another.
 
     Z: [B, T, h] gated activations, V: [B, T, d] targets, W_down: [d, h] (the layout of
     `linear_out.weight`). Returns O: [B, T, d] where chunk i is computed with
     W_down + eta * sum over chunks j < i of decay^(i - 1 - j) V_j^T Z_j. Any T: the last chunk
-    may be shorter, and chunk_size >= T is one chunk, i.e. the plain MLP.
+    may be shorter, and chunk_size >= T is one chunk, i.e. the plain MLP. With `update_clip` tau > 0
+    each update eta V_j^T Z_j is scaled to Frobenius norm tau where it is larger (Appendix D.2).
+    With `average_after` K > 0, chunk i reads W_down + (K / max(i, K)) * (its sum of updates).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -67,8 +86,14 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     for start in range(0, T, chunk_size):
         Z_i = Z[:, start:start + chunk_size]  # [B, C, h]
         V_i = V[:, start:start + chunk_size]  # [B, C, d]
-        outputs.append(torch.einsum("bch,bdh->bcd", Z_i, W))
-        W = W_down + decay * (W - W_down) + eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)
+        i = start // chunk_size  # the number of chunks before this one
+        read = W if not average_after or i <= average_after else W_down + (average_after / i) * (W - W_down)
+        outputs.append(torch.einsum("bch,bdh->bcd", Z_i, read))
+        update = eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)  # [B, d, h]
+        if update_clip > 0:
+            norm = update.flatten(1).norm(dim=1).view(B, 1, 1)
+            update = torch.where(norm > update_clip, update * update_clip / norm, update)
+        W = W_down + decay * (W - W_down) + update
     return torch.cat(outputs, dim=1)
 
 
@@ -101,6 +126,32 @@ def conv_within_chunks(x: torch.Tensor, conv: nn.Conv1d, chunk_size: int) -> tor
     x = x.reshape(B * n, chunk_size, d).transpose(1, 2)  # [B * n, d, C]
     y = conv(x).transpose(1, 2).reshape(B, n * chunk_size, d)
     return y[:, :T]
+
+
+def clip_factors(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int,
+                 update_clip: float) -> torch.Tensor:
+    """[B, T, 1] float32: min(1, tau / |eta V_i^T Z_i|_F) of each token's chunk i, so that V times
+    it gives every form the clipped updates. The norm without forming the [d, h] update, from the
+    chunk's C x C Gram matrices: |V_i^T Z_i|_F^2 = sum((V_i V_i^T) * (Z_i Z_i^T)). In float32."""
+    B, T, h = Z.shape
+    n, wide = -(-T // chunk_size), torch.promote_types(Z.dtype, torch.float32)
+    Zc = F.pad(Z.to(wide), (0, 0, 0, n * chunk_size - T)).view(B * n, chunk_size, h)
+    Vc = F.pad(V.to(wide), (0, 0, 0, n * chunk_size - T)).view(B * n, chunk_size, -1)
+    return _clip_factor(Zc, Vc, eta, update_clip).view(B, n, 1).repeat_interleave(chunk_size, dim=1)[:, :T]
+
+
+def _clip_factor(Z: torch.Tensor, V: torch.Tensor, eta: float, update_clip: float) -> torch.Tensor:
+    """[N] min(1, tau / |eta V^T Z|_F) for Z [N, C, h], V [N, C, d] (float32 or float64), written as
+    (max(1, |eta V^T Z|^2 / tau^2))^(-1/2): finite gradients where the update is zero (V starts at 0)."""
+    square = (torch.bmm(V, V.transpose(1, 2)) * torch.bmm(Z, Z.transpose(1, 2))).sum((1, 2))
+    return (square * (eta / update_clip) ** 2).clamp(min=1.0).rsqrt()
+
+
+def average_factors(T: int, chunk_size: int, average_after: int, like: torch.Tensor) -> torch.Tensor:
+    """[T, 1]: K / max(i, K) for a token of chunk i (chunks 0 .. K read their plain sum), in float32
+    (float64 for float64 `like`) on like's device."""
+    i = torch.div(torch.arange(T, device=like.device), chunk_size, rounding_mode="floor")
+    return (average_after / i.clamp(min=average_after).to(torch.promote_types(like.dtype, torch.float32)))[:, None]
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -160,7 +211,8 @@ class TTTGating(StreamingModule[_TTTState]):
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
                  eta: float, kernel_size: int = 5, target_source: str = "hidden",
-                 target_init_std: float = 0.02, target: bool = True, decay: float = 1.0):
+                 target_init_std: float = 0.02, target: bool = True, decay: float = 1.0,
+                 update_clip: float = 0.0, average_after: int = 0):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -168,6 +220,10 @@ class TTTGating(StreamingModule[_TTTState]):
             raise ValueError(f"eta must be >= 0, got {eta}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if not update_clip >= 0:
+            raise ValueError(f"update_clip must be >= 0 (0: none), got {update_clip}")
+        if average_after < 0 or average_after != int(average_after):
+            raise ValueError(f"average_after must be a whole number of chunks >= 0 (0: none), got {average_after}")
         if kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and > 0, got {kernel_size}")
         if target_source not in ("hidden", "embeddings"):
@@ -177,6 +233,8 @@ class TTTGating(StreamingModule[_TTTState]):
         self.activation = activation
         self.chunk_size, self.eta, self.target_source = chunk_size, float(eta), target_source
         self.decay = float(decay)  # this project's forgetting per chunk; 1: the paper's rule
+        self.update_clip = float(update_clip)  # the paper's clipping of each update's norm; 0: none
+        self.average_after = int(average_after)  # ours: past this many chunks, K times the mean; 0: the sum
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
         nn.init.zeros_(self.conv.weight)
         W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
@@ -235,10 +293,14 @@ class TTTGating(StreamingModule[_TTTState]):
         Z, source, Zf = self._inputs(x, self.x0, torch.arange(x.shape[1], device=x.device))
         W = self.down_weight()
         V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
-        if self.z_transform is None:  # O_i = Z_i (Wd_0 + eta * sum_(j<i) V_j^T Z_j)^T
+        if self.update_clip > 0:  # each chunk's update clipped: its V scaled
+            V = (V * clip_factors(Zf, V, self.eta, self.chunk_size, self.update_clip)).to(Zf.dtype)
+        if self.z_transform is None and not self.average_after:  # O_i = Z_i (Wd_0 + eta sum_(j<i) V_j^T Z_j)^T
             return ttt_scan(Z, V, W, self.eta, self.chunk_size, decay=self.decay)
-        # The fast path reads and writes a transformed Z; the base product keeps the plain one.
+        # The fast path reads and writes a transformed Z, or is scaled per chunk; the base product apart.
         fast = ttt_scan(Zf, V, None, self.eta, self.chunk_size, decay=self.decay)
+        if self.average_after:
+            fast = (fast * average_factors(x.shape[1], self.chunk_size, self.average_after, fast)).to(fast.dtype)
         return F.linear(Z, W) + fast
 
 
@@ -264,7 +326,8 @@ def _keep_embeddings(transformer: nn.Module, args: tuple) -> None:
 
 def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
               kernel_size: int = 5, target_source: str = "hidden",
-              target_init_std: float = 0.02, target: bool = True, decay: float = 1.0) -> nn.Module:
+              target_init_std: float = 0.02, target: bool = True, decay: float = 1.0,
+              update_clip: float = 0.0, average_after: int = 0) -> nn.Module:
     """Replaces `layer.gating` of the given layer indices of a moshi `LMModel` or
     `StreamingTransformer` by a TTTGating holding the same weights; returns the model.
 
@@ -291,7 +354,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         weight = old.linear_out.weight
         with torch.device(weight.device):  # built where the model is (a 7B layer is 0.6 GB in float32)
             new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
-                            target_source, target_init_std, target, decay)
+                            target_source, target_init_std, target, decay, update_clip, average_after)
         new.to(dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
@@ -302,7 +365,8 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         transformer.register_forward_pre_hook(_keep_embeddings)
     model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
                               kernel_size=int(kernel_size), target_source=target_source,
-                              target_init_std=float(target_init_std), target=bool(target), decay=float(decay))
+                              target_init_std=float(target_init_std), target=bool(target), decay=float(decay),
+                              update_clip=float(update_clip), average_after=int(average_after))
     return model
 
 
@@ -579,7 +643,12 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     V_rows = state.V_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
     update = _product_f32(V_rows.transpose(1, 2), state.Z_prev)  # [B, R, h]
     index = rows[:, :, None].expand(B, R, h)
-    delta = update.mul_(gating.eta)
+    eta = torch.full((B, 1, 1), gating.eta, device=x.device, dtype=update.dtype)
+    if gating.update_clip > 0:  # prev's clip factor, from its Gram matrices (C^2 (d + h) per step)
+        wide = update.dtype
+        eta = eta * _clip_factor(state.Z_prev.to(wide), state.V_prev.to(wide), gating.eta,
+                                 gating.update_clip).view(B, 1, 1)
+    delta = update.mul_(eta)
     if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
         delta.add_(state.S.gather(1, index), alpha=gating.decay - 1)
     state.S.scatter_add_(1, index, delta.mul_(keep))
@@ -593,8 +662,12 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     if gating.decay != 1:  # in float32 at least: gamma rounded to bf16 (0.8984 for 0.9) would bias every read
         wide = torch.promote_types(read.dtype, torch.float32)
         read = read.to(wide) * (1 - (1 - gating.decay) * unfolded.to(wide))[:, None]
+    if gating.average_after:  # past K chunks, K times the mean: the token's chunk index is offset // C
+        chunk = torch.div(state.offset, C, rounding_mode="floor").clamp(min=gating.average_after)
+        average = (gating.average_after / chunk.to(eta.dtype)).view(B, 1, 1)
+        read, eta = read * average, eta * average
     out = out + read.to(out.dtype)
-    out = out + (gating.eta * pending * unfolded[:, None]).to(out.dtype)
+    out = out + (eta * pending * unfolded[:, None]).to(out.dtype)
     state.offset.add_(run.long())
     return out
 
