@@ -657,7 +657,8 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
     eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) gamma^(i-1-j) V_j^T Z_j,
     the sum of updates chunk i reads, with the layer's clipping and mean past K chunks), |eta V_i^T Z_i|
-    (chunk i's update) and the layer output's mean norm per token, all Frobenius / Euclidean.
+    (chunk i's update) and the layer output's mean norm per token, all Frobenius / Euclidean; and
+    `sum_centred`, the plain sum had each chunk's targets been centred on their mean.
     Written to `out` as JSON."""
     import ttt
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
@@ -675,14 +676,18 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
             Z, source, Zf = module._inputs(x, None if module.x0 is None else module.x0.float(),
                                            torch.arange(x.shape[1], device=x.device))
             V = module.targets(source, module.chunk_size).float()
-            C, S, r = module.chunk_size, None, dict(sum=[], update=[], output=[])
+            C, S, S_centred, r = module.chunk_size, None, None, dict(sum=[], update=[], output=[], sum_centred=[])
             for start in range(0, x.shape[1], C):
                 dW = module.eta * V[0, start:start + C].T @ Zf[0, start:start + C].float()  # [d, h]
                 if module.update_clip:
                     dW = dW * min(1.0, module.update_clip / max(dW.norm().item(), 1e-30))
-                i, K = start // C, module.average_after
-                r["sum"].append(0.0 if S is None else S.norm().item() * (K / max(i, K) if K else 1.0))
+                n, K = start // C, module.average_after  # n chunks before this one
+                r["sum"].append(0.0 if S is None else S.norm().item() * (K / max(n, K) if K else 1.0))
                 r["update"].append(dW.norm().item())
+                V_i = V[0, start:start + C]  # the covariance rule: the chunk's mean target taken from each
+                dW_centred = module.eta * (V_i - V_i.mean(0)).T @ Zf[0, start:start + C].float()
+                r["sum_centred"].append(0.0 if S_centred is None else S_centred.norm().item())
+                S_centred = dW_centred if S_centred is None else module.decay * S_centred + dW_centred
                 r["output"].append(output[0, start:start + C].float().norm(dim=-1).mean().item())
                 S = dW if S is None else module.decay * S + dW  # the sum the next chunk reads
             record[str(i)] = r
@@ -710,9 +715,10 @@ def tables_horizon(results: dict, path: str) -> None:
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
              f"per depth and length, {c['windows']} validation windows for bits per byte. Each cell lists the "
-             f"bases in order. Made on {c['hardware']}, torch {c['torch']}.", "",
+             f"bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, torch {c['torch']}.", "",
              "### Far retrieval", "", head, rule]
-    cell = lambda name, i, f: " / ".join(f(results["rows"][b][name][i]) for b in bases if name in results["rows"][b])
+    cell = lambda name, i, f: " / ".join(f(results["rows"][b][name][i]) if name in results["rows"][b] else "-"
+                                         for b in bases)  # "-": the row did not run on that base
     for name in names:
         lines.append(f"| {labels[name]} | " + " | ".join(
             cell(name, i, lambda r: f"{100 * r['passkey']:.0f}%") for i in range(len(lengths))) + " |")
@@ -724,7 +730,7 @@ def tables_horizon(results: dict, path: str) -> None:
     for name in names:
         if not name.startswith("ttt"):
             continue
-        worse = [f"{b} at {lengths[i] // W} W ({r['bpb']:.2f} against {results['rows'][b]['control'][i]['bpb']:.2f})"
+        worse = [f"{b} at {lengths[i] // W} W ({r['bpb']:.3f} against {results['rows'][b]['control'][i]['bpb']:.3f})"
                  for b in bases if name in results["rows"][b] and "control" in results["rows"][b]
                  for i, r in enumerate(results["rows"][b][name]) if r["bpb"] > results["rows"][b]["control"][i]["bpb"]]
         lines.append(f"- {labels[name]}: bits per byte " + ("never above the control's" if not worse else

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The horizon on the default run's own base, on a CPU: the recipe that learns far retrieval there
 # (ttt_mlp_in, TTT in all 4 layers, 200 steps per stage, trained up to 512 = 2 W), with and without
-# forgetting per chunk, each evaluated with far needles only at 2, 4, 8 and 16 W (W = 256).
+# forgetting per chunk, with the mean past K chunks, and with the paper's update clipping at inference,
+# each evaluated with far needles only at 2, 4, 8 and 16 W (W = 256).
 #   bash results/horizon/cpu_default_base.sh        # from the repository root; OUT=... to move it
 # results/horizon/cpu_default_base/ holds one run's evaluations, probes and logs, copied from $OUT.
 set -euo pipefail
@@ -26,4 +27,14 @@ for gamma in 0.97 0.9 0.8; do  # forgetting at inference only, on the model trai
     python eval_passkey.py "$OUT/plain/ckpt.pt" --ttt-decay $gamma --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 \
         --trials 20 --windows 16 --out "$OUT/plain/horizon_eval_decay$gamma.json" >> "$OUT/plain.log" 2>&1
 done
+# The mean past K chunks (ours), trained with K = 2 and 4 (the trained length, 512, is 8 chunks of 64),
+# then at inference only on the plain model, and the paper's update clipping at inference only.
+run average2 --ttt-average-after 2 & run average4 --ttt-average-after 4 & wait
+inference() {  # flag, value, name
+    python eval_passkey.py "$OUT/plain/ckpt.pt" "$1" "$2" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 \
+        --trials 20 --windows 16 --out "$OUT/plain/horizon_eval_$3.json" >> "$OUT/plain_$3.log" 2>&1
+}
+inference --ttt-average-after 8 average8 & inference --ttt-average-after 16 average16 & wait
+inference --ttt-average-after 4 average4 & inference --ttt-average-after 2 average2 & wait
+inference --ttt-update-clip 1 clip1 & inference --ttt-update-clip 0.5 clip0.5 & wait
 echo done
