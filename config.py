@@ -239,6 +239,12 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
                           for name, key in FIXED_BY_INIT if key is not None})
             fixed["ttt_rope_modulo"] = bool(settings.get("ttt_rope_modulo"))
+        if settings.get("lora"):  # its LoRA stays; a mode that trains a LoRA trains that one
+            fixed.update(lora_rank=settings["lora"]["rank"], lora_scaling=settings["lora"]["scaling"])
+            scope = settings["lora"].get("scope", "transformer")
+            if c.mode in freeze.LORA_SCOPES and (scope == "ttt_mlp_in") != (c.mode == "ttt_lora_in"):
+                raise ValueError(f"--mode {c.mode} trains a LoRA on {freeze.LORA_SCOPES[c.mode]}, and the --init "
+                                 f"checkpoint already has one on {scope}; extend it with another --mode")
         for name, value in fixed.items():
             if name in given and given[name] != value:
                 raise ValueError(f"{option(name)} {given[name]!r} contradicts the --init checkpoint, whose "

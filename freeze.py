@@ -10,6 +10,9 @@ from saved adapters. Only torch and moshi are imported: copy this file alone.
 - `ttt_mlp_in`: what `ttt_only` trains plus each TTT module's MLP input projection `linear_in`,
                 which makes Z, the fast memory's keys and queries (in `ttt_only` only the values
                 V learn); attention, norms, `linear_out` and the embeddings stay frozen.
+- `ttt_lora_in`: what `ttt_only` trains plus moshi's LoRA of rank r on each TTT module's
+                `linear_in` (`apply_lora(model, r, s, scope="ttt_mlp_in")` first): Z learns, as in
+                `ttt_mlp_in`, through r (d + 2h) parameters per TTT layer instead of 2 d h.
 - `ttt_layers`: whole transformer layers that contain TTT train (attention, norms, MLP, TTT).
 - `full`:       everything trains.
 - `lora_ttt`:   moshi's LoRA (`moshi.modules.lora`) on every linear layer of the frozen model,
@@ -25,7 +28,9 @@ import torch
 from moshi.modules.lora import LoRALinear, replace_lora_with_linear
 from torch import nn
 
-MODES = ("ttt_only", "ttt_mlp_in", "ttt_layers", "full", "lora_ttt")
+MODES = ("ttt_only", "ttt_mlp_in", "ttt_lora_in", "ttt_layers", "full", "lora_ttt")
+# The modes that train a LoRA, and where it goes (apply_lora's scope).
+LORA_SCOPES = {"lora_ttt": "model", "ttt_lora_in": "ttt_mlp_in"}
 
 
 def is_ttt(module: nn.Module) -> bool:
@@ -54,23 +59,33 @@ def apply_lora(model: nn.Module, rank: int, scaling: float, scope: str = "model"
     model is unchanged at first. A TTT layer's linear_out keeps being the fast weight's start,
     LoRA-merged (TTTGating.down_weight). Checkpoint keys of the base weights load into it (moshi
     maps `weight` to `frozen_W.weight`). `scope="transformer"` wraps the transformer alone, as
-    checkpoints written before the whole model was wrapped expect."""
+    checkpoints written before the whole model was wrapped expect; `scope="ttt_mlp_in"` only the
+    TTT modules' `linear_in` (freeze mode `ttt_lora_in`)."""
     if rank <= 0 or scaling <= 0:
         raise ValueError(f"LoRA needs rank > 0 and scaling > 0, got {rank}, {scaling}")
-    if scope not in ("model", "transformer"):
-        raise ValueError(f"LoRA scope must be 'model' or 'transformer', got {scope!r}")
+    if scope not in ("model", "transformer", "ttt_mlp_in"):
+        raise ValueError(f"LoRA scope must be 'model', 'transformer' or 'ttt_mlp_in', got {scope!r}")
+
+    def wrap_linear(module, name, child):
+        lora = LoRALinear(child.in_features, child.out_features, rank, scaling,
+                          device=child.weight.device, dtype=child.weight.dtype)
+        lora.frozen_W = child
+        nn.init.zeros_(lora.lora_B.weight)
+        setattr(module, name, lora)
 
     def wrap(module):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                lora = LoRALinear(child.in_features, child.out_features, rank, scaling,
-                                  device=child.weight.device, dtype=child.weight.dtype)
-                lora.frozen_W = child
-                nn.init.zeros_(lora.lora_B.weight)
-                setattr(module, name, lora)
+                wrap_linear(module, name, child)
             elif not isinstance(child, LoRALinear):
                 wrap(child)
-    wrap(model if scope == "model" else getattr(model, "transformer", model))
+    if scope == "ttt_mlp_in":
+        if not ttt_modules(model):
+            raise ValueError("LoRA scope 'ttt_mlp_in' found no TTT module: call ttt.apply_ttt first")
+        for m in ttt_modules(model):
+            wrap_linear(m, "linear_in", m.linear_in)
+    else:
+        wrap(model if scope == "model" else getattr(model, "transformer", model))
     model.lora_settings = dict(rank=int(rank), scaling=float(scaling), scope=scope)
     return model
 
@@ -91,9 +106,12 @@ def trainable_parameters(model: nn.Module, mode: str) -> set[int]:
     if mode == "ttt_layers":
         return {id(p) for layer in ttt_layers(model) for p in layer.parameters()}
     ttt_ids = {id(p) for m in ttt_modules(model) for p in m.ttt_parameters()}
-    if mode == "lora_ttt":
+    if mode in LORA_SCOPES:
         if not lora_modules(model):
-            raise ValueError("freeze mode lora_ttt found no LoRA layer: call apply_lora first")
+            raise ValueError(f"freeze mode {mode} found no LoRA layer: call apply_lora first")
+        scope = getattr(model, "lora_settings", {}).get("scope")
+        if (scope == "ttt_mlp_in") != (mode == "ttt_lora_in"):
+            raise ValueError(f"freeze mode {mode} trains a LoRA on {LORA_SCOPES[mode]}, the model's is on {scope}")
         return ttt_ids | {id(p) for m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)}
     if mode == "ttt_mlp_in":  # Z = act(gate) * up, with gate and up from linear_in
         return ttt_ids | {id(p) for m in ttt_modules(model) for p in m.linear_in.parameters()}

@@ -531,7 +531,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     """The study's rows that answer the horizon question, then the remedies: forgetting per chunk
     (--ttt-decay, ours), K times the mean past K chunks (--ttt-average-after, ours; K = the trained
     length's chunks changes nothing up to it) and the paper's update clipping (--ttt-update-clip at
-    1, about half the deeper layers' update norms), trained in or set at inference only."""
+    1, about half the deeper layers' update norms), trained in or set at inference only; and the
+    smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in)."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
@@ -547,6 +548,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                              mlp_in + ["--ttt-decay", decay]))
     rows.append(StudyRow("ttt_mlp_in_eval_decay97", "ttt_mlp_in, decay 0.97 at inference only", mlp_in,
                          eval_flags=["--ttt-decay", "0.97"], same_training="ttt_mlp_in"))
+    rows.append(StudyRow("ttt_lora_in", "ttt_only + LoRA of rank 8 on the TTT layers' linear_in (Z trains, low rank)",
+                         ["--mode", "ttt_lora_in", "--lora-rank", "8"]))
     rows.append(StudyRow("ttt_mlp_in_eval_clip1", "ttt_mlp_in, updates clipped to norm 1 at inference only "
                          "(the paper's)", mlp_in, eval_flags=["--ttt-update-clip", "1"], same_training="ttt_mlp_in"))
     return rows

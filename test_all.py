@@ -810,6 +810,9 @@ def expected_trainable(names, mode, layers):
         return ttt_names | {n for n in names if n.endswith(("lora_A.weight", "lora_B.weight"))}
     if mode == "ttt_mlp_in":
         return ttt_names | {n for n in names if in_ttt_layer(n) and n.endswith("gating.linear_in.weight")}
+    if mode == "ttt_lora_in":
+        return ttt_names | {n for n in names if in_ttt_layer(n)
+                            and n.endswith(("gating.linear_in.lora_A.weight", "gating.linear_in.lora_B.weight"))}
     return ttt_names
 
 
@@ -818,11 +821,16 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
     m = tiny_model()
     layers = [1, 3]
     ttt.apply_ttt(m, layers, chunk_size=8, eta=0.5)
-    if mode == "lora_ttt":
-        freeze.apply_lora(m, rank=2, scaling=2.0)
+    if mode in freeze.LORA_SCOPES:
+        x = torch.randint(0, 256, (2, 40))
+        before_lora = M.logits(m, x)
+        freeze.apply_lora(m, rank=2, scaling=2.0, scope=freeze.LORA_SCOPES[mode])
+        assert torch.equal(M.logits(m, x), before_lora)  # B starts at zero
         lora_names = [n for n, _ in m.named_parameters() if "lora_" in n]
-        # every linear of the model: attention in/out and gating in/out of 4 layers, text_linear
-        assert len(lora_names) == 2 * (4 * 4 + 1) and not any("target" in n for n in lora_names)
+        # lora_ttt: every linear of the model (attention in/out and gating in/out of 4 layers, text_linear);
+        # ttt_lora_in: the TTT layers' linear_in
+        assert len(lora_names) == (2 * (4 * 4 + 1) if mode == "lora_ttt" else 2 * len(layers))
+        assert not any("target" in n for n in lora_names)
     summary = freeze.apply_freeze(m, mode)
     names = [n for n, _ in m.named_parameters()]
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -909,6 +917,17 @@ def test_ttt_mlp_in_updates_linear_in_and_leaves_the_rest_bit_identical():
         assert moved == p.requires_grad, n
         assert p.requires_grad == (n.endswith(("gating.linear_in.weight", "gating.conv.weight", "gating.W_target"))
                                    and n.startswith(("transformer.layers.1.", "transformer.layers.3."))), n
+
+
+def test_a_lora_mode_refuses_the_other_modes_lora():
+    """ttt_lora_in trains a LoRA on the TTT layers' linear_in and lora_ttt one on every linear: each
+    refuses a model whose LoRA is the other's (it would train the wrong set)."""
+    for mode, other in (("ttt_lora_in", "model"), ("lora_ttt", "ttt_mlp_in")):
+        m = tiny_model()
+        ttt.apply_ttt(m, [1, 3], chunk_size=8, eta=0.5)
+        freeze.apply_lora(m, 2, 2.0, other)
+        with pytest.raises(ValueError, match=mode):
+            freeze.apply_freeze(m, mode)
 
 
 def test_train_accepts_ttt_mlp_in():
@@ -1196,7 +1215,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
         if not row.train or row.same_training:
             continue
         args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"])[2:])
-        assert args.mode == ("full" if name == "control" else "ttt_mlp_in" if "mlp_in" in name else "ttt_only")
+        assert args.mode == ("full" if name == "control" else "ttt_mlp_in" if "mlp_in" in name else
+                             "ttt_lora_in" if "lora_in" in name else "ttt_only")
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0
@@ -1607,6 +1627,7 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
               and "stage 0" in l]
     assert losses[-1] < losses[0] - 0.3
     assert "final table" in one.stdout and "ttt grad" in one.stdout
+    assert "fast weights off, eta 0 (control)" in one.stdout  # ttt_only: nothing else trained
     two = run_train(QUICK + ["--out", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -1672,10 +1693,15 @@ def test_non_finite_step_between_log_lines_stops_before_the_save(tmp_path):
     assert (kept["stage"], kept["step"]) == (1, 0) and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
-def test_lora_ttt_training_and_adapter(tmp_path):
+@pytest.mark.parametrize("mode", ["lora_ttt", "ttt_lora_in"])
+def test_lora_training_and_adapter(tmp_path, mode):
+    """A LoRA mode trains, saves an adapter of the LoRA factors and TTT's parameters that rebuilds
+    the model on its base, leaves the base weights untouched; an --init from it keeps its LoRA
+    (another rank, or the other LoRA mode, is refused in one line)."""
     out = tmp_path / "lora"
-    r = run_train(QUICK + ["--mode", "lora_ttt", "--lora-rank", "2", "--out", str(out)])
+    r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--out", str(out)])
     assert r.returncode == 0, r.stderr
+    assert "not a control" in r.stdout and "eta 0 (control)" not in r.stdout  # other weights trained with TTT
     trained = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(out / "ckpt.pt"))).eval()
     adapter = checkpoints.load_checkpoint(str(out / "adapter.pt"))
     assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
@@ -1687,6 +1713,14 @@ def test_lora_ttt_training_and_adapter(tmp_path):
     for n, p in trained.state_dict().items():
         if ".frozen_W." in n:
             assert torch.equal(p, base[n.replace(".frozen_W.", ".")]), n
+    if mode == "ttt_lora_in":
+        assert all(".gating.linear_in." in n for n in adapter["model"] if "lora_" in n)
+    other = "ttt_lora_in" if mode == "lora_ttt" else "lora_ttt"
+    for extra in (["--lora-rank", "4"], ["--mode", other]):
+        r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--out", str(tmp_path / "bad")] + extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and extra[0] in lines[0] and "--init" in lines[0], r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def make_moshi_format_model(folder, dtype=torch.float32, context=128):

@@ -66,8 +66,8 @@ def prepare_stage(model, stage: dict, config: Config, settings: dict, device, wo
                                average_after=config.ttt_average_after)
         settings["ttt_rope_modulo"] = config.ttt_rope_modulo
         M.install(model, dict(ttt=settings["ttt"], ttt_rope_modulo=config.ttt_rope_modulo)).to(device)
-    if extending and config.mode == "lora_ttt" and not settings.get("lora"):
-        freeze.apply_lora(model, config.lora_rank, config.lora_scaling)
+    if extending and config.mode in freeze.LORA_SCOPES and not settings.get("lora"):
+        freeze.apply_lora(model, config.lora_rank, config.lora_scaling, freeze.LORA_SCOPES[config.mode])
         settings["lora"] = model.lora_settings
     summary = freeze.format_summary(freeze.apply_freeze(model, config.mode)) if extending and settings["ttt"] else ""
     settings["mode"] = config.mode if extending else settings["mode"]

@@ -2,7 +2,8 @@
 # The horizon on the default run's own base, on a CPU: the recipe that learns far retrieval there
 # (ttt_mlp_in, TTT in all 4 layers, 200 steps per stage, trained up to 512 = 2 W), with and without
 # forgetting per chunk, with the mean past K chunks, and with the paper's update clipping at inference,
-# each evaluated with far needles only at 2, 4, 8 and 16 W (W = 256).
+# and with a LoRA on linear_in instead (ttt_lora_in); each evaluated with far needles only at 2, 4, 8
+# and 16 W (W = 256).
 #   bash results/horizon/cpu_default_base.sh        # from the repository root; OUT=... to move it
 # results/horizon/cpu_default_base/ holds one run's evaluations, probes and logs, copied from $OUT.
 set -euo pipefail
@@ -37,4 +38,14 @@ inference() {  # flag, value, name
 inference --ttt-average-after 8 average8 & inference --ttt-average-after 16 average16 & wait
 inference --ttt-average-after 4 average4 & inference --ttt-average-after 2 average2 & wait
 inference --ttt-update-clip 1 clip1 & inference --ttt-update-clip 0.5 clip0.5 & wait
+lora() {  # rank: a LoRA on the TTT layers' linear_in (--mode ttt_lora_in), evaluated plain and with the mean past 8
+    local name=lora_in$1
+    [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_lora_in --lora-rank "$1" \
+        --ttt-layers 0,1,2,3 --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+    for flags in "" "--ttt-average-after 8"; do
+        python eval_passkey.py "$OUT/$name/ckpt.pt" $flags --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
+            --windows 16 --out "$OUT/$name/horizon${flags:+_eval_average8}.json" >> "$OUT/$name.log" 2>&1
+    done
+}
+lora 8 & lora 32 & wait
 echo done
