@@ -347,6 +347,7 @@ def scale(device, steps=2, lm_kwargs=None):
     checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
     warm-up step) and peak GiB."""
+    import depformer_steps
     import window_attention
     from moshi.models import loaders
     from moshi.models.lm import LMModel
@@ -356,6 +357,7 @@ def scale(device, steps=2, lm_kwargs=None):
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
     lm.transformer.checkpointing = lm.depformer.checkpointing = True  # the depformer runs over T sequences
+    depformer_steps.apply_contiguous_steps(lm)  # as train.py: its per-step products as matrix products
     layers, L0 = lm.transformer.layers, lm_kwargs["context"]
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
     weights_gib = torch.cuda.memory_allocated() / 2 ** 30

@@ -1746,6 +1746,47 @@ def make_moshi_format_model(folder, dtype=torch.float32, context=128):
     return lm, lm_kwargs
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_contiguous_depformer_steps_equal_moshis(lora):
+    """depformer_steps on a multi-stream model with per-step depformer weights (as Moshi 7B):
+    moshi's path feeds its per-step Linears strided slices, the installed one contiguous inputs;
+    the loss and every gradient are moshi's (1e-6 relative), the state dict is the same tensors."""
+    import depformer_steps
+    from moshi.models.lm import LMModel
+    torch.manual_seed(0)
+    lm = LMModel(dim=32, text_card=48, existing_text_padding_id=3, n_q=3, dep_q=3, card=16, num_heads=2,
+                 num_layers=2, hidden_scale=4.125, causal=True, context=64, max_period=10000, gating="silu",
+                 norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16, depformer_num_heads=2,
+                 depformer_num_layers=2, depformer_dim_feedforward=32, depformer_multi_linear=True,
+                 depformer_pos_emb="none", depformer_weights_per_step=True, delays=[0, 0, 1, 1]).train()
+    if lora:
+        freeze.apply_lora(lm, 2, 2.0)
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    fast = depformer_steps.apply_contiguous_steps(copy.deepcopy(lm))
+    assert depformer_steps.apply_contiguous_steps(fast) is fast  # again: nothing left to change
+    assert fast.state_dict().keys() == lm.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), lm.state_dict().values()))
+    codes = torch.randint(0, 16, (2, 4, 24), generator=torch.Generator().manual_seed(1))
+    codes[:, 0] = torch.randint(0, 48, (2, 24), generator=torch.Generator().manual_seed(2))
+    seen = []  # what moshi's own depformer Linears are given: strided slices among them
+    hooks = [x.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+             for x in lm.depformer.modules() if isinstance(x, torch.nn.Linear)]
+    loss = [M.multistream_loss(m, codes, 0.5, 100.0) for m in (lm, fast)]
+    for h in hooks:
+        h.remove()
+    assert seen and not all(seen)
+    assert {type(x) for x in fast.depformer.modules() if isinstance(x, torch.nn.Linear)} == {
+        depformer_steps.ContiguousLinear}
+    torch.testing.assert_close(loss[1], loss[0], rtol=1e-6, atol=0)
+    for l in loss:
+        l.backward()
+    for (name, a), b in zip(lm.named_parameters(), fast.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def finetune_loss_with_mask(logits, target, target_mask, mode, first_codebook_weight_multiplier=1.0,
                             text_padding_weight=1.0, text_padding_ids=()):
     """moshi-finetune's `compute_loss_with_mask` (finetune/loss.py), transcribed: weights are the

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
 import data
+import depformer_steps
 import eval_passkey
 import freeze
 import model as M
@@ -69,6 +70,7 @@ def prepare_stage(model, stage: dict, config: Config, settings: dict, device, wo
     if extending and config.mode in freeze.LORA_SCOPES and not settings.get("lora"):
         freeze.apply_lora(model, config.lora_rank, config.lora_scaling, freeze.LORA_SCOPES[config.mode])
         settings["lora"] = model.lora_settings
+    depformer_steps.apply_contiguous_steps(model)  # after LoRA: its Linears too; once is enough, again is a no-op
     summary = freeze.format_summary(freeze.apply_freeze(model, config.mode)) if extending and settings["ttt"] else ""
     settings["mode"] = config.mode if extending else settings["mode"]
     settings["trained_len"] = stage["length"]
