@@ -571,6 +571,43 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
+@FAST
+@given(B=st.integers(1, 2), P=st.integers(2, 30), more=st.integers(0, 12), C=st.integers(1, 8), d=st.integers(1, 10),
+       h=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS,
+       clip=CLIPS, average=AVERAGES)
+def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h, kernel, seed, decay, clip, average):
+    """A prompt of P tokens in one streaming call from a fresh state (streaming_prefill), then more
+    tokens one per step, against every token one per step and against the parallel form, float64:
+    the same outputs, and after the prompt the same state wherever a later step reads it."""
+    torch.manual_seed(seed)
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
+                      average_after=average).double()
+    with torch.no_grad():
+        g.conv.weight.normal_()
+        g.W_target.normal_()
+    x = torch.randn(B, P + more, d, dtype=torch.float64)
+    states = {}
+    outs = {}
+    for way in ("prefill", "steps"):
+        with torch.no_grad(), g.streaming(B):
+            first = g(x[:, :P]) if way == "prefill" else torch.cat([g(x[:, t:t + 1]) for t in range(P)], 1)
+            st_ = g._streaming_state
+            states[way] = {name: getattr(st_, name).clone() for name in ("offset", "Z_prev", "V_prev", "S", "S_read")}
+            slot = P % C or C  # rows of the chunk being filled that later steps read
+            half = kernel // 2
+            states[way]["Z"] = st_.Z[:, :slot].clone()
+            states[way]["source"] = st_.source[:, :2 * half + slot].clone()
+            states[way]["V"] = st_.V[:, half:half + slot].clone()
+            rest = [g(x[:, t:t + 1]) for t in range(P, P + more)]
+            outs[way] = torch.cat([first] + rest, dim=1)
+    with torch.no_grad():
+        parallel = g(x)
+    torch.testing.assert_close(outs["prefill"], parallel, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(outs["steps"], parallel, atol=1e-10, rtol=1e-10)
+    for name in states["steps"]:
+        torch.testing.assert_close(states["prefill"][name], states["steps"][name], atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_streaming_with_lora_equals_parallel():
     """moshi's LoRA on the fast weight's base (linear_out): streaming reads it through the module."""
     m = streaming_model(window=16, chunk=4)

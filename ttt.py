@@ -16,7 +16,7 @@ The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down
 Every form below carries the sum of updates S_i = eta * sum_(j<i) V_j^T Z_j (so Wd_i = Wd_0 + S_i):
 `ttt_chunked` reads Eq. (1) literally, `ttt_prefix_sum` is the official parallel form (section
 3.4, Algorithm 1), `ttt_scan` the memory-bounded form TTTGating runs, `streaming_step` one token at
-a time for moshi's LMGen. X is the MLP input (the official default for continual training) or the
+a time for moshi's LMGen, `streaming_prefill` a prompt at once into a fresh stream. X is the MLP input (the official default for continual training) or the
 token embeddings (the paper's X0). The conv starts at zero, so a freshly converted model equals
 the base model. Causality holds because chunk i only sees updates from chunks before it; the last
 chunk's update is never used.
@@ -286,11 +286,17 @@ class TTTGating(StreamingModule[_TTTState]):
         """x: [B, T, d] (the normed hidden states) -> [B, T, d], in the products' dtype (bf16 under
         autocast), as moshi's ActivationGating returns it."""
         state = self._streaming_state
+        if state is not None and x.shape[1] > 1 and _fresh(state):  # a prompt: all of it at once
+            return streaming_prefill(self, x, self.x0, state)
         if state is not None:  # one token at a time: the same step for every token
             x0 = self.x0
             return torch.cat([streaming_step(self, x[:, t:t + 1], None if x0 is None else x0[:, t:t + 1], state)
                               for t in range(x.shape[1])], dim=1)
-        Z, source, Zf = self._inputs(x, self.x0, torch.arange(x.shape[1], device=x.device))
+        return self._parallel(x, self.x0)
+
+    def _parallel(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor]) -> torch.Tensor:
+        """The parallel form over x [B, T, d] from position 0."""
+        Z, source, Zf = self._inputs(x, x0, torch.arange(x.shape[1], device=x.device))
         W = self.down_weight()
         V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
         if self.update_clip > 0:  # each chunk's update clipped: its V scaled
@@ -669,6 +675,57 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     out = out + read.to(out.dtype)
     out = out + (eta * pending * unfolded[:, None]).to(out.dtype)
     state.offset.add_(run.long())
+    return out
+
+
+def _fresh(state: _TTTState) -> bool:
+    """Every sequence at position 0 and running (reads the device: not for a CUDA-graphed step)."""
+    return bool(((state.offset == 0) & state.exec_mask).all())
+
+
+@torch.no_grad()
+def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
+                      state: _TTTState) -> torch.Tensor:
+    """P tokens at once from a fresh state (every sequence at position 0): the parallel form's
+    outputs for x [B, P, d], and the state that P calls of `streaming_step` leave, so the stream
+    goes on one token per step from there (a server warming a conversation from its history).
+
+    After P = k C + s tokens, `streaming_step`'s state holds: the chunk being filled (slots < s of
+    chunk k; with s = 0 the completed chunk k - 1, whose opening waits for the next token); `prev`,
+    the chunk before it (q = k - 1, or k - 2 when s = 0); and in S every update before q, plus
+    the first s R rows of q's (all of them when s = 0: its fold ends as the next chunk fills):
+        S = decay-weighted sum of U_j over j < q,    rows < s R:  decay * S + U_q
+    with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V."""
+    B, P, _ = x.shape
+    C, half, (d, h) = gating.chunk_size, gating.conv.kernel_size[0] // 2, state.S.shape[1:]
+    out = gating._parallel(x, x0)
+    Z, source, Zf = gating._inputs(x, x0, torch.arange(P, device=x.device))
+    V = gating.targets(source, C)  # a ragged last chunk: zeros after its last input, as streaming holds it
+    k, s = divmod(P, C)
+    current = k if s else k - 1  # the chunk the buffers hold
+    q = current - 1  # prev
+    start = current * C
+    state.Z[:, :P - start] = Zf[:, start:].to(state.Z.dtype)
+    state.V[:, half:half + P - start] = V[:, start:].to(state.V.dtype)
+    state.source[:, 2 * half:2 * half + P - start] = source[:, start:].to(state.source.dtype)
+    if q >= 0:
+        state.Z_prev.copy_(Zf[:, q * C:(q + 1) * C])
+        state.V_prev.copy_(V[:, q * C:(q + 1) * C])
+        wide = state.S.dtype
+        Zc = Zf[:, :(q + 1) * C].to(state.Z_prev.dtype).to(wide).reshape(B, q + 1, C, h)  # as prev holds them
+        Vc = V[:, :(q + 1) * C].to(state.V_prev.dtype).to(wide).reshape(B, q + 1, C, d)
+        U = gating.eta * torch.einsum("bncd,bnch->bndh", Vc, Zc)  # [B, q + 1, d, h]
+        if gating.update_clip > 0:
+            U = U * _clip_factor(Zc.flatten(0, 1), Vc.flatten(0, 1), gating.eta,
+                                 gating.update_clip).view(B, q + 1, 1, 1)
+        weights = gating.decay ** torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # j < q
+        S = torch.einsum("n,bndh->bdh", weights, U[:, :q])
+        rows = d if s == 0 else min(s * (-(-d // C)), d)
+        S[:, :rows] = gating.decay * S[:, :rows] + U[:, q, :rows]
+        state.S.copy_(S)
+        if state.S_read is not state.S:
+            state.S_read.copy_(S)
+    state.offset.fill_(P)
     return out
 
 
