@@ -435,6 +435,67 @@ def scale(device, steps=2, lm_kwargs=None):
     return dict(weights_gib=weights_gib, rows=rows)
 
 
+def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16) -> dict:
+    """Bytes of one stream's TTT state in one layer (moshi 7B's d and h by default), today's and the
+    compact one, as `TTTGating._init_streaming_state` allocates it (on the meta device: no memory)."""
+    out = {}
+    for compact in (False, True):
+        g = ttt.TTTGating(d, h, F.silu, chunk, 0.3).to(device="meta", dtype=dtype)
+        g.compact_state = compact
+        state = g._init_streaming_state(1)
+        tensors = {id(t): t for t in vars(state).values() if isinstance(t, torch.Tensor)}  # S_read may be S
+        out["compact" if compact else "exact"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    return out
+
+
+@torch.no_grad()
+def drift(steps: int, checkpoint: str, average_after: int, device) -> dict:
+    """The compact state's drift on a stream of `steps` tokens, one per step, of validation text:
+    the next-byte logits of a bf16 copy of the checkpoint streamed with today's state and with
+    the compact one, against the float32 model streamed (float32 streaming is within 1e-4 of the
+    parallel form, test_all): the largest difference per 1000 steps and how often the greedy byte
+    differs. `average_after`: K for every TTT layer (a long stream's setting, results/horizon)."""
+    import data
+    base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
+    M.set_context(base, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
+    for g in ttt_layers_of(base):
+        g.average_after = average_after
+    models = {"float32": base.float(), "bf16": copy_to(base, torch.bfloat16, False),
+              "bf16 compact": copy_to(base, torch.bfloat16, True)}
+    text = torch.from_numpy(data.load_corpus(None).val[:steps].astype("int64")).to(device)[None]
+    worst = {name: [] for name in models if name != "float32"}
+    differ = {name: 0 for name in worst}
+    start = time.time()
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(m.streaming(1))
+        for t in range(steps):
+            out = {name: M.logits(m, text[:, t:t + 1])[0, -1] for name, m in models.items()}
+            for name in worst:
+                if t % 1000 == 0:
+                    worst[name].append(0.0)
+                worst[name][-1] = max(worst[name][-1], (out[name] - out["float32"]).abs().max().item())
+                differ[name] += int(out[name].argmax() != out["float32"].argmax())
+            if (t + 1) % 5000 == 0:
+                print(f"  step {t + 1}: largest logit difference so far " + ", ".join(
+                    f"{name} {max(w):.3f}" for name, w in worst.items()) + f" ({time.time() - start:.0f} s)", flush=True)
+    return dict(checkpoint=checkpoint, steps=steps, average_after=average_after,
+                largest_per_1000_steps=worst, greedy_differs=differ, state_bytes_7b=state_bytes(),
+                state_bytes_7b_chunk1024=state_bytes(chunk=1024))
+
+
+def ttt_layers_of(model) -> list:
+    return [m for m in model.modules() if isinstance(m, ttt.TTTGating)]
+
+
+def copy_to(model, dtype, compact: bool):
+    import copy
+    m = copy.deepcopy(model).to(dtype)
+    for g in ttt_layers_of(m):
+        g.compact_state = compact
+    return m
+
+
 def revision_name() -> str:
     """$REVISION where set (a GPU machine's copy has a stale or no .git), else git's short hash."""
     revision = os.environ.get("REVISION")
@@ -458,6 +519,10 @@ def main():
     p.add_argument("--scale", action="store_true", help="only: one training step of moshi's 7B configuration, "
                    "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
     p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
+    p.add_argument("--drift", type=int, default=None, metavar="STEPS", help="only: the compact TTT state's drift "
+                   "over a stream of STEPS tokens (45000: an hour of Moshi) of --checkpoint, against float32")
+    p.add_argument("--checkpoint", default=None, help="--drift: a checkpoint of this project with TTT")
+    p.add_argument("--average-after", type=int, default=0, help="--drift: K of every TTT layer (0: the sum)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -466,6 +531,20 @@ def main():
         p.error("--realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
+    if args.drift is not None:
+        if args.drift < 1 or not args.checkpoint or args.average_after < 0:
+            p.error("--drift needs STEPS >= 1, a --checkpoint and --average-after >= 0")
+        try:
+            checkpoints.check_writable(args.out, folder=False)
+            checkpoints.load_checkpoint(args.checkpoint)
+        except ValueError as e:
+            p.error(str(e))
+        print(f"drift on {device}, torch {torch.__version__}, revision {revision_name()}", flush=True)
+        result = dict(torch=torch.__version__, revision=revision_name(),
+                      drift=drift(args.drift, args.checkpoint, args.average_after, device))
+        checkpoints.save_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
     if args.realtime or args.scale:
         what = "realtime" if args.realtime else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")

@@ -608,6 +608,35 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
         torch.testing.assert_close(states["prefill"][name], states["steps"][name], atol=1e-10, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_compact_state_stays_within_bf16s_own_error(seed):
+    """compact_state keeps the sum of updates in bf16 (one copy, rounded at every fold). Over 20
+    chunks of a bf16 TTTGating, its streamed outputs are no further from the float64 parallel form
+    than 1.5x the larger of today's bf16 streaming and the bf16 parallel form (1.2x seen); in float64
+    it changes nothing (the sum already has the model's dtype)."""
+    torch.manual_seed(seed)
+    d, h, C, T, B = 16, 24, 8, 160, 2
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.5, 3).double()
+    with torch.no_grad():
+        g.conv.weight.normal_(std=0.5)
+        g.W_target.normal_(std=0.5)
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    off = {}
+    with torch.no_grad():
+        reference = g(x)
+        for name, dtype, compact in (("exact", torch.bfloat16, False), ("compact", torch.bfloat16, True),
+                                     ("float64 compact", torch.float64, True)):
+            m = copy.deepcopy(g).to(dtype)
+            m.compact_state = compact
+            with m.streaming(B):
+                out = torch.cat([m(x[:, t:t + 1].to(dtype)) for t in range(T)], 1).double()
+            off[name] = (out - reference).abs().max().item()
+            assert (m._init_streaming_state(1).S.dtype == dtype) == (compact or dtype == torch.float64)
+        off["parallel"] = (g.to(torch.bfloat16)(x.bfloat16()).double() - reference).abs().max().item()
+    assert off["float64 compact"] < 1e-10
+    assert off["compact"] <= 1.5 * max(off["exact"], off["parallel"]), off
+
+
 def test_streaming_with_lora_equals_parallel():
     """moshi's LoRA on the fast weight's base (linear_out): streaming reads it through the module."""
     m = streaming_model(window=16, chunk=4)

@@ -179,10 +179,10 @@ class _TTTState(State):
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
     V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target
-    S: torch.Tensor  # [B, d, h] float32: the sum of updates, eta * sum of V_j^T Z_j over the completed
+    S: torch.Tensor  # [B, d, h] float32 (the model's dtype with compact_state): the sum of updates, eta * sum of V_j^T Z_j over the completed
     #                  chunks before the last, plus the rows of the last one folded in so far
     S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
-    #                       reads its float32 sum cast the same way)
+    #                       reads its float32 sum cast the same way); S itself where S has that dtype
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -206,7 +206,10 @@ class TTTGating(StreamingModule[_TTTState]):
     Inside moshi's `with model.streaming(B):` it gives the parallel form's outputs token by
     token, keeping everything in device tensors (`_TTTState`), so moshi's LMGen can capture a
     step in a CUDA graph (its default). See `streaming_step` for how a chunk's update is folded
-    in without a branch.
+    in without a branch. A prompt fed at once into a fresh stream runs the parallel form and hands
+    its state over (`streaming_prefill`). `compact_state = True` (set before `streaming()`) keeps
+    the sum of updates in the model's dtype alone: for bf16, one copy per stream and layer instead
+    of a float32 sum and its bf16 read copy, each fold rounding it (results/serving: the drift).
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
@@ -235,6 +238,9 @@ class TTTGating(StreamingModule[_TTTState]):
         self.decay = float(decay)  # this project's forgetting per chunk; 1: the paper's rule
         self.update_clip = float(update_clip)  # the paper's clipping of each update's norm; 0: none
         self.average_after = int(average_after)  # ours: past this many chunks, K times the mean; 0: the sum
+        # Streaming only, a serving choice: keep the sum of updates in the model's dtype, one copy per
+        # stream (bf16: half of the float32 sum and no read copy), each fold rounding it once.
+        self.compact_state = False
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
         nn.init.zeros_(self.conv.weight)
         W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
@@ -264,7 +270,7 @@ class TTTGating(StreamingModule[_TTTState]):
         W = self.down_weight()
         (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
-        S = zeros(B, d, h, dtype=torch.promote_types(W.dtype, torch.float32))  # float64 weights: float64
+        S = zeros(B, d, h, dtype=W.dtype if self.compact_state else torch.promote_types(W.dtype, torch.float32))
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h))
@@ -657,7 +663,7 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     delta = update.mul_(eta)
     if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
         delta.add_(state.S.gather(1, index), alpha=gating.decay - 1)
-    state.S.scatter_add_(1, index, delta.mul_(keep))
+    state.S.scatter_add_(1, index, delta.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
     state.S_read.scatter_(1, index, state.S.gather(1, index).to(state.S_read.dtype))
 
     # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
@@ -711,7 +717,7 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
     if q >= 0:
         state.Z_prev.copy_(Zf[:, q * C:(q + 1) * C])
         state.V_prev.copy_(V[:, q * C:(q + 1) * C])
-        wide = state.S.dtype
+        wide = torch.promote_types(state.S.dtype, torch.float32)
         Zc = Zf[:, :(q + 1) * C].to(state.Z_prev.dtype).to(wide).reshape(B, q + 1, C, h)  # as prev holds them
         Vc = V[:, :(q + 1) * C].to(state.V_prev.dtype).to(wide).reshape(B, q + 1, C, d)
         U = gating.eta * torch.einsum("bncd,bnch->bndh", Vc, Zc)  # [B, q + 1, d, h]
