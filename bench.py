@@ -477,8 +477,9 @@ def drift(steps: int, checkpoint: str, average_after: int, device) -> dict:
                 worst[name][-1] = max(worst[name][-1], (out[name] - out["float32"]).abs().max().item())
                 differ[name] += int(out[name].argmax() != out["float32"].argmax())
             if (t + 1) % 5000 == 0:
-                print(f"  step {t + 1}: largest logit difference so far " + ", ".join(
-                    f"{name} {max(w):.3f}" for name, w in worst.items()) + f" ({time.time() - start:.0f} s)", flush=True)
+                so_far = ", ".join(f"{name} {max(w):.3f}" for name, w in worst.items())
+                print(f"  step {t + 1}: largest logit difference so far {so_far} ({time.time() - start:.0f} s)",
+                      flush=True)
     return dict(checkpoint=checkpoint, steps=steps, average_after=average_after,
                 largest_per_1000_steps=worst, greedy_differs=differ, state_bytes_7b=state_bytes(),
                 state_bytes_7b_chunk1024=state_bytes(chunk=1024))
@@ -497,12 +498,16 @@ def copy_to(model, dtype, compact: bool):
 
 
 def revision_name() -> str:
-    """$REVISION where set (a GPU machine's copy has a stale or no .git), else git's short hash."""
+    """$REVISION where set (a GPU machine's copy has a stale or no .git), else git's short hash, marked
+    when the Python files differ from it."""
     revision = os.environ.get("REVISION")
     if not revision:
         try:
+            here = os.path.dirname(os.path.abspath(__file__))
             revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                      cwd=here).stdout.strip()
+            changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py"], cwd=here).returncode == 1
+            revision += "+uncommitted changes" if revision and changed else ""
         except OSError:
             revision = ""
     return revision or "unknown"

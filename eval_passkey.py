@@ -169,9 +169,9 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     """train.py's closing table, each effect against its own control, at every stage length:
     RoPE scaling: the base with `method` x`scale` against the base as pretrained (vanilla RoPE),
     neither trained; TTT: the trained model against the same weights with the fast weights off
-    (eta 0, so no update ever reaches them), a control only in `ttt_only`. Needles are split near / far (inside / beyond the
-    attention window, `is_far`). Prints it; returns its rows with the corpus identity (None for
-    token streams, whose table is validation loss)."""
+    (eta 0, so no update ever reaches them), a control only in `ttt_only`. Needles are split near /
+    far (inside / beyond the attention window, `is_far`). Prints it; returns its rows with the
+    corpus identity (None for token streams, whose table is validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
         rows = {name: {L: validation_loss(m, corpus.val, L, 8, device, **settings.get("loss", {})) for L in lengths}
                 for name, m in (("base", base_model), ("trained", model)) if m is not None}

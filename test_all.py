@@ -302,8 +302,7 @@ def test_clipped_updates_as_scaled_targets_give_the_reference_and_its_gradients(
     from Gram matrices) gives ttt_chunked's clipped output and gradients (each update clipped as a
     matrix there), in float64."""
     g = torch.Generator().manual_seed(T * 100 + C * 7 + d)
-    inputs = [torch.randn(B, T, h, generator=g, dtype=torch.float64), torch.randn(B, T, d, generator=g, dtype=torch.float64),
-              torch.randn(d, h, generator=g, dtype=torch.float64)]
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, h), (B, T, d), (d, h))]
     dO = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     scaled = lambda Z, V, W: ttt.ttt_scan(Z, V * ttt.clip_factors(Z, V, eta, C, clip), W, eta, C, group, decay)
     results = []
@@ -1290,7 +1289,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
     assert all(r.same_training == "ttt_mlp_in" for r in inference.values())
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_decay97"].eval_flags)[0].ttt_decay == 0.97
     K = c["L0"] // c["chunk"]
-    assert eval_passkey.parse_args(["x.pt"] + inference[f"ttt_mlp_in_eval_average{K}"].eval_flags)[0].ttt_average_after == K
+    average = inference[f"ttt_mlp_in_eval_average{K}"].eval_flags
+    assert eval_passkey.parse_args(["x.pt"] + average)[0].ttt_average_after == K
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_clip1"].eval_flags)[0].ttt_update_clip == 1
     assert all(eval_passkey.is_far(L, d, c["window"]) for L in sweep.horizon_lengths(c) for d in c["horizon_depths"])
 

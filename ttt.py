@@ -16,10 +16,10 @@ The gated MLP computes O = Z Wd^T with Z = act(H Wg^T) * (H Wu^T). Only the down
 Every form below carries the sum of updates S_i = eta * sum_(j<i) V_j^T Z_j (so Wd_i = Wd_0 + S_i):
 `ttt_chunked` reads Eq. (1) literally, `ttt_prefix_sum` is the official parallel form (section
 3.4, Algorithm 1), `ttt_scan` the memory-bounded form TTTGating runs, `streaming_step` one token at
-a time for moshi's LMGen, `streaming_prefill` a prompt at once into a fresh stream. X is the MLP input (the official default for continual training) or the
-token embeddings (the paper's X0). The conv starts at zero, so a freshly converted model equals
-the base model. Causality holds because chunk i only sees updates from chunks before it; the last
-chunk's update is never used.
+a time for moshi's LMGen, `streaming_prefill` a prompt at once into a fresh stream. X is the
+MLP input (the official default for continual training) or the token embeddings (the paper's X0).
+The conv starts at zero, so a freshly converted model equals the base model. Causality holds
+because chunk i only sees updates from chunks before it; the last chunk's update is never used.
 
 An option of this project, not the paper's: `decay` gamma forgets, per chunk,
 
@@ -179,8 +179,9 @@ class _TTTState(State):
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
     V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target
-    S: torch.Tensor  # [B, d, h] float32 (the model's dtype with compact_state): the sum of updates, eta * sum of V_j^T Z_j over the completed
-    #                  chunks before the last, plus the rows of the last one folded in so far
+    S: torch.Tensor  # [B, d, h] float32 (the model's dtype with compact_state): the sum of updates,
+    #                  eta * sum of V_j^T Z_j over the completed chunks before the last, plus the rows
+    #                  of the last one folded in so far
     S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
     #                       reads its float32 sum cast the same way); S itself where S has that dtype
 
