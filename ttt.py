@@ -90,9 +90,9 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         read = W if not average_after or i <= average_after else W_down + (average_after / i) * (W - W_down)
         outputs.append(torch.einsum("bch,bdh->bcd", Z_i, read))
         update = eta * torch.einsum("bcd,bch->bdh", V_i, Z_i)  # [B, d, h]
-        if update_clip > 0:
-            norm = update.flatten(1).norm(dim=1).view(B, 1, 1)
-            update = torch.where(norm > update_clip, update * update_clip / norm, update)
+        if update_clip > 0:  # times min(1, tau / |update|_F), written to stay finite where the update is 0
+            square = (update * update).sum(dim=(1, 2), keepdim=True)
+            update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
         W = W_down + decay * (W - W_down) + update
     return torch.cat(outputs, dim=1)
 
@@ -240,7 +240,8 @@ class TTTGating(StreamingModule[_TTTState]):
         self.update_clip = float(update_clip)  # the paper's clipping of each update's norm; 0: none
         self.average_after = int(average_after)  # ours: past this many chunks, K times the mean; 0: the sum
         # Streaming only, a serving choice: keep the sum of updates in the model's dtype, one copy per
-        # stream (bf16: half of the float32 sum and no read copy), each fold rounding it once.
+        # stream (bf16: half of the float32 sum and no read copy); each fold rounds the update to it,
+        # then the sum.
         self.compact_state = False
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
         nn.init.zeros_(self.conv.weight)
@@ -690,7 +691,6 @@ def _fresh(state: _TTTState) -> bool:
     return bool(((state.offset == 0) & state.exec_mask).all())
 
 
-@torch.no_grad()
 def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                       state: _TTTState) -> torch.Tensor:
     """P tokens at once from a fresh state (every sequence at position 0): the parallel form's
@@ -702,10 +702,18 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
     the chunk before it (q = k - 1, or k - 2 when s = 0); and in S every update before q, plus
     the first s R rows of q's (all of them when s = 0: its fold ends as the next chunk fills):
         S = decay-weighted sum of U_j over j < q,    rows < s R:  decay * S + U_q
-    with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V."""
+    with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V,
+    the sum as one product over the tokens before q (memory linear in P). Exact in float32 and
+    float64; with `compact_state` S is rounded to bf16 once here instead of at every fold."""
+    out = gating._parallel(x, x0)
+    with torch.no_grad():
+        _prefill_state(gating, x, x0, state)
+    return out
+
+
+def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Tensor], state: _TTTState) -> None:
     B, P, _ = x.shape
     C, half, (d, h) = gating.chunk_size, gating.conv.kernel_size[0] // 2, state.S.shape[1:]
-    out = gating._parallel(x, x0)
     Z, source, Zf = gating._inputs(x, x0, torch.arange(P, device=x.device))
     V = gating.targets(source, C)  # a ragged last chunk: zeros after its last input, as streaming holds it
     k, s = divmod(P, C)
@@ -719,21 +727,22 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
         state.Z_prev.copy_(Zf[:, q * C:(q + 1) * C])
         state.V_prev.copy_(V[:, q * C:(q + 1) * C])
         wide = torch.promote_types(state.S.dtype, torch.float32)
-        Zc = Zf[:, :(q + 1) * C].to(state.Z_prev.dtype).to(wide).reshape(B, q + 1, C, h)  # as prev holds them
-        Vc = V[:, :(q + 1) * C].to(state.V_prev.dtype).to(wide).reshape(B, q + 1, C, d)
-        U = gating.eta * torch.einsum("bncd,bnch->bndh", Vc, Zc)  # [B, q + 1, d, h]
+        Zc = Zf[:, :(q + 1) * C].to(state.Z_prev.dtype).to(wide)  # [B, (q + 1) C, h], as prev holds them
+        Vc = V[:, :(q + 1) * C].to(state.V_prev.dtype).to(wide)  # [B, (q + 1) C, d]
+        factor = torch.full((B, q + 1), gating.eta, device=x.device, dtype=wide)  # eta, times the clip factor
         if gating.update_clip > 0:
-            U = U * _clip_factor(Zc.flatten(0, 1), Vc.flatten(0, 1), gating.eta,
-                                 gating.update_clip).view(B, q + 1, 1, 1)
-        weights = gating.decay ** torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # j < q
-        S = torch.einsum("n,bndh->bdh", weights, U[:, :q])
+            factor = factor * _clip_factor(Zc.reshape(B * (q + 1), C, h), Vc.reshape(B * (q + 1), C, d), gating.eta,
+                                           gating.update_clip).view(B, q + 1)
+        ages = torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # chunk j < q: decay^(q - 1 - j)
+        weights = (factor[:, :q] * gating.decay ** ages).repeat_interleave(C, dim=1)[..., None]  # [B, q C, 1]
+        S = torch.bmm((Vc[:, :q * C] * weights).transpose(1, 2), Zc[:, :q * C])  # [B, d, h]
+        U_q = torch.bmm(Vc[:, q * C:].transpose(1, 2), Zc[:, q * C:]) * factor[:, q, None, None]
         rows = d if s == 0 else min(s * (-(-d // C)), d)
-        S[:, :rows] = gating.decay * S[:, :rows] + U[:, q, :rows]
+        S[:, :rows] = gating.decay * S[:, :rows] + U_q[:, :rows]
         state.S.copy_(S)
         if state.S_read is not state.S:
             state.S_read.copy_(S)
     state.offset.fill_(P)
-    return out
 
 
 def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
