@@ -37,6 +37,7 @@ from moshi.modules.rope import apply_rope
 
 import checkpoints
 import eval_passkey
+import freeze
 import model as M
 import ttt
 import yarn
@@ -352,7 +353,6 @@ def scale(device, steps=2, lm_kwargs=None):
     from moshi.models import loaders
     from moshi.models.lm import LMModel
     from moshi.modules.transformer import StreamingMultiheadAttention
-    import freeze
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
@@ -458,7 +458,7 @@ def drift(steps: int, checkpoint: str, average_after: int, device) -> dict:
     import data
     base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
     M.set_context(base, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
-    for g in ttt_layers_of(base):
+    for g in freeze.ttt_modules(base):
         g.average_after = average_after
     models = {"float32": base.float(), "bf16": copy_to(base, torch.bfloat16, False),
               "bf16 compact": copy_to(base, torch.bfloat16, True)}
@@ -485,14 +485,10 @@ def drift(steps: int, checkpoint: str, average_after: int, device) -> dict:
                 state_bytes_7b_chunk1024=state_bytes(chunk=1024))
 
 
-def ttt_layers_of(model) -> list:
-    return [m for m in model.modules() if isinstance(m, ttt.TTTGating)]
-
-
 def copy_to(model, dtype, compact: bool):
     import copy
     m = copy.deepcopy(model).to(dtype)
-    for g in ttt_layers_of(m):
+    for g in freeze.ttt_modules(m):
         g.compact_state = compact
     return m
 

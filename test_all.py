@@ -547,6 +547,17 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def random_gating_f64(seed, d, h, C, kernel, decay, clip, average):
+    """A float64 TTTGating (eta 0.7) with a random conv and W_target, so the fast weight moves."""
+    torch.manual_seed(seed)
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
+                      average_after=average).double()
+    with torch.no_grad():
+        g.conv.weight.normal_()
+        g.W_target.normal_()
+    return g
+
+
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 40), C=st.integers(1, 9), d=st.integers(1, 12),
        h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS,
@@ -555,12 +566,7 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
     """One TTTGating, its parallel form and fed token by token, against ttt_chunked (the paper's
     loop) on the same Z and targets, float64: every slot, every fold slice (R = ceil(d / C) rows,
     C > d included), with or without decay, the update clipping, the average past K chunks."""
-    torch.manual_seed(seed)
-    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
-                      average_after=average).double()
-    with torch.no_grad():
-        g.conv.weight.normal_()
-        g.W_target.normal_()
+    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average)
     x = torch.randn(B, T, d, dtype=torch.float64)
     gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
     Z = torch.nn.functional.silu(gate) * up
@@ -581,12 +587,7 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
     """A prompt of P tokens in one streaming call from a fresh state (streaming_prefill), then more
     tokens one per step, against every token one per step and against the parallel form, float64:
     the same outputs, and after the prompt the same state wherever a later step reads it."""
-    torch.manual_seed(seed)
-    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
-                      average_after=average).double()
-    with torch.no_grad():
-        g.conv.weight.normal_()
-        g.W_target.normal_()
+    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average)
     x = torch.randn(B, P + more, d, dtype=torch.float64)
     states = {}
     outs = {}
