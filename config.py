@@ -77,6 +77,8 @@ class Config:
                                   "Appendix D.2 clipping; 0: none)")
     ttt_average_after: int = flag(0, "past K chunks, read K times the mean of the updates instead of their sum "
                                   "(ours; 0: the sum, the paper)")
+    ttt_delta: float = flag(0.0, "the delta rule's erase rho in [0, 1] along each chunk's keys before it writes "
+                            "(ours; 0: none, the paper)")
     lora_rank: int = flag(8)
     lora_scaling: float = flag(2.0)
     text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")
@@ -108,9 +110,10 @@ RESUME_FREE = ("resume", "out", "device")
 FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layers"), ("ttt_chunk", "chunk_size"),
                  ("ttt_eta", "eta"), ("ttt_kernel", "kernel_size"), ("ttt_target", "target_source"),
                  ("ttt_target_std", "target_init_std"), ("ttt_no_target", "target"), ("ttt_decay", "decay"),
-                 ("ttt_update_clip", "update_clip"), ("ttt_average_after", "average_after"), ("ttt_rope_modulo", None)]
+                 ("ttt_update_clip", "update_clip"), ("ttt_average_after", "average_after"), ("ttt_delta", "delta"),
+                 ("ttt_rope_modulo", None)]
 # Their values in checkpoints written before the setting existed.
-TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0)
+TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0, delta=0.0)
 
 
 def option(name: str) -> str:
@@ -160,6 +163,11 @@ def check(c: Config) -> None:
             raise ValueError(f"{option(name)} must be in [0, 1], got {getattr(c, name)}")
     if not 0 < c.ttt_decay <= 1:
         raise ValueError(f"--ttt-decay must be in (0, 1], got {c.ttt_decay}")
+    if not 0 <= c.ttt_delta <= 1:
+        raise ValueError(f"--ttt-delta must be in [0, 1] (0: none), got {c.ttt_delta}")
+    if c.ttt_delta and (c.ttt_decay != 1 or c.ttt_average_after):
+        raise ValueError(f"--ttt-delta {c.ttt_delta} with --ttt-decay {c.ttt_decay} or --ttt-average-after "
+                         f"{c.ttt_average_after}: each bounds the sum of updates another way; use one")
     if not (math.isfinite(c.scale) and c.scale >= 1):
         raise ValueError(f"--scale must be >= 1, got {c.scale}")
     if c.ttt_kernel < 1 or c.ttt_kernel % 2 == 0:

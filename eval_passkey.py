@@ -312,6 +312,8 @@ def parse_args(argv):
                    "paper's inference clipping, Appendix D.2; 0: none)")
     p.add_argument("--ttt-average-after", type=int, default=None, metavar="K", help="evaluate with every TTT layer "
                    "reading K times the mean of the updates past K chunks instead of the trained setting (0: the sum)")
+    p.add_argument("--ttt-delta", type=float, default=None, metavar="RHO", help="evaluate with the delta rule's "
+                   "erase rho along each chunk's keys in every TTT layer instead of the trained setting (0: none)")
     p.add_argument("--data", nargs="+", default=None, help="text files (default: the Python stdlib)")
     p.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -350,6 +352,8 @@ def parse_args(argv):
         fail(f"--ttt-update-clip must be a finite number >= 0 (0: none), got {args.ttt_update_clip}")
     if args.ttt_average_after is not None and args.ttt_average_after < 0:
         fail(f"--ttt-average-after must be a whole number of chunks >= 0 (0: the sum), got {args.ttt_average_after}")
+    if args.ttt_delta is not None and not 0 <= args.ttt_delta <= 1:
+        fail(f"--ttt-delta must be in [0, 1] (0: none), got {args.ttt_delta}")
     if args.dynamic and args.streaming:
         fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
              "step); stream with a fixed --scale")
@@ -362,6 +366,7 @@ def main(argv=None):
                        + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
                        + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
                        + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
+                       + (f"_delta{args.ttt_delta:g}" if args.ttt_delta is not None else "")
                        + "_passkey.json")
     try:
         checkpoints.check_writable(out, folder=False)
@@ -377,12 +382,17 @@ def main(argv=None):
         override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
     for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
                               ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
-                              ("--ttt-average-after", "average_after", args.ttt_average_after)):
+                              ("--ttt-average-after", "average_after", args.ttt_average_after),
+                              ("--ttt-delta", "delta", args.ttt_delta)):
         if value is not None:
             if not freeze.ttt_modules(model):
                 fail(f"{flag}: {args.checkpoint} has no TTT layers")
             for gating in freeze.ttt_modules(model):
                 setattr(gating, name, value)
+    for gating in freeze.ttt_modules(model)[:1]:
+        if gating.delta and (gating.decay != 1 or gating.average_after):
+            fail(f"the delta rule's erase ({gating.delta}) with forgetting ({gating.decay}) or the mean past K chunks "
+                 f"({gating.average_after}): each bounds the sum of updates another way; use one")
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
     # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
     M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
@@ -399,7 +409,7 @@ def main(argv=None):
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
     result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
                   streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
-                  ttt_average_after=args.ttt_average_after,
+                  ttt_average_after=args.ttt_average_after, ttt_delta=args.ttt_delta,
                   depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
                   corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
                   rows=rows, seconds=round(time.time() - start, 1))

@@ -531,8 +531,9 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     """The study's rows that answer the horizon question, then the remedies: forgetting per chunk
     (--ttt-decay, ours), K times the mean past K chunks (--ttt-average-after, ours; K = the trained
     length's chunks changes nothing up to it) and the paper's update clipping (--ttt-update-clip at
-    1, about half the deeper layers' update norms), trained in or set at inference only; and the
-    smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in)."""
+    1, about half the deeper layers' update norms), trained in or set at inference only; the
+    smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in); and the delta
+    rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
@@ -552,6 +553,11 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                          ["--mode", "ttt_lora_in", "--lora-rank", "8"]))
     rows.append(StudyRow("ttt_mlp_in_eval_clip1", "ttt_mlp_in, updates clipped to norm 1 at inference only "
                          "(the paper's)", mlp_in, eval_flags=["--ttt-update-clip", "1"], same_training="ttt_mlp_in"))
+    for rho in ("1", "0.3"):
+        rows.append(StudyRow(f"ttt_mlp_in_delta{rho}", f"ttt_mlp_in, the delta rule's erase {rho}, trained",
+                             mlp_in + ["--ttt-delta", rho]))
+        rows.append(StudyRow(f"ttt_mlp_in_eval_delta{rho}", f"ttt_mlp_in, the delta rule's erase {rho} at inference "
+                             "only", mlp_in, eval_flags=["--ttt-delta", rho], same_training="ttt_mlp_in"))
     return rows
 
 
@@ -660,8 +666,9 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
     """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
     eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) gamma^(i-1-j) V_j^T Z_j,
     the sum of updates chunk i reads, with the layer's clipping and mean past K chunks), |eta V_i^T Z_i|
-    (chunk i's update) and the layer output's mean norm per token, all Frobenius / Euclidean; and
-    `sum_centred`, the plain sum had each chunk's targets been centred on their mean.
+    (chunk i's update; with the delta rule, the write eta V_i^T Z_i) and the layer output's mean norm
+    per token, all Frobenius / Euclidean; and `sum_centred`, the plain sum had each chunk's targets
+    been centred on their mean.
     Written to `out` as JSON."""
     import ttt
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
@@ -692,6 +699,9 @@ def probe(checkpoint: str, length: int, out: str, device: str) -> None:
                 r["sum_centred"].append(0.0 if S_centred is None else S_centred.norm().item())
                 S_centred = dW_centred if S_centred is None else module.decay * S_centred + dW_centred
                 r["output"].append(output[0, start:start + C].float().norm(dim=-1).mean().item())
+                if S is not None and module.delta:  # the erase along this chunk's keys
+                    Z_i = Zf[0, start:start + C].float()
+                    S = S - module.delta / max((Z_i * Z_i).sum().item(), 1e-30) * (S @ Z_i.T) @ Z_i
                 S = dW if S is None else module.decay * S + dW  # the sum the next chunk reads
             record[str(i)] = r
         return fn

@@ -255,42 +255,95 @@ def test_apply_yarn_widens_context_and_records_settings():
 # TTT
 # ============================================================================================
 
-def ttt_naive_f64(Z, V, W, eta, C, decay=1.0, update_clip=0.0, average_after=0):
+def ttt_naive_f64(Z, V, W, eta, C, decay=1.0, update_clip=0.0, average_after=0, delta=0.0):
     """Per position t: W_t = W + a_t * sum over earlier chunks j of decay^(chunk(t) - 1 - j) U_j, where
     U_j = eta * sum over positions s of chunk j of v_s z_s^T, scaled to Frobenius norm
     update_clip where it is larger (Appendix D.2), and a_t = K / max(chunk(t), K) with
-    K = average_after (1 without)."""
+    K = average_after (1 without). With delta rho (decay 1, no average): W_t = W + S_chunk(t),
+    S_(j+1) = S_j (I - rho E_j / trace(E_j)) + U_j with E_j = sum over chunk j of z_s z_s^T."""
     Z, V, W = Z.double(), V.double(), W.double()
     B, T, _ = Z.shape
     O = torch.zeros(B, T, W.shape[0], dtype=torch.float64)
     for b in range(B):
-        updates = []
+        updates, energies = [], []
         for j in range(0, T, C):
             U = sum(eta * torch.outer(V[b, s], Z[b, s]) for s in range(j, min(j + C, T)))
             norm = math.sqrt(float((U * U).sum()))
             updates.append(U * update_clip / norm if update_clip > 0 and norm > update_clip else U)
+            energies.append(sum(torch.outer(Z[b, s], Z[b, s]) for s in range(j, min(j + C, T))))
+        sums = [torch.zeros_like(W)]  # with delta: S_j, the sum chunk j reads
+        for U, E in zip(updates, energies):
+            trace = float(torch.trace(E))
+            erase = torch.eye(W.shape[1], dtype=torch.float64) - (delta / trace * E if trace > 0 else 0)
+            sums.append(sums[-1] @ erase + U)
         for t in range(T):
             S = torch.zeros_like(W)
             for j in range(t // C):
                 S += decay ** (t // C - 1 - j) * updates[j]
             a = average_after / max(t // C, average_after) if average_after else 1.0
-            O[b, t] = (W + a * S) @ Z[b, t]
+            O[b, t] = (W + (sums[t // C] if delta else a * S)) @ Z[b, t]
     return O
 
 
 DECAYS = st.one_of(st.just(1.0), st.floats(0.3, 1.0))  # the paper's rule, or this project's forgetting
 CLIPS = st.one_of(st.just(0.0), st.floats(0.05, 5.0))  # none, or the paper's update clipping at tau
 AVERAGES = st.integers(0, 4)  # the sum, or this project's K times the mean past K chunks
+DELTAS = st.one_of(st.just(0.0), st.floats(0.05, 1.0))  # none, or this project's erase along the keys
+
+
+def bounded_alone(decay, average, delta):
+    """delta is not combined with decay or average (TTTGating refuses it): delta wins, the others off."""
+    return (1.0, 0, delta) if delta else (decay, average, 0.0)
 
 
 @FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 24), C=st.integers(1, 30), h=st.integers(1, 6),
-       d=st.integers(1, 5), eta=st.floats(0.0, 2.0), decay=DECAYS, clip=CLIPS, average=AVERAGES)
-def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay, clip, average):
+       d=st.integers(1, 5), eta=st.floats(0.0, 2.0), decay=DECAYS, clip=CLIPS, average=AVERAGES, delta=DELTAS)
+def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay, clip, average, delta):
+    decay, average, delta = bounded_alone(decay, average, delta)
     g = torch.Generator().manual_seed(B * 1000 + T * 10 + C)
     Z, V, W = torch.randn(B, T, h, generator=g), torch.randn(B, T, d, generator=g), torch.randn(d, h, generator=g)
-    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C, decay, clip, average)
-    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C, decay, clip, average))
+    got = ttt.ttt_chunked(Z.double(), V.double(), W.double(), eta, C, decay, clip, average, delta)
+    torch.testing.assert_close(got, ttt_naive_f64(Z, V, W, eta, C, decay, clip, average, delta))
+
+
+@FAST
+@given(B=st.integers(1, 2), T=st.integers(1, 40), C=st.integers(1, 12), h=st.integers(1, 8), d=st.integers(1, 6),
+       eta=st.floats(0.01, 1.0), delta=st.floats(0.05, 1.0), clip=CLIPS)
+def test_delta_scan_gives_the_reference_and_its_gradients(B, T, C, h, d, eta, delta, clip):
+    """What TTTGating runs for the delta rule (ttt_delta_scan, plus the base product apart, the
+    clipping as scaled targets) gives ttt_chunked's output and gradients, in float64."""
+    g = torch.Generator().manual_seed(T * 100 + C * 7 + d)
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, h), (B, T, d), (d, h))]
+    dO = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    scaled = lambda V, Z: V * ttt.clip_factors(Z, V, eta, C, clip) if clip else V
+    runs = (lambda Z, V, W: ttt.ttt_chunked(Z, V, W, eta, C, update_clip=clip, delta=delta),
+            lambda Z, V, W: Z @ W.T + ttt.ttt_delta_scan(Z, scaled(V, Z), eta, C, delta))
+    results = []
+    for fn in runs:
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.backward(dO)
+        results.append([out] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+
+
+@FAST
+@given(T=st.integers(2, 12), C=st.integers(1, 8), h=st.integers(1, 8), d=st.integers(1, 6),
+       delta=st.floats(0.05, 1.0), scale=st.floats(1e-3, 1e3), shift=st.floats(-10, 10), seed=st.integers(0, 2 ** 16))
+def test_the_delta_rules_erase_never_amplifies(T, C, h, d, delta, scale, shift, seed):
+    """With targets in the first chunk only, every later chunk i reads Z_i S_i^T with |S_i| <= |S_1|
+    (the erase's eigenvalues lie in [1 - rho, 1]): |P_i|_F <= |Z_i|_F |S_1|_F for any keys, however
+    large or shifted (a shared direction, as text gives)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = (torch.randn(1, T * C, h, generator=g, dtype=torch.float64) + shift) * scale
+    V = torch.zeros(1, T * C, d, dtype=torch.float64)
+    V[:, :C] = torch.randn(1, C, d, generator=g, dtype=torch.float64)
+    P = ttt.ttt_delta_scan(Z, V, 0.5, C, delta)
+    S_1 = (0.5 * V[0, :C].T @ Z[0, :C]).norm()
+    for i in range(1, T):
+        assert P[0, i * C:(i + 1) * C].norm() <= Z[0, i * C:(i + 1) * C].norm() * S_1 * (1 + 1e-9)
 
 
 @FAST
@@ -547,11 +600,11 @@ def test_one_token_streaming_equals_parallel_with_a_window(B, T, window, chunk, 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def random_gating_f64(seed, d, h, C, kernel, decay, clip, average):
+def random_gating_f64(seed, d, h, C, kernel, decay, clip, average, delta=0.0):
     """A float64 TTTGating (eta 0.7) with a random conv and W_target, so the fast weight moves."""
     torch.manual_seed(seed)
     g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.7, kernel, decay=decay, update_clip=clip,
-                      average_after=average).double()
+                      average_after=average, delta=delta).double()
     with torch.no_grad():
         g.conv.weight.normal_()
         g.W_target.normal_()
@@ -561,17 +614,19 @@ def random_gating_f64(seed, d, h, C, kernel, decay, clip, average):
 @FAST
 @given(B=st.integers(1, 3), T=st.integers(1, 40), C=st.integers(1, 9), d=st.integers(1, 12),
        h=st.integers(1, 12), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS,
-       clip=CLIPS, average=AVERAGES)
-def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed, decay, clip, average):
+       clip=CLIPS, average=AVERAGES, delta=DELTAS)
+def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kernel, seed, decay, clip, average, delta):
     """One TTTGating, its parallel form and fed token by token, against ttt_chunked (the paper's
     loop) on the same Z and targets, float64: every slot, every fold slice (R = ceil(d / C) rows,
-    C > d included), with or without decay, the update clipping, the average past K chunks."""
-    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average)
+    C > d included), with or without decay, the update clipping, the average past K chunks, the
+    delta rule's erase."""
+    decay, average, delta = bounded_alone(decay, average, delta)
+    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average, delta)
     x = torch.randn(B, T, d, dtype=torch.float64)
     gate, up = torch.nn.functional.linear(x, g.linear_in.weight).view(B, T, 2, h).unbind(2)
     Z = torch.nn.functional.silu(gate) * up
     V = ttt.conv_within_chunks(x, g.conv, C) @ g.W_target
-    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C, decay, clip, average)
+    ref = ttt.ttt_chunked(Z, V, g.linear_out.weight, 0.7, C, decay, clip, average, delta)
     with torch.no_grad():
         torch.testing.assert_close(g(x), ref, atol=1e-10, rtol=1e-10)  # the parallel form
     with torch.no_grad(), g.streaming(B):
@@ -582,12 +637,14 @@ def test_ttt_streaming_step_equals_the_reference_in_float64(B, T, C, d, h, kerne
 @FAST
 @given(B=st.integers(1, 2), P=st.integers(2, 30), more=st.integers(0, 12), C=st.integers(1, 8), d=st.integers(1, 10),
        h=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2 ** 16), decay=DECAYS,
-       clip=CLIPS, average=AVERAGES)
-def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h, kernel, seed, decay, clip, average):
+       clip=CLIPS, average=AVERAGES, delta=DELTAS)
+def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h, kernel, seed, decay, clip, average,
+                                                            delta):
     """A prompt of P tokens in one streaming call from a fresh state (streaming_prefill), then more
     tokens one per step, against every token one per step and against the parallel form, float64:
     the same outputs, and after the prompt the same state wherever a later step reads it."""
-    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average)
+    decay, average, delta = bounded_alone(decay, average, delta)
+    g = random_gating_f64(seed, d, h, C, kernel, decay, clip, average, delta)
     x = torch.randn(B, P + more, d, dtype=torch.float64)
     states = {}
     outs = {}
@@ -601,6 +658,8 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
             states[way]["Z"] = st_.Z[:, :slot].clone()
             states[way]["source"] = st_.source[:, :2 * half + slot].clone()
             states[way]["V"] = st_.V[:, half:half + slot].clone()
+            states[way]["P"] = st_.P[:, :slot].clone()  # with delta: what the chunk's slots read
+            states[way]["P_prev"] = st_.P_prev.clone()
             # after the prompt the stream is not fresh: a multi-token call goes token by token
             rest = [g(x[:, P:])] if way == "prefill" and more else [g(x[:, t:t + 1]) for t in range(P, P + more)]
             outs[way] = torch.cat([first] + rest, dim=1)
@@ -2228,7 +2287,7 @@ def test_cuda_scan_in_bf16_is_within_its_rounding(decay):
 
 
 def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, decay=1.0, seed=0, update_clip=0.0,
-                          average_after=0):
+                          average_after=0, delta=0.0):
     """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64
     kept, TTT on two layers with embedding targets and modulo RoPE, non-zero conv and W_target."""
     torch.manual_seed(seed)
@@ -2237,7 +2296,7 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, dec
     if with_ttt:
         settings.update(yarn=dict(scale=4.0, original_len=32, widen_context=False), ttt_rope_modulo=True,
                         ttt=dict(layers=[1, 3], chunk_size=chunk, eta=0.5, target_source="embeddings", decay=decay,
-                                 update_clip=update_clip, average_after=average_after))
+                                 update_clip=update_clip, average_after=average_after, delta=delta))
     M.install(m, settings)
     with torch.no_grad():
         for g in m.modules():
@@ -2249,8 +2308,9 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, dec
 
 @CUDA
 @torch.no_grad()
-@pytest.mark.parametrize("decay,clip,average", [(1.0, 0.0, 0), (0.9, 0.0, 0), (1.0, 48.0, 4)])  # norms: 44-54
-def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, average):
+@pytest.mark.parametrize("decay,clip,average,delta", [(1.0, 0.0, 0, 0.0), (0.9, 0.0, 0, 0.0), (1.0, 48.0, 4, 0.0),
+                                                      (1.0, 48.0, 0, 0.5)])  # update norms: 44-54
+def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, average, delta):
     """The path users run: CUDAGraphed(lm.forward_text) one token per step, 256 steps (16 chunk
     boundaries, the window's KV cache wrapped 4 times), batch 2. Graphed equals eager bit for bit;
     in float32 both equal the parallel forward (within 1e-4; 1.7e-5 seen) and LMGen's greedy tokens,
@@ -2261,7 +2321,7 @@ def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, 
     device, B, T = torch.device("cuda"), 2, 256
     x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
-        m = small_streaming_model(dtype, device, decay=decay, update_clip=clip, average_after=average)
+        m = small_streaming_model(dtype, device, decay=decay, update_clip=clip, average_after=average, delta=delta)
         parallel = m.forward_text(x)[1].float()
         exact = copy.deepcopy(m).float().forward_text(x)[1].float()  # the same weights in float32
         outs = {}

@@ -64,7 +64,7 @@ def prepare_stage(model, stage: dict, config: Config, settings: dict, device, wo
                                kernel_size=config.ttt_kernel, target_source=config.ttt_target,
                                target_init_std=config.ttt_target_std, target=not config.ttt_no_target,
                                decay=config.ttt_decay, update_clip=config.ttt_update_clip,
-                               average_after=config.ttt_average_after)
+                               average_after=config.ttt_average_after, delta=config.ttt_delta)
         settings["ttt_rope_modulo"] = config.ttt_rope_modulo
         M.install(model, dict(ttt=settings["ttt"], ttt_rope_modulo=config.ttt_rope_modulo)).to(device)
     if extending and config.mode in freeze.LORA_SCOPES and not settings.get("lora"):

@@ -44,6 +44,21 @@ so what a chunk reads keeps the size it had at chunk K however long the stream, 
 forgotten: each is diluted (K / i) rather than decayed (gamma^i). A factor on the fast part's
 output per chunk (`average_factors`).
 
+A third option of this project, `delta` rho in (0, 1]: before chunk i writes, the fast weight
+forgets what it holds along chunk i's keys, the erase of the delta rule (DeltaNet, gated delta
+rules, Titans), normalised by the keys' energy so that it never amplifies:
+
+    S_(i+1) = S_i + (eta V_i - (rho / |Z_i|_F^2) Z_i S_i^T)^T Z_i       (rho = 0: Eq. (1))
+            = S_i (I - rho Z_i^T Z_i / |Z_i|_F^2) + eta V_i^T Z_i
+
+The write eta V_i^T Z_i is the paper's; the erase removes, from what chunk i reads (Z_i S_i^T),
+the fraction rho of its component along each key direction weighted by that direction's share
+of the chunk's energy: directions every chunk writes (the statistics of any text) stop growing,
+directions few chunks touch keep what was written there. I - rho Z^T Z / |Z|^2 has eigenvalues
+in [1 - rho, 1], so S stays bounded by the updates' size for any input. Z_i S_i^T is what chunk i
+reads anyway, so the erase costs no product more than the read. Not combined with `decay` or
+`average_after` (each already bounds the sum another way).
+
 Usage:
     import ttt
     ttt.apply_ttt(model, layers=ttt.default_layers(len(model.transformer.layers)),
@@ -68,7 +83,7 @@ from torch.nn import functional as F
 
 def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: float,
                 chunk_size: int, decay: float = 1.0, update_clip: float = 0.0,
-                average_after: int = 0) -> torch.Tensor:
+                average_after: int = 0, delta: float = 0.0) -> torch.Tensor:
     """The chunked fast-weight MLP output, Eq. (1) read literally: one chunk after another.
 
     Z: [B, T, h] gated activations, V: [B, T, d] targets, W_down: [d, h] (the layout of
@@ -77,6 +92,7 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     may be shorter, and chunk_size >= T is one chunk, i.e. the plain MLP. With `update_clip` tau > 0
     each update eta V_j^T Z_j is scaled to Frobenius norm tau where it is larger (Appendix D.2).
     With `average_after` K > 0, chunk i reads W_down + (K / max(i, K)) * (its sum of updates).
+    With `delta` rho > 0, each update also erases rho / |Z_i|_F^2 * (Z_i S_i^T)^T Z_i, S_i = W - W_down.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -93,6 +109,10 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         if update_clip > 0:  # times min(1, tau / |update|_F), written to stay finite where the update is 0
             square = (update * update).sum(dim=(1, 2), keepdim=True)
             update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
+        if delta > 0:  # the erase along the chunk's keys; an all-zero chunk erases nothing
+            energy = (Z_i * Z_i).sum(dim=(1, 2)).clamp(min=torch.finfo(Z_i.dtype).tiny)[:, None, None]
+            read_fast = torch.einsum("bch,bdh->bcd", Z_i, W - W_down)  # Z_i S_i^T
+            update = update - (delta / energy) * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
         W = W_down + decay * (W - W_down) + update
     return torch.cat(outputs, dim=1)
 
@@ -184,10 +204,14 @@ class _TTTState(State):
     #                  of the last one folded in so far
     S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
     #                       reads its float32 sum cast the same way); S itself where S has that dtype
+    P: torch.Tensor  # [B, C, d] with `delta`: what each slot of the chunk being filled read from the fast
+    #                  weight (Z_t S^T), for the erase; [B, 0, d] without
+    P_prev: torch.Tensor  # [B, C, d] (or [B, 0, d]) the same of the last completed chunk
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.S, self.S_read):
+        for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.S, self.S_read,
+                       self.P, self.P_prev):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -216,7 +240,7 @@ class TTTGating(StreamingModule[_TTTState]):
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
                  eta: float, kernel_size: int = 5, target_source: str = "hidden",
                  target_init_std: float = 0.02, target: bool = True, decay: float = 1.0,
-                 update_clip: float = 0.0, average_after: int = 0):
+                 update_clip: float = 0.0, average_after: int = 0, delta: float = 0.0):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -228,6 +252,11 @@ class TTTGating(StreamingModule[_TTTState]):
             raise ValueError(f"update_clip must be >= 0 (0: none), got {update_clip}")
         if average_after < 0 or average_after != int(average_after):
             raise ValueError(f"average_after must be a whole number of chunks >= 0 (0: none), got {average_after}")
+        if not 0 <= delta <= 1:
+            raise ValueError(f"delta must be in [0, 1] (0: none), got {delta}")
+        if delta and (decay != 1 or average_after):
+            raise ValueError(f"delta {delta} with decay {decay} or average_after {average_after}: each bounds the "
+                             f"sum of updates another way; use one")
         if kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and > 0, got {kernel_size}")
         if target_source not in ("hidden", "embeddings"):
@@ -239,6 +268,7 @@ class TTTGating(StreamingModule[_TTTState]):
         self.decay = float(decay)  # this project's forgetting per chunk; 1: the paper's rule
         self.update_clip = float(update_clip)  # the paper's clipping of each update's norm; 0: none
         self.average_after = int(average_after)  # ours: past this many chunks, K times the mean; 0: the sum
+        self.delta = float(delta)  # ours: the delta rule's erase along each chunk's keys; 0: none
         # Streaming only, a serving choice: keep the sum of updates in the model's dtype, one copy per
         # stream (bf16: half of the float32 sum and no read copy); each fold rounds the update to it,
         # then the sum.
@@ -275,7 +305,8 @@ class TTTGating(StreamingModule[_TTTState]):
         S = zeros(B, d, h, dtype=W.dtype if self.compact_state else torch.promote_types(W.dtype, torch.float32))
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
-                         V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h))
+                         V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h),
+                         P=zeros(B, C if self.delta else 0, d), P_prev=zeros(B, C if self.delta else 0, d))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,6 +340,8 @@ class TTTGating(StreamingModule[_TTTState]):
         V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
         if self.update_clip > 0:  # each chunk's update clipped: its V scaled
             V = (V * clip_factors(Zf, V, self.eta, self.chunk_size, self.update_clip)).to(Zf.dtype)
+        if self.delta:  # the erase makes each chunk's update depend on S: chunk by chunk
+            return F.linear(Z, W) + ttt_delta_scan(Zf, V, self.eta, self.chunk_size, self.delta).to(Zf.dtype)
         if self.z_transform is None and not self.average_after:  # O_i = Z_i (Wd_0 + eta sum_(j<i) V_j^T Z_j)^T
             return ttt_scan(Z, V, W, self.eta, self.chunk_size, decay=self.decay)
         # The fast path reads and writes a transformed Z, or is scaled per chunk; the base product apart.
@@ -341,7 +374,7 @@ def _keep_embeddings(transformer: nn.Module, args: tuple) -> None:
 def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: float,
               kernel_size: int = 5, target_source: str = "hidden",
               target_init_std: float = 0.02, target: bool = True, decay: float = 1.0,
-              update_clip: float = 0.0, average_after: int = 0) -> nn.Module:
+              update_clip: float = 0.0, average_after: int = 0, delta: float = 0.0) -> nn.Module:
     """Replaces `layer.gating` of the given layer indices of a moshi `LMModel` or
     `StreamingTransformer` by a TTTGating holding the same weights; returns the model.
 
@@ -368,7 +401,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
         weight = old.linear_out.weight
         with torch.device(weight.device):  # built where the model is (a 7B layer is 0.6 GB in float32)
             new = TTTGating(dim, hidden, old.activation, chunk_size, eta, kernel_size,
-                            target_source, target_init_std, target, decay, update_clip, average_after)
+                            target_source, target_init_std, target, decay, update_clip, average_after, delta)
         new.to(dtype=weight.dtype)
         new.load_state_dict(old.state_dict(), strict=False)  # linear_in, linear_out
         transformer.layers[i].gating = new
@@ -380,7 +413,7 @@ def apply_ttt(model: nn.Module, layers: tp.Sequence[int], chunk_size: int, eta: 
     model.ttt_settings = dict(layers=layers, chunk_size=int(chunk_size), eta=float(eta),
                               kernel_size=int(kernel_size), target_source=target_source,
                               target_init_std=float(target_init_std), target=bool(target), decay=float(decay),
-                              update_clip=float(update_clip), average_after=int(average_after))
+                              update_clip=float(update_clip), average_after=int(average_after), delta=float(delta))
     return model
 
 
@@ -604,6 +637,28 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
     return (decay ** k)[:, None].to(dtype), (decay ** (G - 1 - k))[:, None].to(dtype)
 
 
+def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float) -> torch.Tensor:
+    """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), chunk by chunk:
+        P_i = Z_i S_i^T,    S_(i+1) = S_i + (eta V_i - (rho / |Z_i|_F^2) P_i)^T Z_i,    S_0 = 0
+    returning P [B, T, d]. The erase makes each step depend on S, so there is no prefix sum and no
+    undoing in a backward pass: autograd keeps one [B, d, h] float32 S per chunk (fine at the
+    lengths trained here; a long training would checkpoint groups of chunks). S accumulates in
+    float32 (float64 for float64 inputs); the products run in Z's dtype (bf16: each update rounded once)."""
+    B, T, h = Z.shape
+    wide = torch.promote_types(Z.dtype, torch.float32)
+    S = Z.new_zeros(B, V.shape[-1], h, dtype=wide)
+    outputs = []
+    for start in range(0, T, chunk_size):
+        Z_i, V_i = Z[:, start:start + chunk_size], V[:, start:start + chunk_size]
+        P_i = torch.bmm(Z_i, S.to(Z.dtype).transpose(1, 2))  # [B, C, d]: what the chunk reads
+        outputs.append(P_i)
+        if start + chunk_size < T:  # the last chunk's update is never used
+            energy = (Z_i.to(wide) ** 2).sum(dim=(1, 2)).clamp(min=torch.finfo(wide).tiny)[:, None, None]
+            error = eta * V_i.to(wide) - (delta / energy) * P_i.to(wide)
+            S = S + torch.bmm(error.to(Z.dtype).transpose(1, 2), Z_i).to(wide)  # differentiable
+    return torch.cat(outputs, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming: one token per step inside moshi's `streaming()`, as LMGen runs it (CUDA graphs on).
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +693,8 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     opens = ((slot == 0) & run).view(B, 1, 1)
     torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
     torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
+    if gating.delta:
+        torch.where(opens, state.P, state.P_prev, out=state.P_prev)
 
     # The token joins its chunk. The conv outputs of slots slot - half .. slot read the inputs
     # of slots slot - 2 half .. slot and, after the token, zeros (not known yet; at the end of
@@ -662,10 +719,15 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         wide = update.dtype
         eta = eta * _clip_factor(state.Z_prev.to(wide), state.V_prev.to(wide), gating.eta,
                                  gating.update_clip).view(B, 1, 1)
-    delta = update.mul_(eta)
+    change = update.mul_(eta)
     if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
-        delta.add_(state.S.gather(1, index), alpha=gating.decay - 1)
-    state.S.scatter_add_(1, index, delta.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
+        change.add_(state.S.gather(1, index), alpha=gating.decay - 1)
+    if gating.delta:  # the erase of these rows: row r of S_(i-1) Z^T Z is row r of P_prev^T Z, P_prev = Z S_(i-1)^T
+        energy = state.Z_prev.to(change.dtype).square().sum(dim=(1, 2)).clamp(min=torch.finfo(change.dtype).tiny)
+        erase = (gating.delta / energy).view(B, 1, 1)
+        P_rows = state.P_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
+        change.sub_(_product_f32(P_rows.transpose(1, 2), state.Z_prev) * erase)
+    state.S.scatter_add_(1, index, change.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
     state.S_read.scatter_(1, index, state.S.gather(1, index).to(state.S_read.dtype))
 
     # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
@@ -680,8 +742,12 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         chunk = torch.div(state.offset, C, rounding_mode="floor").clamp(min=gating.average_after)
         average = (gating.average_after / chunk.to(eta.dtype)).view(B, 1, 1)
         read, eta = read * average, eta * average
+    pending = eta * pending
+    if gating.delta:  # the unfolded rows' erase, in the dual form; and what this token read, for its chunk's erase
+        pending = pending - erase * torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.P_prev)
+        _write_rows(state.P, slot[:, None], read + (pending * unfolded[:, None]).to(read.dtype), run)
     out = out + read.to(out.dtype)
-    out = out + (eta * pending * unfolded[:, None]).to(out.dtype)
+    out = out + (pending * unfolded[:, None]).to(out.dtype)
     state.offset.add_(run.long())
     return out
 
@@ -703,8 +769,9 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
     the first s R rows of q's (all of them when s = 0: its fold ends as the next chunk fills):
         S = decay-weighted sum of U_j over j < q,    rows < s R:  decay * S + U_q
     with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V,
-    the sum as one product over the tokens before q (memory linear in P). Exact in float32 and
-    float64; with `compact_state` S is rounded to bf16 once here instead of at every fold."""
+    the sum as one product over the tokens before q (memory linear in P); with `delta`, chunk by chunk
+    by its rule, with what each chunk read (`P`, `P_prev`). Exact in float32 and float64; with
+    `compact_state` S is rounded to bf16 once here instead of at every fold."""
     out = gating._parallel(x, x0)
     with torch.no_grad():
         _prefill_state(gating, x, x0, state)
@@ -733,10 +800,22 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         if gating.update_clip > 0:
             factor = factor * _clip_factor(Zc.reshape(B * (q + 1), C, h), Vc.reshape(B * (q + 1), C, d), gating.eta,
                                            gating.update_clip).view(B, q + 1)
-        ages = torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # chunk j < q: decay^(q - 1 - j)
-        weights = (factor[:, :q] * gating.decay ** ages).repeat_interleave(C, dim=1)[..., None]  # [B, q C, 1]
-        S = torch.bmm((Vc[:, :q * C] * weights).transpose(1, 2), Zc[:, :q * C])  # [B, d, h]
-        U_q = torch.bmm(Vc[:, q * C:].transpose(1, 2), Zc[:, q * C:]) * factor[:, q, None, None]
+        if gating.delta:  # each update erases along its keys what S held: chunk by chunk (ttt_delta_scan's rule)
+            S = Zc.new_zeros(B, d, h)
+            for j in range(q + 1):
+                Z_j, V_j = Zc[:, j * C:(j + 1) * C], Vc[:, j * C:(j + 1) * C]
+                P_j = torch.bmm(Z_j.to(state.P.dtype), S.to(state.P.dtype).transpose(1, 2))  # what chunk j read
+                energy = Z_j.square().sum(dim=(1, 2)).clamp(min=torch.finfo(wide).tiny)[:, None, None]
+                U_q = torch.bmm((V_j * factor[:, j, None, None] - gating.delta / energy * P_j.to(wide)).transpose(1, 2), Z_j)
+                S = S + U_q if j < q else S
+            state.P_prev.copy_(P_j)
+            S_current = S + U_q  # what the chunk being filled reads
+            state.P[:, :P - start] = torch.bmm(Zf[:, start:].to(state.P.dtype), S_current.to(state.P.dtype).transpose(1, 2))
+        else:
+            ages = torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # chunk j < q: decay^(q - 1 - j)
+            weights = (factor[:, :q] * gating.decay ** ages).repeat_interleave(C, dim=1)[..., None]  # [B, q C, 1]
+            S = torch.bmm((Vc[:, :q * C] * weights).transpose(1, 2), Zc[:, :q * C])  # [B, d, h]
+            U_q = torch.bmm(Vc[:, q * C:].transpose(1, 2), Zc[:, q * C:]) * factor[:, q, None, None]
         rows = d if s == 0 else min(s * (-(-d // C)), d)
         S[:, :rows] = gating.decay * S[:, :rows] + U_q[:, :rows]
         state.S.copy_(S)
