@@ -260,7 +260,7 @@ def ttt_naive_f64(Z, V, W, eta, C, decay=1.0, update_clip=0.0, average_after=0, 
     U_j = eta * sum over positions s of chunk j of v_s z_s^T, scaled to Frobenius norm
     update_clip where it is larger (Appendix D.2), and a_t = K / max(chunk(t), K) with
     K = average_after (1 without). With delta rho (decay 1, no average): W_t = W + S_chunk(t),
-    S_(j+1) = S_j (I - rho E_j / trace(E_j)) + U_j with E_j = sum over chunk j of z_s z_s^T."""
+    S_(j+1) = S_j (I - rho E_j / |E_j|_F) + U_j with E_j = sum over chunk j of z_s z_s^T."""
     Z, V, W = Z.double(), V.double(), W.double()
     B, T, _ = Z.shape
     O = torch.zeros(B, T, W.shape[0], dtype=torch.float64)
@@ -273,8 +273,8 @@ def ttt_naive_f64(Z, V, W, eta, C, decay=1.0, update_clip=0.0, average_after=0, 
             energies.append(sum(torch.outer(Z[b, s], Z[b, s]) for s in range(j, min(j + C, T))))
         sums = [torch.zeros_like(W)]  # with delta: S_j, the sum chunk j reads
         for U, E in zip(updates, energies):
-            trace = float(torch.trace(E))
-            erase = torch.eye(W.shape[1], dtype=torch.float64) - (delta / trace * E if trace > 0 else 0)
+            size = math.sqrt(float((E * E).sum()))
+            erase = torch.eye(W.shape[1], dtype=torch.float64) - (delta / size * E if size > 0 else 0)
             sums.append(sums[-1] @ erase + U)
         for t in range(T):
             S = torch.zeros_like(W)
@@ -1335,8 +1335,8 @@ def test_study_rows_are_valid_train_py_runs(device):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_horizon_rows_are_the_runs_they_name(device):
-    """Every horizon row that trains parses as a train.py run with its mode, forgetting and mean past
-    K chunks; the inference-only rows evaluate another row's checkpoint with eval_passkey's flags
+    """Every horizon row that trains parses as a train.py run with its mode, forgetting, mean past
+    K chunks and delta rule; the inference-only rows evaluate another row's checkpoint with eval_passkey's flags
     (K = the trained length's chunks for the mean); every needle depth is far at every length."""
     c = sweep.PRESETS_HORIZON[device]
     rows = {r.name: r for r in sweep.horizon_rows(c)}
@@ -1349,6 +1349,7 @@ def test_horizon_rows_are_the_runs_they_name(device):
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0
+        assert args.ttt_delta == (float(name.split("delta")[1]) if "delta" in name else 0.0)
     inference = {n: r for n, r in rows.items() if r.same_training}
     assert all(r.same_training == "ttt_mlp_in" for r in inference.values())
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_decay97"].eval_flags)[0].ttt_decay == 0.97
@@ -1356,6 +1357,7 @@ def test_horizon_rows_are_the_runs_they_name(device):
     average = inference[f"ttt_mlp_in_eval_average{K}"].eval_flags
     assert eval_passkey.parse_args(["x.pt"] + average)[0].ttt_average_after == K
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_clip1"].eval_flags)[0].ttt_update_clip == 1
+    assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_delta1"].eval_flags)[0].ttt_delta == 1
     assert all(eval_passkey.is_far(L, d, c["window"]) for L in sweep.horizon_lengths(c) for d in c["horizon_depths"])
 
 
@@ -1594,6 +1596,18 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     assert config.parse_args([])[0].ttt_eta == 0.3
 
 
+@FAST
+@given(values=st.lists(st.floats(0, 100), min_size=1, max_size=5))
+def test_bootstrap_over_bases_spans_the_bases(values):
+    """The mean over bases, inside an interval that lies within the bases' own range, and that is
+    the whole range when both extremes can be drawn alone (3 bases: 1 in 27 draws each)."""
+    mean, lo, hi = sweep.bootstrap_over_bases(values)
+    assert mean == pytest.approx(sum(values) / len(values))
+    assert min(values) - 1e-9 <= lo <= mean + 1e-9 and mean - 1e-9 <= hi <= max(values) + 1e-9
+    if len(values) == 3:
+        assert (lo, hi) == (pytest.approx(min(values)), pytest.approx(max(values)))
+
+
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
@@ -1602,7 +1616,8 @@ def test_official_recipe_sets_the_official_values_and_flags_override():
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
     ["--warmup", "1"], ["--warmup", "50"], ["--fsdp", "--init", "a.pt"], ["--ttt-decay", "0"], ["--ttt-decay", "1.5"],
     ["--ttt-update-clip", "-1"], ["--ttt-update-clip", "nan"], ["--ttt-average-after", "-1"],
-    ["--ttt-average-after", "1.5"],
+    ["--ttt-average-after", "1.5"], ["--ttt-delta", "-0.1"], ["--ttt-delta", "1.5"],
+    ["--ttt-delta", "0.5", "--ttt-decay", "0.9"], ["--ttt-delta", "0.5", "--ttt-average-after", "4"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1615,7 +1630,8 @@ def test_train_bad_flags_exit_2(argv, capsys):
 @pytest.mark.parametrize("argv", [["--depths", "0,2"], ["--trials", "0"], ["--lengths", "10"],
                                   ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"],
                                   ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"],
-                                  ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"]])
+                                  ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"],
+                                  ["--ttt-delta", "2"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
@@ -1767,13 +1783,17 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
     logged = lambda r: [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
     assert logged(one) == pytest.approx(logged(two), abs=2e-3)  # the global batch's loss is logged
     # the evaluation script reads the checkpoint as trained, and with another RoPE at inference
-    for extra in ([], ["--method", "ntk", "--scale", "2"], ["--streaming"]):
+    for extra in ([], ["--method", "ntk", "--scale", "2"], ["--streaming"], ["--ttt-delta", "1", "--streaming"]):
         out = str(tmp_path / f"eval{len(extra)}.json")
         eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--lengths", "128,256", "--trials", "2",
                            "--windows", "2", "--out", out] + extra)
         result = json.load(open(out))
         assert [r["length"] for r in result["rows"]] == [128, 256] and result["corpus_files"] > 100
         assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit) as e:  # the delta rule with forgetting at inference: refused, nothing written
+        eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--ttt-delta", "1", "--ttt-decay", "0.9", "--out",
+                           str(tmp_path / "refused.json")])
+    assert e.value.code == 2 and not (tmp_path / "refused.json").exists()
     # the adapter holds exactly the trained parameters and reproduces the trained model on the base
     adapter = checkpoints.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
     assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
@@ -2138,7 +2158,7 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
            ["--ttt-no-target"], ["--ttt-decay", "0.9"], ["--ttt-update-clip", "2"],
-           ["--ttt-average-after", "4"], ["--original-len", "160"]]
+           ["--ttt-average-after", "4"], ["--ttt-delta", "1"], ["--original-len", "160"]]
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()

@@ -46,18 +46,19 @@ output per chunk (`average_factors`).
 
 A third option of this project, `delta` rho in (0, 1]: before chunk i writes, the fast weight
 forgets what it holds along chunk i's keys, the erase of the delta rule (DeltaNet, gated delta
-rules, Titans), normalised by the keys' energy so that it never amplifies:
+rules, Titans), normalised by the size of the keys' second moment so that it never amplifies:
 
-    S_(i+1) = S_i + (eta V_i - (rho / |Z_i|_F^2) Z_i S_i^T)^T Z_i       (rho = 0: Eq. (1))
-            = S_i (I - rho Z_i^T Z_i / |Z_i|_F^2) + eta V_i^T Z_i
+    S_(i+1) = S_i + (eta V_i - (rho / |Z_i^T Z_i|_F) Z_i S_i^T)^T Z_i       (rho = 0: Eq. (1))
+            = S_i (I - rho Z_i^T Z_i / |Z_i^T Z_i|_F) + eta V_i^T Z_i
 
-The write eta V_i^T Z_i is the paper's; the erase removes, from what chunk i reads (Z_i S_i^T),
-the fraction rho of its component along each key direction weighted by that direction's share
-of the chunk's energy: directions every chunk writes (the statistics of any text) stop growing,
-directions few chunks touch keep what was written there. I - rho Z^T Z / |Z|^2 has eigenvalues
-in [1 - rho, 1], so S stays bounded by the updates' size for any input. Z_i S_i^T is what chunk i
-reads anyway, so the erase costs no product more than the read. Not combined with `decay` or
-`average_after` (each already bounds the sum another way).
+The write eta V_i^T Z_i is the paper's. Along the eigenvector k of Z_i^T Z_i (eigenvalue lambda_k)
+the erase removes the fraction rho lambda_k / sqrt(sum_k lambda_k^2) <= rho of what S held: nearly
+rho along a dominant direction, the one every chunk of text shares, and almost nothing along
+directions the chunk barely touches. So what any text writes stops growing, and what one chunk
+wrote where others rarely write (a needle) stays. I - rho Z^T Z / |Z^T Z|_F has eigenvalues in
+[1 - rho, 1]: the erase never amplifies what S holds, for any input. Z_i S_i^T is what chunk i
+reads anyway; |Z_i^T Z_i|_F comes from the C x C Gram matrix, |Z_i^T Z_i|_F = |Z_i Z_i^T|_F.
+Not combined with `decay` or `average_after` (each already bounds the sum another way).
 
 Usage:
     import ttt
@@ -92,7 +93,7 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
     may be shorter, and chunk_size >= T is one chunk, i.e. the plain MLP. With `update_clip` tau > 0
     each update eta V_j^T Z_j is scaled to Frobenius norm tau where it is larger (Appendix D.2).
     With `average_after` K > 0, chunk i reads W_down + (K / max(i, K)) * (its sum of updates).
-    With `delta` rho > 0, each update also erases rho / |Z_i|_F^2 * (Z_i S_i^T)^T Z_i, S_i = W - W_down.
+    With `delta` rho > 0, each update also erases rho / |Z_i^T Z_i|_F * (Z_i S_i^T)^T Z_i, S_i = W - W_down.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -110,7 +111,8 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
             square = (update * update).sum(dim=(1, 2), keepdim=True)
             update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
         if delta > 0:  # the erase along the chunk's keys; an all-zero chunk erases nothing
-            energy = (Z_i * Z_i).sum(dim=(1, 2)).clamp(min=torch.finfo(Z_i.dtype).tiny)[:, None, None]
+            second = torch.einsum("bch,bcg->bhg", Z_i, Z_i)  # Z_i^T Z_i, [B, h, h]
+            energy = torch.linalg.matrix_norm(second).clamp(min=torch.finfo(Z_i.dtype).tiny)[:, None, None]
             read_fast = torch.einsum("bch,bdh->bcd", Z_i, W - W_down)  # Z_i S_i^T
             update = update - (delta / energy) * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
         W = W_down + decay * (W - W_down) + update
@@ -165,6 +167,14 @@ def _clip_factor(Z: torch.Tensor, V: torch.Tensor, eta: float, update_clip: floa
     (max(1, |eta V^T Z|^2 / tau^2))^(-1/2): finite gradients where the update is zero (V starts at 0)."""
     square = (torch.bmm(V, V.transpose(1, 2)) * torch.bmm(Z, Z.transpose(1, 2))).sum((1, 2))
     return (square * (eta / update_clip) ** 2).clamp(min=1.0).rsqrt()
+
+
+def key_energy(Z: torch.Tensor) -> torch.Tensor:
+    """[N] |Z^T Z|_F of each chunk Z [N, C, h], from its C x C Gram matrix (|Z^T Z|_F = |Z Z^T|_F),
+    in float32 at least; the smallest positive float where the chunk is all zeros (it erases nothing)."""
+    wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
+    gram = torch.bmm(wide, wide.transpose(1, 2))
+    return gram.square().sum(dim=(1, 2)).sqrt().clamp(min=torch.finfo(wide.dtype).tiny)
 
 
 def average_factors(T: int, chunk_size: int, average_after: int, like: torch.Tensor) -> torch.Tensor:
@@ -639,7 +649,7 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
 
 def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float) -> torch.Tensor:
     """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), chunk by chunk:
-        P_i = Z_i S_i^T,    S_(i+1) = S_i + (eta V_i - (rho / |Z_i|_F^2) P_i)^T Z_i,    S_0 = 0
+        P_i = Z_i S_i^T,    S_(i+1) = S_i + (eta V_i - (rho / |Z_i^T Z_i|_F) P_i)^T Z_i,    S_0 = 0
     returning P [B, T, d]. The erase makes each step depend on S, so there is no prefix sum and no
     undoing in a backward pass: autograd keeps one [B, d, h] float32 S per chunk (fine at the
     lengths trained here; a long training would checkpoint groups of chunks). S accumulates in
@@ -653,8 +663,7 @@ def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int
         P_i = torch.bmm(Z_i, S.to(Z.dtype).transpose(1, 2))  # [B, C, d]: what the chunk reads
         outputs.append(P_i)
         if start + chunk_size < T:  # the last chunk's update is never used
-            energy = (Z_i.to(wide) ** 2).sum(dim=(1, 2)).clamp(min=torch.finfo(wide).tiny)[:, None, None]
-            error = eta * V_i.to(wide) - (delta / energy) * P_i.to(wide)
+            error = eta * V_i.to(wide) - (delta / key_energy(Z_i).to(wide))[:, None, None] * P_i.to(wide)
             S = S + torch.bmm(error.to(Z.dtype).transpose(1, 2), Z_i).to(wide)  # differentiable
     return torch.cat(outputs, dim=1)
 
@@ -723,8 +732,7 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
         change.add_(state.S.gather(1, index), alpha=gating.decay - 1)
     if gating.delta:  # the erase of these rows: row r of S_(i-1) Z^T Z is row r of P_prev^T Z, P_prev = Z S_(i-1)^T
-        energy = state.Z_prev.to(change.dtype).square().sum(dim=(1, 2)).clamp(min=torch.finfo(change.dtype).tiny)
-        erase = (gating.delta / energy).view(B, 1, 1)
+        erase = (gating.delta / key_energy(state.Z_prev).to(change.dtype)).view(B, 1, 1)  # C^2 h per step
         P_rows = state.P_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
         change.sub_(_product_f32(P_rows.transpose(1, 2), state.Z_prev) * erase)
     state.S.scatter_add_(1, index, change.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
@@ -805,8 +813,8 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
             for j in range(q + 1):
                 Z_j, V_j = Zc[:, j * C:(j + 1) * C], Vc[:, j * C:(j + 1) * C]
                 P_j = torch.bmm(Z_j.to(state.P.dtype), S.to(state.P.dtype).transpose(1, 2))  # what chunk j read
-                energy = Z_j.square().sum(dim=(1, 2)).clamp(min=torch.finfo(wide).tiny)[:, None, None]
-                U_q = torch.bmm((V_j * factor[:, j, None, None] - gating.delta / energy * P_j.to(wide)).transpose(1, 2), Z_j)
+                erase = (gating.delta / key_energy(Z_j).to(wide))[:, None, None]
+                U_q = torch.bmm((V_j * factor[:, j, None, None] - erase * P_j.to(wide)).transpose(1, 2), Z_j)
                 S = S + U_q if j < q else S
             state.P_prev.copy_(P_j)
             S_current = S + U_q  # what the chunk being filled reads
