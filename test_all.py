@@ -309,16 +309,17 @@ def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay, clip, average,
 
 @FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 40), C=st.integers(1, 12), h=st.integers(1, 8), d=st.integers(1, 6),
-       eta=st.floats(0.01, 1.0), delta=st.floats(0.05, 1.0), clip=CLIPS)
-def test_delta_scan_gives_the_reference_and_its_gradients(B, T, C, h, d, eta, delta, clip):
+       eta=st.floats(0.01, 1.0), delta=st.floats(0.05, 1.0), clip=CLIPS, group=st.one_of(st.none(), st.integers(1, 5)))
+def test_delta_scan_gives_the_reference_and_its_gradients(B, T, C, h, d, eta, delta, clip, group):
     """What TTTGating runs for the delta rule (ttt_delta_scan, plus the base product apart, the
-    clipping as scaled targets) gives ttt_chunked's output and gradients, in float64."""
+    clipping as scaled targets) gives ttt_chunked's output and gradients, in float64, with any
+    group of checkpointed chunks."""
     g = torch.Generator().manual_seed(T * 100 + C * 7 + d)
     inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, h), (B, T, d), (d, h))]
     dO = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     scaled = lambda V, Z: V * ttt.clip_factors(Z, V, eta, C, clip) if clip else V
     runs = (lambda Z, V, W: ttt.ttt_chunked(Z, V, W, eta, C, update_clip=clip, delta=delta),
-            lambda Z, V, W: Z @ W.T + ttt.ttt_delta_scan(Z, scaled(V, Z), eta, C, delta))
+            lambda Z, V, W: Z @ W.T + ttt.ttt_delta_scan(Z, scaled(V, Z), eta, C, delta, group))
     results = []
     for fn in runs:
         xs = [x.clone().requires_grad_() for x in inputs]

@@ -73,6 +73,7 @@ import typing as tp
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 from torch.nn import functional as F
@@ -171,10 +172,15 @@ def _clip_factor(Z: torch.Tensor, V: torch.Tensor, eta: float, update_clip: floa
 
 def key_energy(Z: torch.Tensor) -> torch.Tensor:
     """[N] |Z^T Z|_F of each chunk Z [N, C, h], from its C x C Gram matrix (|Z^T Z|_F = |Z Z^T|_F),
-    in float32 at least; the smallest positive float where the chunk is all zeros (it erases nothing)."""
-    wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
-    gram = torch.bmm(wide, wide.transpose(1, 2))
-    return gram.square().sum(dim=(1, 2)).sqrt().clamp(min=torch.finfo(wide.dtype).tiny)
+    in float32 at least; the smallest positive float where the chunk is all zeros (it erases nothing).
+    Without a gradient (streaming, evaluation) the Gram's products run in Z's dtype with float32 sums
+    (one kernel on a GPU: streaming computes it at every step, C^2 h multiply-adds)."""
+    if torch.is_grad_enabled() and Z.requires_grad:
+        wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
+        gram = torch.bmm(wide, wide.transpose(1, 2))
+    else:
+        gram = _product_f32(Z, Z.transpose(1, 2))
+    return gram.square().sum(dim=(1, 2)).sqrt().clamp(min=torch.finfo(gram.dtype).tiny)
 
 
 def average_factors(T: int, chunk_size: int, average_after: int, like: torch.Tensor) -> torch.Tensor:
@@ -647,25 +653,45 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
     return (decay ** k)[:, None].to(dtype), (decay ** (G - 1 - k))[:, None].to(dtype)
 
 
-def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float) -> torch.Tensor:
+def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
+                   group: tp.Optional[int] = None) -> torch.Tensor:
     """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), chunk by chunk:
         P_i = Z_i S_i^T,    S_(i+1) = S_i + (eta V_i - (rho / |Z_i^T Z_i|_F) P_i)^T Z_i,    S_0 = 0
     returning P [B, T, d]. The erase makes each step depend on S, so there is no prefix sum and no
-    undoing in a backward pass: autograd keeps one [B, d, h] float32 S per chunk (fine at the
-    lengths trained here; a long training would checkpoint groups of chunks). S accumulates in
-    float32 (float64 for float64 inputs); the products run in Z's dtype (bf16: each update rounded once)."""
+    undoing in a backward pass. Where a gradient is needed, the chunks run in groups of `group`
+    (default about sqrt(n) of the n chunks) under activation checkpointing: the backward keeps S at
+    each group's start and recomputes one group at a time, about 2 sqrt(n) [B, d, h] float32 sums
+    instead of n. S accumulates in float32 (float64 for float64 inputs); the products run in Z's
+    dtype (bf16: each update rounded once)."""
     B, T, h = Z.shape
-    wide = torch.promote_types(Z.dtype, torch.float32)
-    S = Z.new_zeros(B, V.shape[-1], h, dtype=wide)
+    n = -(-T // chunk_size)
+    group = max(1, group or round(n ** 0.5))
+    S = Z.new_zeros(B, V.shape[-1], h, dtype=torch.promote_types(Z.dtype, torch.float32))
     outputs = []
+    for start in range(0, T, group * chunk_size):
+        g = slice(start, start + group * chunk_size)
+        args = (S, Z[:, g], V[:, g], eta, chunk_size, delta, start + group * chunk_size >= T)
+        if torch.is_grad_enabled() and (Z.requires_grad or V.requires_grad):
+            P_g, S = torch.utils.checkpoint.checkpoint(_delta_group, *args, use_reentrant=False)
+        else:
+            P_g, S = _delta_group(*args)
+        outputs.append(P_g)
+    return torch.cat(outputs, dim=1)
+
+
+def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
+                 last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ttt_delta_scan's chunks of one group from S: (their reads P, S after them). `last`: the
+    group ends the sequence, and its last chunk's update is never used."""
+    T, wide, outputs = Z.shape[1], S.dtype, []
     for start in range(0, T, chunk_size):
         Z_i, V_i = Z[:, start:start + chunk_size], V[:, start:start + chunk_size]
         P_i = torch.bmm(Z_i, S.to(Z.dtype).transpose(1, 2))  # [B, C, d]: what the chunk reads
         outputs.append(P_i)
-        if start + chunk_size < T:  # the last chunk's update is never used
+        if not (last and start + chunk_size >= T):
             error = eta * V_i.to(wide) - (delta / key_energy(Z_i).to(wide))[:, None, None] * P_i.to(wide)
             S = S + torch.bmm(error.to(Z.dtype).transpose(1, 2), Z_i).to(wide)  # differentiable
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=1), S
 
 
 # ---------------------------------------------------------------------------------------------
