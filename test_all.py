@@ -758,13 +758,16 @@ class _DispatchTrace(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_streaming_step_keeps_no_state_on_the_host():
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_streaming_step_keeps_no_state_on_the_host(delta):
     """What a CUDA graph needs, checked on a CPU: after the first step (LMGen's warm-up), every
     step runs the same aten calls with the same arguments whatever its position (chunk
     boundaries and a wrapping KV cache included), never reads a device value on the host, and
     the TTT state changes only inside its tensors. A Python-side counter or a branch at a chunk
-    boundary (what froze under CUDA graphs) fails this."""
+    boundary (what froze under CUDA graphs) fails this. With and without the delta rule's erase."""
     m = streaming_model(window=12, chunk=4)
+    for g in freeze.ttt_modules(m):
+        g.delta = delta
     x = torch.randint(0, 256, (2, 30))
     states = lambda: [g._streaming_state for g in freeze.ttt_modules(m)]
     with torch.no_grad(), m.streaming(2):
