@@ -558,6 +558,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                              mlp_in + ["--ttt-delta", rho]))
         rows.append(StudyRow(f"ttt_mlp_in_eval_delta{rho}", f"ttt_mlp_in, the delta rule's erase {rho} at inference "
                              "only", mlp_in, eval_flags=["--ttt-delta", rho], same_training="ttt_mlp_in"))
+    rows.append(StudyRow("ttt_lora_in_delta1", "ttt_lora_in (rank 8), the delta rule's erase 1, trained",
+                         ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"]))
     return rows
 
 

@@ -716,6 +716,10 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     Every step runs the same kernels; which slot, which slice and whether a chunk just
     opened are device tensors, so a CUDA graph of one step replays correctly at every
     position. Sequences whose exec_mask is False keep their state unchanged.
+    With `delta`, the erase is row-local: row r of chunk i - 1's update is row r of
+    (eta V_prev - rho / |Z_prev^T Z_prev|_F P_prev)^T Z_prev, P_prev = Z_prev S_(i-1)^T being what
+    chunk i - 1's tokens read (each step records its read in `P`), so the same fold and dual
+    form serve with V_prev replaced by that difference.
     """
     B, C, (d, h) = x.shape[0], gating.chunk_size, state.S.shape[1:]
     half, R = gating.conv.kernel_size[0] // 2, -(-d // C)  # R: rows folded per step
@@ -844,7 +848,8 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
                 S = S + U_q if j < q else S
             state.P_prev.copy_(P_j)
             S_current = S + U_q  # what the chunk being filled reads
-            state.P[:, :P - start] = torch.bmm(Zf[:, start:].to(state.P.dtype), S_current.to(state.P.dtype).transpose(1, 2))
+            state.P[:, :P - start] = torch.bmm(Zf[:, start:].to(state.P.dtype),
+                                               S_current.to(state.P.dtype).transpose(1, 2))
         else:
             ages = torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # chunk j < q: decay^(q - 1 - j)
             weights = (factor[:, :q] * gating.decay ** ages).repeat_interleave(C, dim=1)[..., None]  # [B, q C, 1]
