@@ -111,11 +111,13 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         if update_clip > 0:  # times min(1, tau / |update|_F), written to stay finite where the update is 0
             square = (update * update).sum(dim=(1, 2), keepdim=True)
             update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
-        if delta > 0:  # the erase along the chunk's keys; an all-zero chunk erases nothing
+        if delta > 0:  # the erase along the chunk's keys; vanishing keys (|Z^T Z|_F^2 not a normal float) erase nothing
             second = torch.einsum("bch,bcg->bhg", Z_i, Z_i)  # Z_i^T Z_i, [B, h, h]
-            energy = torch.linalg.matrix_norm(second).clamp(min=torch.finfo(Z_i.dtype).tiny)[:, None, None]
+            square = (second * second).sum(dim=(1, 2))  # |Z_i^T Z_i|_F^2
+            normal = square >= torch.finfo(square.dtype).tiny
+            factor = torch.where(normal, delta / torch.where(normal, square, 1.0).sqrt(), 0.0)[:, None, None]
             read_fast = torch.einsum("bch,bdh->bcd", Z_i, W - W_down)  # Z_i S_i^T
-            update = update - (delta / energy) * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
+            update = update - factor * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
         W = W_down + decay * (W - W_down) + update
     return torch.cat(outputs, dim=1)
 
@@ -170,17 +172,21 @@ def _clip_factor(Z: torch.Tensor, V: torch.Tensor, eta: float, update_clip: floa
     return (square * (eta / update_clip) ** 2).clamp(min=1.0).rsqrt()
 
 
-def key_energy(Z: torch.Tensor) -> torch.Tensor:
-    """[N] |Z^T Z|_F of each chunk Z [N, C, h], from its C x C Gram matrix (|Z^T Z|_F = |Z Z^T|_F),
-    in float32 at least; the smallest positive float where the chunk is all zeros (it erases nothing).
-    Without a gradient (streaming, evaluation) the Gram's products run in Z's dtype with float32 sums
-    (one kernel on a GPU: streaming computes it at every step, C^2 h multiply-adds)."""
+def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
+    """[N] rho / |Z^T Z|_F for chunks Z [N, C, h], |Z^T Z|_F from the C x C Gram matrix (|Z^T Z|_F =
+    |Z Z^T|_F), in float32 at least (without a gradient: products in Z's dtype, float32 sums).
+    0 where |Z^T Z|_F^2 is below the smallest normal float (float32: |Z^T Z|_F below about 1e-19):
+    keys that vanish erase nothing, rather than divide by a norm rounded towards zero."""
     if torch.is_grad_enabled() and Z.requires_grad:
         wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
-        gram = torch.bmm(wide, wide.transpose(1, 2))
-    else:
-        gram = _product_f32(Z, Z.transpose(1, 2))
-    return gram.square().sum(dim=(1, 2)).sqrt().clamp(min=torch.finfo(gram.dtype).tiny)
+        return _erase_factor(torch.bmm(wide, wide.transpose(1, 2)).square().sum(dim=(1, 2)), delta)
+    return _erase_factor(_gram_square(Z), delta)
+
+
+def _erase_factor(square: torch.Tensor, delta: float) -> torch.Tensor:
+    """rho / sqrt(square), 0 where square is below the smallest normal float; finite gradients."""
+    normal = square >= torch.finfo(square.dtype).tiny
+    return torch.where(normal, delta * torch.where(normal, square, 1.0).rsqrt(), 0.0)
 
 
 def average_factors(T: int, chunk_size: int, average_after: int, like: torch.Tensor) -> torch.Tensor:
@@ -215,19 +221,21 @@ class _TTTState(State):
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
     V_prev: torch.Tensor  # [B, C, d] its targets V = Conv1D(X) W_target
-    S: torch.Tensor  # [B, d, h] float32 (the model's dtype with compact_state): the sum of updates,
-    #                  eta * sum of V_j^T Z_j over the completed chunks before the last, plus the rows
-    #                  of the last one folded in so far
+    S: torch.Tensor  # [B, d, h] float32 (the model's dtype with compact_state): the sum of updates
+    #                  (eta * sum of V_j^T Z_j, as the layer's options change it) over the completed
+    #                  chunks before the last, plus the rows of the last one folded in so far
     S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
     #                       reads its float32 sum cast the same way); S itself where S has that dtype
     P: torch.Tensor  # [B, C, d] with `delta`: what each slot of the chunk being filled read from the fast
     #                  weight (Z_t S^T), for the erase; [B, 0, d] without
     P_prev: torch.Tensor  # [B, C, d] (or [B, 0, d]) the same of the last completed chunk
+    square: torch.Tensor  # [B] float32 with `delta`: |Z^T Z|_F^2 of the chunk being filled, so far
+    square_prev: torch.Tensor  # [B] the same of the last completed chunk
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.S, self.S_read,
-                       self.P, self.P_prev):
+                       self.P, self.P_prev, self.square, self.square_prev):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -322,7 +330,9 @@ class TTTGating(StreamingModule[_TTTState]):
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h),
-                         P=zeros(B, C if self.delta else 0, d), P_prev=zeros(B, C if self.delta else 0, d))
+                         P=zeros(B, C if self.delta else 0, d), P_prev=zeros(B, C if self.delta else 0, d),
+                         square=zeros(B, dtype=torch.promote_types(W.dtype, torch.float32)),
+                         square_prev=zeros(B, dtype=torch.promote_types(W.dtype, torch.float32)))
 
     def _inputs(self, x: torch.Tensor, x0: tp.Optional[torch.Tensor],
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -689,7 +699,7 @@ def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, 
         P_i = torch.bmm(Z_i, S.to(Z.dtype).transpose(1, 2))  # [B, C, d]: what the chunk reads
         outputs.append(P_i)
         if not (last and start + chunk_size >= T):
-            error = eta * V_i.to(wide) - (delta / key_energy(Z_i).to(wide))[:, None, None] * P_i.to(wide)
+            error = eta * V_i.to(wide) - erase_factors(Z_i, delta).to(wide)[:, None, None] * P_i.to(wide)
             S = S + torch.bmm(error.to(Z.dtype).transpose(1, 2), Z_i).to(wide)  # differentiable
     return torch.cat(outputs, dim=1), S
 
@@ -717,9 +727,11 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     opened are device tensors, so a CUDA graph of one step replays correctly at every
     position. Sequences whose exec_mask is False keep their state unchanged.
     With `delta`, the erase is row-local: row r of chunk i - 1's update is row r of
-    (eta V_prev - rho / |Z_prev^T Z_prev|_F P_prev)^T Z_prev, P_prev = Z_prev S_(i-1)^T being what
-    chunk i - 1's tokens read (each step records its read in `P`), so the same fold and dual
-    form serve with V_prev replaced by that difference.
+    (eta V_prev - rho / |Z_prev^T Z_prev|_F P_prev)^T Z_prev (eta times the clip factor, if any),
+    P_prev = Z_prev S_(i-1)^T being what chunk i - 1's tokens read (each step records its read in
+    `P`), so the same fold and dual form serve with V_prev replaced by that difference.
+    |Z^T Z|_F^2 = |Z Z^T|_F^2 grows as the chunk fills, by the token's row and column of the Gram
+    matrix (C h per step, `square`), and is handed over with the chunk (`square_prev`).
     """
     B, C, (d, h) = x.shape[0], gating.chunk_size, state.S.shape[1:]
     half, R = gating.conv.kernel_size[0] // 2, -(-d // C)  # R: rows folded per step
@@ -734,12 +746,19 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
     if gating.delta:
         torch.where(opens, state.P, state.P_prev, out=state.P_prev)
+        torch.where(opens.view(B), state.square, state.square_prev, out=state.square_prev)
+        state.square.masked_fill_(opens.view(B), 0)
 
     # The token joins its chunk. The conv outputs of slots slot - half .. slot read the inputs
     # of slots slot - 2 half .. slot and, after the token, zeros (not known yet; at the end of
     # the chunk, its edge padding). Later steps rewrite them until they are final.
     arange = lambda n: torch.arange(n, device=x.device)
     _write_rows(state.Z, slot[:, None], Zf, run)
+    if gating.delta:  # |Z^T Z|_F^2 = |Z Z^T|_F^2 of the chunk grows by the token's row and column of the Gram
+        gram_row = _product_f32(Zf, state.Z.transpose(1, 2))[:, 0]  # [B, C]: z_t . z_u, every slot u
+        before = (arange(C)[None] < slot[:, None]).to(gram_row.dtype)  # slots of this chunk before the token
+        grow = 2 * (gram_row.square() * before).sum(dim=1) + gram_row.gather(1, slot[:, None])[:, 0].square()
+        state.square.add_(torch.where(run, grow.to(state.square.dtype), 0.0))
     _write_rows(state.source, slot[:, None] + 2 * half, source, run)
     window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
     inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
@@ -762,7 +781,7 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     if gating.decay != 1:  # the rows are forgotten as they are folded, each once per chunk
         change.add_(state.S.gather(1, index), alpha=gating.decay - 1)
     if gating.delta:  # the erase of these rows: row r of S_(i-1) Z^T Z is row r of P_prev^T Z, P_prev = Z S_(i-1)^T
-        erase = (gating.delta / key_energy(state.Z_prev).to(change.dtype)).view(B, 1, 1)  # C^2 h per step
+        erase = _erase_factor(state.square_prev, gating.delta).to(change.dtype).view(B, 1, 1)
         P_rows = state.P_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
         change.sub_(_product_f32(P_rows.transpose(1, 2), state.Z_prev) * erase)
     state.S.scatter_add_(1, index, change.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
@@ -828,6 +847,8 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     state.Z[:, :P - start] = Zf[:, start:].to(state.Z.dtype)
     state.V[:, half:half + P - start] = V[:, start:].to(state.V.dtype)
     state.source[:, 2 * half:2 * half + P - start] = source[:, start:].to(state.source.dtype)
+    if gating.delta:  # |Z^T Z|_F^2 of the chunk being filled, so far
+        state.square.copy_(_gram_square(state.Z[:, :P - start]))
     if q >= 0:
         state.Z_prev.copy_(Zf[:, q * C:(q + 1) * C])
         state.V_prev.copy_(V[:, q * C:(q + 1) * C])
@@ -843,10 +864,11 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
             for j in range(q + 1):
                 Z_j, V_j = Zc[:, j * C:(j + 1) * C], Vc[:, j * C:(j + 1) * C]
                 P_j = torch.bmm(Z_j.to(state.P.dtype), S.to(state.P.dtype).transpose(1, 2))  # what chunk j read
-                erase = (gating.delta / key_energy(Z_j).to(wide))[:, None, None]
+                erase = erase_factors(Z_j, gating.delta).to(wide)[:, None, None]
                 U_q = torch.bmm((V_j * factor[:, j, None, None] - erase * P_j.to(wide)).transpose(1, 2), Z_j)
                 S = S + U_q if j < q else S
             state.P_prev.copy_(P_j)
+            state.square_prev.copy_(_gram_square(Zc[:, q * C:]))
             S_current = S + U_q  # what the chunk being filled reads
             state.P[:, :P - start] = torch.bmm(Zf[:, start:].to(state.P.dtype),
                                                S_current.to(state.P.dtype).transpose(1, 2))
@@ -861,6 +883,11 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         if state.S_read is not state.S:
             state.S_read.copy_(S)
     state.offset.fill_(P)
+
+
+def _gram_square(Z: torch.Tensor) -> torch.Tensor:
+    """[N] |Z^T Z|_F^2 = |Z Z^T|_F^2 of Z [N, C, h], products in Z's dtype with float32 sums."""
+    return _product_f32(Z, Z.transpose(1, 2)).square().sum(dim=(1, 2))
 
 
 def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
