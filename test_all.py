@@ -1880,9 +1880,11 @@ def test_non_finite_step_between_log_lines_stops_before_the_save(tmp_path):
 def test_lora_training_and_adapter(tmp_path, mode):
     """A LoRA mode trains, saves an adapter of the LoRA factors and TTT's parameters that rebuilds
     the model on its base, leaves the base weights untouched; an --init from it keeps its LoRA
-    (another rank, or the other LoRA mode, is refused in one line)."""
+    (another rank, or the other LoRA mode, is refused in one line). `ttt_lora_in` trains with the
+    delta rule's erase, which the checkpoint and the adapter carry."""
     out = tmp_path / "lora"
-    r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--out", str(out)])
+    erase = ["--ttt-delta", "1"] if mode == "ttt_lora_in" else []
+    r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--out", str(out)] + erase)
     assert r.returncode == 0, r.stderr
     assert "not a control" in r.stdout and "eta 0 (control)" not in r.stdout  # other weights trained with TTT
     trained = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(out / "ckpt.pt"))).eval()
@@ -1890,6 +1892,7 @@ def test_lora_training_and_adapter(tmp_path, mode):
     assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
                                      if "lora_" in n or n.endswith(("gating.conv.weight", "gating.W_target"))}
     on_base = checkpoints.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
+    assert {g.delta for g in freeze.ttt_modules(trained) + freeze.ttt_modules(on_base)} == {1.0 if erase else 0.0}
     x = torch.randint(0, 256, (2, 100))
     assert torch.equal(M.logits(on_base, x), M.logits(trained, x))
     base = checkpoints.load_checkpoint(str(out / "base.pt"))["model"]  # frozen_W is the base, untouched

@@ -177,9 +177,10 @@ def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
     |Z Z^T|_F), in float32 at least (without a gradient: products in Z's dtype, float32 sums).
     0 where |Z^T Z|_F^2 is below the smallest normal float (float32: |Z^T Z|_F below about 1e-19):
     keys that vanish erase nothing, rather than divide by a norm rounded towards zero."""
-    if torch.is_grad_enabled() and Z.requires_grad:
-        wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
-        return _erase_factor(torch.bmm(wide, wide.transpose(1, 2)).square().sum(dim=(1, 2)), delta)
+    if torch.is_grad_enabled() and Z.requires_grad:  # differentiable; in float32 under bf16 autocast too
+        with torch.autocast(Z.device.type, enabled=False):
+            wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
+            return _erase_factor(torch.bmm(wide, wide.transpose(1, 2)).square().sum(dim=(1, 2)), delta)
     return _erase_factor(_gram_square(Z), delta)
 
 
