@@ -435,12 +435,13 @@ def scale(device, steps=2, lm_kwargs=None):
     return dict(weights_gib=weights_gib, rows=rows)
 
 
-def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16) -> dict:
+def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16, delta=0.0) -> dict:
     """Bytes of one stream's TTT state in one layer (moshi 7B's d and h by default), today's and the
-    compact one, as `TTTGating._init_streaming_state` allocates it (on the meta device: no memory)."""
+    compact one, as `TTTGating._init_streaming_state` allocates it (on the meta device: no memory);
+    `delta`: with the delta rule's erase (what each slot read, for two chunks)."""
     out = {}
     for compact in (False, True):
-        g = ttt.TTTGating(d, h, F.silu, chunk, 0.3).to(device="meta", dtype=dtype)
+        g = ttt.TTTGating(d, h, F.silu, chunk, 0.3, delta=delta).to(device="meta", dtype=dtype)
         g.compact_state = compact
         state = g._init_streaming_state(1)
         tensors = {id(t): t for t in vars(state).values() if isinstance(t, torch.Tensor)}  # S_read may be S
