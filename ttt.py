@@ -180,8 +180,7 @@ def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
     keys that vanish erase nothing, rather than divide by a norm rounded towards zero."""
     if torch.is_grad_enabled() and Z.requires_grad:  # differentiable; in float32 under bf16 autocast too
         with torch.autocast(Z.device.type, enabled=False):
-            wide = Z.to(torch.promote_types(Z.dtype, torch.float32))
-            return _erase_factor(torch.bmm(wide, wide.transpose(1, 2)).square().sum(dim=(1, 2)), delta)
+            return _erase_factor(_gram_square(Z.to(torch.promote_types(Z.dtype, torch.float32))), delta)
     return _erase_factor(_gram_square(Z), delta)
 
 
