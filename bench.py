@@ -5,6 +5,7 @@
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
     python bench.py --scale              # one training step at moshi's 7B configuration, per mode
+    python bench.py --encode 600         # encode_dataset.py's Mimi encoding of 10 min of stereo audio
 
 Correctness on the GPU (the scan in bf16, streaming through CUDA graphs and LMGen, the window's
 flex_attention) is checked by test_all.py's tests marked for CUDA, not here.
@@ -510,6 +511,28 @@ def revision_name() -> str:
     return revision or "unknown"
 
 
+def encode_speed(seconds: float, device) -> dict:
+    """encode_dataset.encode_audio on `seconds` of stereo noise with Moshi's 8 codebooks per channel
+    (Mimi with random weights does a trained Mimi's work): wall time after a 5 s warm-up."""
+    import numpy as np
+    from moshi.models import loaders
+    import encode_dataset
+    mimi = loaders.get_mimi(None, num_codebooks=8, device=device).eval()
+    audio = np.random.default_rng(0).uniform(-0.3, 0.3, (2, int(24000 * seconds))).astype(np.float32)
+    encode_dataset.encode_audio(mimi, audio[:, :24000 * 5], device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    codes = encode_dataset.encode_audio(mimi, audio, device)
+    sync()
+    took = time.perf_counter() - start
+    result = dict(audio_s=seconds, frames=codes.shape[-1], encode_s=round(took, 2), real_time=round(seconds / took, 1),
+                  minutes_per_hour_of_audio=round(60 * took / seconds, 2))
+    print(f"encode: {seconds:.0f} s of stereo audio in {took:.1f} s, {seconds / took:.1f}x real time, "
+          f"{60 * took / seconds:.1f} min per hour of audio")
+    return result
+
+
 def main():
     p = eval_passkey.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json")
@@ -525,6 +548,8 @@ def main():
                    "over a stream of STEPS tokens (45000: an hour of Moshi) of --checkpoint, against float32")
     p.add_argument("--checkpoint", default=None, help="--drift: a checkpoint of this project with TTT")
     p.add_argument("--average-after", type=int, default=0, help="--drift: K of every TTT layer (0: the sum)")
+    p.add_argument("--encode", type=float, default=None, metavar="SECONDS", help="only: encode_dataset.py's Mimi "
+                   "encoding of SECONDS of stereo audio (Moshi's 8 codebooks per channel)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -533,6 +558,16 @@ def main():
         p.error("--realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
+    if args.encode is not None:
+        if not args.encode >= 1:
+            p.error(f"--encode must be >= 1 second, got {args.encode}")
+        hardware = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+        print(f"encode on {hardware}, torch {torch.__version__}, revision {revision_name()}", flush=True)
+        result = dict(hardware=hardware, torch=torch.__version__, revision=revision_name(),
+                      encode=encode_speed(args.encode, device))
+        checkpoints.save_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
     if args.drift is not None:
         if args.drift < 1 or not args.checkpoint or args.average_after < 0:
             p.error("--drift needs STEPS >= 1, a --checkpoint and --average-after >= 0")

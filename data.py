@@ -11,8 +11,8 @@ bytes: filler text, the line "The pass key is N. Remember it. N is the pass key.
 depth, and the question "What is the pass key? The pass key is N" at the end.
 
 Multi-stream data for a Moshi-format model: pre-encoded token arrays, `.npy` files of shape
-[K, T] (the text stream, then the audio codebooks, as moshi-finetune builds them), split by file
-like text.
+[K, T] (the text stream, then the audio codebooks, as moshi-finetune stacks them; encode_dataset.py
+writes them from moshi-finetune's audio dataset), split by file like text.
 """
 import hashlib
 import os

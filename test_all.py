@@ -2314,6 +2314,300 @@ def is_rank(pid, marker, rank):
 
 
 # ============================================================================================
+# encode_dataset.py: moshi-finetune's audio dataset into token arrays
+# ============================================================================================
+
+def interleaver_by_events(alignments, frames, tokenize, padding, end_padding, frame_rate=12.5):
+    """moshi-finetune's Interleaver (keep_main_only, no delay, no shift) transcribed as events, not
+    as its frame loop: word w is taken at frame c_w = max(floor(start_w * rate), the frame its
+    predecessor was taken); frame t shows token t - c_w of the last word taken at or before t if it
+    has one, else padding; a padding frame followed by a token becomes end-of-text padding."""
+    kept = [(tokenize(w), s) for w, (s, e), who in sorted(alignments, key=lambda a: a[1][0])
+            if who == "SPEAKER_MAIN" and s < e]
+    taken, c = [], 0
+    for tokens, s in kept:
+        c = max(c, math.floor(s * frame_rate))
+        taken.append((c, tokens))
+    text, emitted = [padding] * frames, [False] * frames
+    for t in range(frames):
+        last = [(c, tokens) for c, tokens in taken if c <= t]
+        if last and t - last[-1][0] < len(last[-1][1]):
+            text[t], emitted[t] = last[-1][1][t - last[-1][0]], True
+    for t in range(1, frames):
+        if emitted[t] and text[t - 1] == padding:
+            text[t - 1] = end_padding
+    return text
+
+
+WORDS = {"hello": [10, 11], "there": [12], "key": [13, 14, 15], "a": [16], "": []}
+
+
+def test_text_stream_examples():
+    """By hand (12.5 frames per second, padding 3, end-of-text padding 0): a word spanning several
+    frames, two words in one frame (the second replaces the first), the other speaker's words and a
+    word of no duration dropped, the first frame and the last (a word cut by the end)."""
+    import encode_dataset
+    A = [("hello", (0.0, 0.5), "SPEAKER_MAIN"),    # frame 0: 10, 11 at frames 0, 1
+         ("there", (0.2, 0.3), "SPEAKER_OTHER"),   # another speaker: dropped
+         ("key", (0.40, 0.42), "SPEAKER_MAIN"),    # 0.40 * 12.5 = 5: frame 5, 13 at 5 ...
+         ("a", (0.50, 0.6), "SPEAKER_MAIN"),       # 6.25: frame 6, replaces key's 14, 15: 16 at 6
+         ("hello", (0.64, 0.7), "SPEAKER_MAIN"),   # 8.0 and 8.25: two words in frame 8,
+         ("there", (0.66, 0.7), "SPEAKER_MAIN"),   # the second replaces the first: 12 at 8
+         ("key", (0.7, 0.7), "SPEAKER_MAIN"),      # no duration: dropped
+         ("key", (0.75, 1.0), "SPEAKER_MAIN")]     # 9.375: frame 9 of 11, 13, 14 (15 is past the end)
+    got = encode_dataset.text_stream(A, 11, WORDS.__getitem__, 3, 0)
+    assert got == [10, 11, 3, 3, 0, 13, 16, 0, 12, 13, 14]
+    assert got == interleaver_by_events(A, 11, WORDS.__getitem__, 3, 0)
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from(sorted(WORDS)), st.floats(-0.3, 3.0), st.floats(0.0, 1.0),
+                          st.sampled_from(["SPEAKER_MAIN", "SPEAKER_MAIN", "SPEAKER_OTHER"])), max_size=12),
+       st.integers(1, 40))
+def test_text_stream_is_the_interleavers(words, frames):
+    """Random alignments (words that overlap, start before 0 or after the last frame, empty words,
+    both speakers): the frame loop gives the event transcription's stream."""
+    import encode_dataset
+    A = [(w, (s, s + d), who) for w, s, d, who in words]
+    assert (encode_dataset.text_stream(A, frames, WORDS.__getitem__, 3, 0)
+            == interleaver_by_events(A, frames, WORDS.__getitem__, 3, 0))
+
+
+SENTENCES = ["the pass key is twelve", "hello there how are you", "fine thanks and you",
+             "moshi speaks and listens", "a word spans frames"]
+
+
+def make_tokenizer(path):
+    """A SentencePiece model trained here, ids as Moshi's (unk 0, bos 1, eos 2, pad 3), newline a piece."""
+    import sentencepiece
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 5), model_prefix=str(path), vocab_size=48, hard_vocab_limit=False,
+        minloglevel=2, user_defined_symbols=["\n"], normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3)
+    return sentencepiece.SentencePieceProcessor(model_file=str(path) + ".model")
+
+
+def test_word_tokens_are_moshi_finetunes(tmp_path):
+    """A word is encoded alone, stripped, no BOS; lines joined by the newline's piece."""
+    import encode_dataset
+    sp = make_tokenizer(tmp_path / "spm")
+    nl = sp.encode("\n")[-1]
+    assert encode_dataset.word_tokens(sp, " hello ") == sp.encode("hello")
+    assert encode_dataset.word_tokens(sp, "pass\nkey") == sp.encode("pass") + [nl] + sp.encode("key")
+
+
+def write_wav(path, audio, rate=24000, width=2):
+    """audio [channels, samples] in [-1, 1] as a PCM wav."""
+    import wave
+    x = np.round(np.clip(audio, -1, 1) * (2 ** (8 * width - 1) - 1)).astype({2: np.int16, 4: np.int32}[width])
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(audio.shape[0])
+        f.setsampwidth(width)
+        f.setframerate(rate)
+        f.writeframes(x.T.tobytes())
+
+
+def test_wav_reading_is_exact(tmp_path):
+    """16- and 32-bit PCM read back as written; 24-bit (written by hand) likewise, signs included."""
+    import encode_dataset
+    rng = np.random.default_rng(0)
+    audio = rng.uniform(-1, 1, (2, 100))
+    for width in (2, 4):
+        write_wav(tmp_path / "a.wav", audio, width=width)
+        scale = 2 ** (8 * width - 1)
+        expected = np.round(audio * (scale - 1)) / scale
+        assert np.allclose(encode_dataset.read_wav(str(tmp_path / "a.wav")), expected, atol=1e-7)
+    ints = rng.integers(-2 ** 23, 2 ** 23, (100, 2))
+    raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints.ravel())
+    import wave
+    with wave.open(str(tmp_path / "b.wav"), "wb") as f:
+        f.setnchannels(2), f.setsampwidth(3), f.setframerate(24000), f.writeframes(raw)
+    assert np.array_equal(encode_dataset.read_wav(str(tmp_path / "b.wav")), (ints.T / 2 ** 23).astype(np.float32))
+
+
+def untrained_mimi(seed=0):
+    """moshi's Mimi with random weights, 2 codebooks per channel, its codebooks (zero until trained,
+    which gives code 0 everywhere) drawn around what its encoder puts out, so that codes vary."""
+    from moshi.models import loaders
+    torch.manual_seed(seed)
+    mimi = loaders.get_mimi(None, num_codebooks=2).eval()
+    audio = torch.rand(2, 1, 24000, generator=torch.Generator().manual_seed(seed)) - 0.5
+    with torch.no_grad():
+        latent = mimi.encode_to_latent(audio, quantize=False)
+        for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+            z = rvq.input_proj(latent) if rvq.input_proj is not None else latent  # [2, D, T]
+            for layer in rvq.vq.layers:
+                codebook = layer._codebook
+                codebook.embedding_sum.copy_(z.mean((0, 2)) + torch.randn(codebook.embedding_sum.shape) * z.std((0, 2)).mean())
+                codebook._initialized.fill_(1.0)
+    return mimi
+
+
+def test_mimi_blocks_give_the_whole_file_encode():
+    """Streaming blocks of BLOCK_FRAMES frames from a fresh state: the codes of one whole-file
+    encode by moshi's Mimi (untrained weights; the codes are checked to vary)."""
+    import encode_dataset
+    mimi = untrained_mimi()
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 24000 * 2 + 700)).astype(np.float32)
+    old, encode_dataset.BLOCK_FRAMES = encode_dataset.BLOCK_FRAMES, 7  # several blocks and a partial one
+    try:
+        got = encode_dataset.encode_audio(mimi, audio, "cpu")
+    finally:
+        encode_dataset.BLOCK_FRAMES = old
+    with torch.no_grad():
+        whole = mimi.encode(torch.from_numpy(audio)[:, None])  # [2, K, T]
+    assert got.shape == (4, 26) and torch.equal(got, whole.reshape(4, -1))
+    assert len(torch.unique(got)) > 10
+
+
+def make_audio_dataset(folder):
+    """What moshi-finetune reads: stereo 24 kHz wavs with their word alignments, a JSONL (two files
+    of one conversation, one alone in a subfolder), a tokenizer, an untrained Mimi's weights and the
+    config of a tiny Moshi (text card = the tokenizer's pieces, 2 codebooks per speaker)."""
+    from safetensors.torch import save_file
+    sp = make_tokenizer(folder / "spm")
+    save_file(untrained_mimi().state_dict(), str(folder / "mimi.safetensors"))
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir()
+    lines, words = [], SENTENCES[0].split() + SENTENCES[3].split()
+    for name, seconds, conversation in (("c1", 2.0, "talk"), ("c2", 3.1, "talk"), ("sub/x", 3.0, None)):
+        write_wav(folder / f"{name}.wav", rng.uniform(-0.3, 0.3, (2, int(24000 * seconds))))
+        starts = np.sort(rng.uniform(0, seconds, 8))
+        alignments = [[str(rng.choice(words)), [float(s), float(s + rng.uniform(0.05, 0.6))],
+                       str(rng.choice(["SPEAKER_MAIN", "SPEAKER_OTHER"]))] for s in starts]
+        (folder / f"{name}.json").write_text(json.dumps({"alignments": alignments}))
+        line = {"path": f"{name}.wav", "duration": seconds}
+        lines.append(json.dumps(dict(line, conversation=conversation) if conversation else line))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    lm_kwargs = dict(dim=32, text_card=sp.vocab_size(), existing_text_padding_id=3, n_q=4, dep_q=2, card=2048,
+                     num_heads=2, num_layers=2, hidden_scale=4.125, causal=True, context=16, max_period=10000,
+                     gating="silu", norm="rms_norm_f32", positional_embedding="rope", depformer_dim=16,
+                     depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=32,
+                     depformer_multi_linear=True, depformer_pos_emb="none", delays=[0, 0, 1, 0, 1])
+    (folder / "config.json").write_text(json.dumps({"lm_kwargs": lm_kwargs}))
+    return sp, lm_kwargs
+
+
+def encode_args(folder, **changes):
+    args = dict(jsonl=str(folder / "data.jsonl"), mimi=str(folder / "mimi.safetensors"),
+                tokenizer=str(folder / "spm.model"), config=str(folder / "config.json"), out=str(folder / "tokens"))
+    args.update(changes)
+    return [args.pop("jsonl")] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def test_encode_dataset_end_to_end(tmp_path):
+    """The command on moshi-finetune's format: one array per conversation (its files joined in
+    order) and per lone file, [1 + 2 K, T]; the text row is the Interleaver's (by events) for each
+    file's frames, the audio rows Mimi's codes of each channel; a rerun skips what is written; then
+    train.py trains a tiny Moshi-format model on the arrays."""
+    from moshi.models import loaders
+    from moshi.models.lm import LMModel
+    from safetensors.torch import save_file
+    sp, lm_kwargs = make_audio_dataset(tmp_path)
+    cmd = [sys.executable, os.path.join(HERE, "encode_dataset.py")] + encode_args(tmp_path) + ["--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.relative_to(tmp_path / "tokens").as_posix() for p in (tmp_path / "tokens").rglob("*")
+                  if p.is_file()) == ["sub/x.npy", "talk.npy"]
+    mimi = loaders.get_mimi(str(tmp_path / "mimi.safetensors"), num_codebooks=2).eval()
+    for target, names in (("talk", ["c1", "c2"]), ("sub/x", ["sub/x"])):
+        array, start = np.load(tmp_path / "tokens" / f"{target}.npy"), 0
+        assert array.dtype == np.int32 and array.shape[0] == 5
+        for name in names:
+            wav = encode_dataset_module().read_wav(str(tmp_path / f"{name}.wav"))
+            frames = math.ceil(wav.shape[1] / 1920)
+            alignments = [(w, tuple(ts), who) for w, ts, who in json.load(open(tmp_path / f"{name}.json"))["alignments"]]
+            text = interleaver_by_events(alignments, frames, lambda w: sp.encode(w.strip()), 3, 0)
+            assert array[0, start:start + frames].tolist() == text
+            assert any(t not in (0, 3) for t in text)
+            with torch.no_grad():
+                codes = mimi.encode(torch.from_numpy(wav)[:, None]).reshape(4, -1).numpy()
+            assert np.array_equal(array[1:, start:start + frames], codes)
+            start += frames
+        assert start == array.shape[1]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert again.returncode == 0 and "2 already written" in again.stdout and "[1/" not in again.stdout
+    torch.manual_seed(0)
+    save_file(LMModel(**lm_kwargs).state_dict(), str(tmp_path / "model.safetensors"))
+    t = run_train(["--init", str(tmp_path / "model.safetensors"), "--init-config", str(tmp_path / "config.json"),
+                   "--data", str(tmp_path / "tokens" / "talk.npy"), str(tmp_path / "tokens" / "sub" / "x.npy"),
+                   "--scale", "2", "--steps", "2", "--batch", "2", "--ttt-layers", "1", "--ttt-chunk", "8",
+                   "--eval-trials", "1", "--out", str(tmp_path / "run")])
+    assert t.returncode == 0, t.stderr
+    assert os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def encode_dataset_module():
+    import encode_dataset
+    return encode_dataset
+
+
+def test_encode_dataset_refuses_bad_input_before_encoding(tmp_path, capsys):
+    """A mono wav, another sample rate, a missing or malformed alignment, a duration that is not the
+    file's, a bad JSONL line, a tokenizer that is not the model's, a model without the user's
+    codebooks: one line, exit 2, no array written."""
+    import encode_dataset
+    make_audio_dataset(tmp_path)
+    good = (tmp_path / "data.jsonl").read_text()
+    rng = np.random.default_rng(1)
+    write_wav(tmp_path / "mono.wav", rng.uniform(-0.3, 0.3, (1, 24000)))
+    write_wav(tmp_path / "rate.wav", rng.uniform(-0.3, 0.3, (2, 16000)), rate=16000)
+    write_wav(tmp_path / "noalign.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
+    write_wav(tmp_path / "badalign.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
+    for name in ("mono", "rate"):
+        (tmp_path / f"{name}.json").write_text('{"alignments": []}')
+    (tmp_path / "badalign.json").write_text('{"alignments": [["word", [0.1], "SPEAKER_MAIN"]]}')
+    sp_small = tmp_path / "other"
+    import sentencepiece
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 5), model_prefix=str(sp_small),
+                                             vocab_size=30, hard_vocab_limit=False, minloglevel=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "mono_config.json").write_text(json.dumps({"lm_kwargs": dict(config["lm_kwargs"], n_q=2)}))
+    cases = [(dict(), '{"path": "mono.wav", "duration": 1.0}', "channel"),
+             (dict(), '{"path": "rate.wav", "duration": 1.0}', "16000 Hz"),
+             (dict(), '{"path": "noalign.wav", "duration": 1.0}', "noalign.json"),
+             (dict(), '{"path": "badalign.wav", "duration": 1.0}', "alignment 0"),
+             (dict(), '{"path": "c1.wav", "duration": 9.0}', "duration 9.0"),
+             (dict(), '{"path": "c1.wav"}', "data.jsonl:4"),
+             (dict(), '{"path": "missing.wav", "duration": 1.0}', "missing.wav"),
+             (dict(tokenizer=str(sp_small) + ".model"), "", "text card"),
+             (dict(config=str(tmp_path / "mono_config.json")), "", "n_q 2"),
+             (dict(mimi=str(tmp_path / "none.safetensors")), "", "none.safetensors")]
+    for changes, line, says in cases:
+        (tmp_path / "data.jsonl").write_text(good + line + "\n")
+        with pytest.raises(SystemExit) as e:
+            encode_dataset.main(encode_args(tmp_path, **changes))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("encode_dataset.py: error: "), err
+        assert says in err[0], (says, err)
+        assert not (tmp_path / "tokens").exists(), says
+
+
+def test_encode_dataset_leaves_no_half_written_array(tmp_path, monkeypatch):
+    """A run that dies while encoding its second array leaves the first whole and no second one
+    (nothing a *.npy glob would take); the rerun encodes only the second."""
+    import encode_dataset
+    make_audio_dataset(tmp_path)
+    real, calls = encode_dataset.np.save, []
+
+    def dying_save(f, array):  # writes half, then dies, on the second array
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"\x93NUMPY half")
+            raise KeyboardInterrupt
+        real(f, array)
+    monkeypatch.setattr(encode_dataset.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset.main(encode_args(tmp_path) + ["--device", "cpu"])
+    written = sorted(p.name for p in (tmp_path / "tokens").rglob("*.npy"))
+    assert len(written) == 1
+    np.load(next((tmp_path / "tokens").rglob("*.npy")))  # whole
+    monkeypatch.setattr(encode_dataset.np, "save", real)
+    encode_dataset.main(encode_args(tmp_path) + ["--device", "cpu"])
+    assert len(list((tmp_path / "tokens").rglob("*.npy"))) == 2
+
+
+# ============================================================================================
 # On a GPU: the paths a deployment runs (skipped where CUDA is absent; run on the device with
 # `python -m pytest -q test_all.py -k cuda`)
 # ============================================================================================
