@@ -124,8 +124,10 @@ def read_alignments(path: str) -> list[Alignment]:
             items = json.load(f)["alignments"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read alignments from {path}: {type(e).__name__} {e}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: 'alignments' is a {type(items).__name__}, expected a list")
     out = []
-    for n, a in enumerate(items if isinstance(items, list) else [None]):
+    for n, a in enumerate(items):
         try:
             word, (start, end), speaker = a
             if not (isinstance(word, str) and isinstance(speaker, str)
@@ -137,9 +139,10 @@ def read_alignments(path: str) -> list[Alignment]:
     return out
 
 
-def plan(jsonl: str, out: str) -> list[tuple[str, list[str]]]:
-    """[(array path, [wav paths in order])] from the JSONL; ValueError on a bad line or file."""
-    root, groups, names = os.path.dirname(os.path.abspath(jsonl)), {}, {}
+def plan(jsonl: str, out: str, newline_piece: bool = True) -> list[tuple[str, list[str]]]:
+    """[(array path, [wav paths in order])] from the JSONL; ValueError on a bad line or file
+    (`newline_piece`: whether the tokenizer has a piece for a newline inside a word)."""
+    root, groups, names, seen = os.path.dirname(os.path.realpath(jsonl)), {}, {}, set()
     try:
         lines = open(jsonl).read().splitlines()
     except OSError as e:
@@ -155,20 +158,28 @@ def plan(jsonl: str, out: str) -> list[tuple[str, list[str]]]:
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{jsonl}:{n}: expected {{\"path\": ..., \"duration\": seconds}}, got {line[:100]!r}") from None
         wav = os.path.join(root, path)
+        if os.path.realpath(wav) in seen:
+            raise ValueError(f"{jsonl}:{n}: {path} is listed twice")
+        seen.add(os.path.realpath(wav))
         channels, rate, width, samples = wav_info(wav)
         if channels != 2:
             raise ValueError(f"{wav} has {channels} channel(s); expected stereo (left: Moshi, right: the user)")
         if rate != SAMPLE_RATE:
             raise ValueError(f"{wav} is at {rate} Hz; Mimi takes {SAMPLE_RATE} Hz (resample it first, e.g. "
                              f"ffmpeg -i in.wav -ar {SAMPLE_RATE} out.wav)")
-        if abs(samples / rate - duration) > 1.0:
+        if samples == 0 or os.path.getsize(wav) < samples * channels * width:
+            raise ValueError(f"{wav} holds {'no audio' if samples == 0 else 'less audio than its header says'}")
+        if not abs(samples / rate - duration) <= 1.0:
             raise ValueError(f"{jsonl}:{n}: duration {duration} s, but {wav} lasts {samples / rate:.2f} s")
-        read_alignments(os.path.splitext(wav)[0] + ".json")
+        words = read_alignments(os.path.splitext(wav)[0] + ".json")
+        if not newline_piece and any("\n" in w.strip() for w, _, _ in words):
+            raise ValueError(f"{os.path.splitext(wav)[0]}.json has a word with a newline and the tokenizer no "
+                             "piece for it")
         conversation = entry.get("conversation")
         if conversation is not None and (not isinstance(conversation, str) or not conversation
                                          or conversation.startswith(".") or "/" in conversation or "\\" in conversation):
             raise ValueError(f"{jsonl}:{n}: conversation {conversation!r} is not a file name")
-        name = conversation if conversation is not None else os.path.splitext(os.path.normpath(path))[0]
+        name = conversation if conversation is not None else os.path.splitext(os.path.relpath(wav, root))[0]
         if name.startswith(".."):
             raise ValueError(f"{jsonl}:{n}: {path} lies outside the JSONL's folder; its array would leave --out")
         target = os.path.join(out, name + ".npy")
@@ -191,7 +202,9 @@ def model_ids(config: tp.Optional[str]) -> dict:
             kwargs = json.load(open(config))
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the model config {config}: {e}") from None
-        kwargs = kwargs.get("lm_kwargs", kwargs) if isinstance(kwargs, dict) else {}
+        kwargs = kwargs.get("lm_kwargs", kwargs) if isinstance(kwargs, dict) else None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{config} does not hold LMModel arguments")
     defaults = {k: p.default for k, p in inspect.signature(LMModel.__init__).parameters.items()}
     ids = {k: kwargs.get(k, defaults[k]) for k in ("text_card", "card", "n_q", "dep_q", "existing_text_padding_id",
                                                    "existing_text_end_padding_id")}
@@ -220,15 +233,34 @@ def load_tokenizer(path: str, text_card: int):
 # Encoding
 # ---------------------------------------------------------------------------------------------
 
+def widen_kv_caches(mimi, block_samples: int) -> None:
+    """In streaming, moshi's attention keeps a ring of `context` keys, so a block of n steps
+    overwrites keys its own first queries still need (the mask allows `context` back). Rings of
+    context + n steps keep them all: each query sees the keys of a whole-file encode."""
+    from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+    steps = math.ceil(block_samples * mimi.encoder_frame_rate / mimi.sample_rate)  # encoder transformer steps
+    for module in mimi.encoder_transformer.modules():
+        if isinstance(module, StreamingMultiheadAttention) and module._streaming_state is not None:
+            old = module._streaming_state.kv_cache
+            _, B, H, capacity, D = old.cache.shape
+            module._streaming_state.kv_cache = RingKVCache(B, H, D, capacity + steps, old.respect_exec_mask,
+                                                           old.cache.device, old.cache.dtype)
+
+
 @torch.no_grad()
 def encode_audio(mimi, audio: np.ndarray, device) -> torch.Tensor:
     """Mimi's codes of both channels, [2 K, T] (channel 0's K codebooks, then channel 1's), T =
-    ceil(samples / frame size). Streaming blocks from a fresh state: the codes of one whole-file
-    encode (the tail zero-padded to a frame, as Mimi pads it), in memory that does not grow with it."""
+    ceil(samples / frame size): the codes of one encode of the whole file (its tail zero-padded to
+    a frame, as Mimi pads it), computed in streaming blocks from a fresh state so that memory does
+    not grow with the file. (moshi-finetune encodes each crop of `duration_sec`, 100 s in its 7B
+    example, from a fresh state: past 100 s its codes and these differ where the encoder's
+    receptive field crosses a crop's start.)"""
+    from moshi.utils.compile import no_cuda_graph
     x = torch.from_numpy(audio).to(device)[:, None]  # [2, 1, samples]
     x = torch.nn.functional.pad(x, (0, -x.shape[-1] % mimi.frame_size))
     block, codes = BLOCK_FRAMES * mimi.frame_size, []
-    with mimi.streaming(batch_size=2):
+    with no_cuda_graph(), mimi.streaming(batch_size=2):  # blocks of many frames: graphs would gain nothing
+        widen_kv_caches(mimi, block)
         for start in range(0, x.shape[-1], block):
             codes.append(mimi.encode(x[..., start:start + block]))
     codes = torch.cat(codes, dim=-1)  # [2, K, T]
@@ -268,7 +300,7 @@ def main(argv=None) -> None:
             raise ValueError(f"--mimi {args.mimi} does not exist")
         ids = model_ids(args.config)
         tokenizer = load_tokenizer(args.tokenizer, ids["text_card"])
-        jobs = plan(args.jsonl, args.out)
+        jobs = plan(args.jsonl, args.out, newline_piece=bool(tokenizer.encode("\n")))
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here")

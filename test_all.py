@@ -2444,20 +2444,22 @@ def untrained_mimi(seed=0):
 
 
 def test_mimi_blocks_give_the_whole_file_encode():
-    """Streaming blocks of BLOCK_FRAMES frames from a fresh state: the codes of one whole-file
-    encode by moshi's Mimi (untrained weights; the codes are checked to vary)."""
+    """Streaming blocks from a fresh state give the codes of one whole-file encode by moshi's Mimi
+    (untrained weights, codes checked to vary), for a file longer than the encoder's attention
+    context (250 steps, 10 s): blocks of the default 20 s and of 7 frames, the last one partial."""
     import encode_dataset
     mimi = untrained_mimi()
-    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 24000 * 2 + 700)).astype(np.float32)
-    old, encode_dataset.BLOCK_FRAMES = encode_dataset.BLOCK_FRAMES, 7  # several blocks and a partial one
-    try:
-        got = encode_dataset.encode_audio(mimi, audio, "cpu")
-    finally:
-        encode_dataset.BLOCK_FRAMES = old
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 24000 * 24 + 700)).astype(np.float32)
     with torch.no_grad():
         whole = mimi.encode(torch.from_numpy(audio)[:, None])  # [2, K, T]
-    assert got.shape == (4, 26) and torch.equal(got, whole.reshape(4, -1))
-    assert len(torch.unique(got)) > 10
+    assert whole.shape == (2, 2, 301) and len(torch.unique(whole)) > 50
+    for frames in (encode_dataset.BLOCK_FRAMES, 7):
+        old, encode_dataset.BLOCK_FRAMES = encode_dataset.BLOCK_FRAMES, frames
+        try:
+            got = encode_dataset.encode_audio(mimi, audio, "cpu")
+        finally:
+            encode_dataset.BLOCK_FRAMES = old
+        assert torch.equal(got, whole.reshape(4, -1)), frames
 
 
 def make_audio_dataset(folder):
@@ -2554,8 +2556,6 @@ def test_encode_dataset_refuses_bad_input_before_encoding(tmp_path, capsys):
     write_wav(tmp_path / "rate.wav", rng.uniform(-0.3, 0.3, (2, 16000)), rate=16000)
     write_wav(tmp_path / "noalign.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
     write_wav(tmp_path / "badalign.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
-    for name in ("mono", "rate"):
-        (tmp_path / f"{name}.json").write_text('{"alignments": []}')
     (tmp_path / "badalign.json").write_text('{"alignments": [["word", [0.1], "SPEAKER_MAIN"]]}')
     sp_small = tmp_path / "other"
     import sentencepiece
@@ -2563,11 +2563,25 @@ def test_encode_dataset_refuses_bad_input_before_encoding(tmp_path, capsys):
                                              vocab_size=30, hard_vocab_limit=False, minloglevel=2)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "mono_config.json").write_text(json.dumps({"lm_kwargs": dict(config["lm_kwargs"], n_q=2)}))
+    write_wav(tmp_path / "empty.wav", np.zeros((2, 0)))
+    write_wav(tmp_path / "cut.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "cut.wav").read_bytes()[:-1000])
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.wav"
+    write_wav(outside, rng.uniform(-0.3, 0.3, (2, 24000)))
+    write_wav(tmp_path / "nan.wav", rng.uniform(-0.3, 0.3, (2, 24000)))
+    for name in ("mono", "rate", "empty", "cut", "nan"):
+        (tmp_path / f"{name}.json").write_text('{"alignments": []}')
+    outside.with_suffix(".json").write_text('{"alignments": []}')
     cases = [(dict(), '{"path": "mono.wav", "duration": 1.0}', "channel"),
+             (dict(), '{"path": "empty.wav", "duration": 0.0}', "no audio"),
+             (dict(), '{"path": "cut.wav", "duration": 1.0}', "less audio than its header"),
+             (dict(), '{"path": "nan.wav", "duration": NaN}', "duration nan"),
+             (dict(), '{"path": "c1.wav", "duration": 2.0}', "listed twice"),
+             (dict(), json.dumps({"path": str(outside), "duration": 1.0}), "outside"),
              (dict(), '{"path": "rate.wav", "duration": 1.0}', "16000 Hz"),
              (dict(), '{"path": "noalign.wav", "duration": 1.0}', "noalign.json"),
              (dict(), '{"path": "badalign.wav", "duration": 1.0}', "alignment 0"),
-             (dict(), '{"path": "c1.wav", "duration": 9.0}', "duration 9.0"),
+             (dict(), '{"path": "nan.wav", "duration": 9.0}', "duration 9.0"),
              (dict(), '{"path": "c1.wav"}', "data.jsonl:4"),
              (dict(), '{"path": "missing.wav", "duration": 1.0}', "missing.wav"),
              (dict(tokenizer=str(sp_small) + ".model"), "", "text card"),
