@@ -35,7 +35,8 @@ import yarn
 # one global clipping at 1.0. The project's defaults differ on purpose (README, "Defaults").
 RECIPES = {"project": {},
            "official": dict(ttt_eta=3.0, ttt_chunk=None, ttt_layers="official", mode="full", lr=5e-6, lr_ttt=5e-6,
-                            weight_decay=0.1, ttt_weight_decay=0.1, warmup=0.02, clip="global", grad_clip=1.0)}
+                            weight_decay=0.1, ttt_weight_decay=0.1, warmup=0.02, clip="global", grad_clip=1.0,
+                           ttt_delta=0.0)}
 
 
 def flag(default, help=None, **argparse_kwargs):
@@ -77,8 +78,8 @@ class Config:
                                   "Appendix D.2 clipping; 0: none)")
     ttt_average_after: int = flag(0, "past K chunks, read K times the mean of the updates instead of their sum "
                                   "(ours; 0: the sum, the paper)")
-    ttt_delta: float = flag(0.0, "the delta rule's erase rho in [0, 1] along each chunk's keys before it writes "
-                            "(ours; 0: none, the paper)")
+    ttt_delta: float = flag(1.0, "the delta rule's erase rho in [0, 1] along each chunk's keys before it writes "
+                            "(ours; it keeps the memory past the trained length; 0: none, the paper's plain sum)")
     lora_rank: int = flag(8)
     lora_scaling: float = flag(2.0)
     text_padding_weight: float = flag(0.5, "token streams: text padding tokens' weight")
@@ -114,6 +115,9 @@ FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layer
                  ("ttt_rope_modulo", None)]
 # Their values in checkpoints written before the setting existed.
 TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0, delta=0.0)
+# Values of Config fields in configurations stored before the field existed (--resume), where the
+# field's default is not what those runs did: runs before --ttt-delta trained the plain sum.
+CONFIG_BEFORE = dict(ttt_delta=0.0)
 
 
 def option(name: str) -> str:
@@ -166,8 +170,9 @@ def check(c: Config) -> None:
     if not 0 <= c.ttt_delta <= 1:
         raise ValueError(f"--ttt-delta must be in [0, 1] (0: none), got {c.ttt_delta}")
     if c.ttt_delta and (c.ttt_decay != 1 or c.ttt_average_after):
-        raise ValueError(f"--ttt-delta {c.ttt_delta} with --ttt-decay {c.ttt_decay} or --ttt-average-after "
-                         f"{c.ttt_average_after}: each bounds the sum of updates another way; use one")
+        raise ValueError(f"--ttt-decay {c.ttt_decay} and --ttt-average-after {c.ttt_average_after} act on the plain "
+                         f"sum of updates, which the erase (--ttt-delta {c.ttt_delta}, default 1) bounds another "
+                         f"way: give --ttt-delta 0 with them")
     if not (math.isfinite(c.scale) and c.scale >= 1):
         raise ValueError(f"--scale must be >= 1, got {c.scale}")
     if c.ttt_kernel < 1 or c.ttt_kernel % 2 == 0:
@@ -212,7 +217,7 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
     if not isinstance(checkpoint.get("config"), dict):
         raise ValueError(f"{path} holds no run configuration (written before runs stored theirs): "
                          f"start the run again")
-    stored = Config(**checkpoint["config"])
+    stored = Config(**{**CONFIG_BEFORE, **checkpoint["config"]})
     model = checkpoint["settings"]["model"]
     layers = model.get("num_layers") or model.get("lm_kwargs", {}).get("num_layers", 0)
     given = dict(given, ttt_layers=resolve_layers(given["ttt_layers"], layers)) if "ttt_layers" in given else given

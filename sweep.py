@@ -164,10 +164,12 @@ def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
 
 
 def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int) -> list[str]:
-    # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range
+    # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range.
+    # A row is the paper's plain sum of updates unless it names the erase (train.py's default is rho 1).
+    sum_of_updates = [] if "--ttt-delta" in flags else ["--ttt-delta", "0"]
     return [sys.executable, "train.py", "--init", base, "--scale", "1", "--steps", str(steps), "--batch",
             str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
-            "--out", folder] + study_common(c, seed) + flags
+            "--out", folder] + study_common(c, seed) + sum_of_updates + flags
 
 
 def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]) -> list[str]:

@@ -1652,6 +1652,7 @@ def test_bootstrap_over_bases_spans_the_bases(values):
     ["--ttt-update-clip", "-1"], ["--ttt-update-clip", "nan"], ["--ttt-average-after", "-1"],
     ["--ttt-average-after", "1.5"], ["--ttt-delta", "-0.1"], ["--ttt-delta", "1.5"],
     ["--ttt-delta", "0.5", "--ttt-decay", "0.9"], ["--ttt-delta", "0.5", "--ttt-average-after", "4"],
+    ["--ttt-decay", "0.9"], ["--ttt-average-after", "4"],  # with the default erase: --ttt-delta 0 is needed
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1884,7 +1885,7 @@ def test_lora_training_and_adapter(tmp_path, mode):
     (another rank, or the other LoRA mode, is refused in one line). `ttt_lora_in` trains with the
     delta rule's erase, which the checkpoint and the adapter carry."""
     out = tmp_path / "lora"
-    erase = ["--ttt-delta", "1"] if mode == "ttt_lora_in" else []
+    erase = ["--ttt-delta", "1" if mode == "ttt_lora_in" else "0"]
     r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--out", str(out)] + erase)
     assert r.returncode == 0, r.stderr
     assert "not a control" in r.stdout and "eta 0 (control)" not in r.stdout  # other weights trained with TTT
@@ -1893,7 +1894,7 @@ def test_lora_training_and_adapter(tmp_path, mode):
     assert set(adapter["model"]) == {n for n, _ in trained.named_parameters()
                                      if "lora_" in n or n.endswith(("gating.conv.weight", "gating.W_target"))}
     on_base = checkpoints.model_from_checkpoint(adapter, path=str(out / "adapter.pt")).eval()
-    assert {g.delta for g in freeze.ttt_modules(trained) + freeze.ttt_modules(on_base)} == {1.0 if erase else 0.0}
+    assert {g.delta for g in freeze.ttt_modules(trained) + freeze.ttt_modules(on_base)} == {float(erase[1])}
     x = torch.randint(0, 256, (2, 100))
     assert torch.equal(M.logits(on_base, x), M.logits(trained, x))
     base = checkpoints.load_checkpoint(str(out / "base.pt"))["model"]  # frozen_W is the base, untouched
@@ -2175,6 +2176,11 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "resum" in lines[0], r.stderr
     same, _ = config.resumed_config(dict(resume=True, out=str(out), ttt_layers="default", mode="full", lr=1e-3))
     assert same.ttt_layers == ttt.default_layers(4) and same.mode == "full"  # named layers: the same run
+    assert same.ttt_delta == 1.0  # the default now; a run stored before --ttt-delta existed trained the sum:
+    older = checkpoints.load_checkpoint(str(out / "ckpt.pt"))
+    del older["config"]["ttt_delta"]
+    checkpoints.save_checkpoint(str(tmp_path / "older" / "ckpt.pt"), older)
+    assert config.resumed_config(dict(resume=True, out=str(tmp_path / "older")))[0].ttt_delta == 0.0
     resumed = run_train(["--resume", "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
@@ -2194,8 +2200,8 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert settings["window"] == 256 and settings["ttt"]["chunk_size"] == 32
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
-           ["--ttt-no-target"], ["--ttt-decay", "0.9"], ["--ttt-update-clip", "2"],
-           ["--ttt-average-after", "4"], ["--ttt-delta", "1"], ["--original-len", "160"]]
+           ["--ttt-no-target"], ["--ttt-decay", "0.9", "--ttt-delta", "0"], ["--ttt-update-clip", "2"],
+           ["--ttt-average-after", "4", "--ttt-delta", "0"], ["--ttt-delta", "0"], ["--original-len", "160"]]
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()

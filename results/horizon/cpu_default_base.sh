@@ -12,10 +12,10 @@ OUT=${OUT:-out/horizon_cpu_default}
 export NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 [ -f "$OUT/base/base.pt" ] || python train.py --pretrain-only --out "$OUT/base" > "$OUT/base.log" 2>&1
-run() {  # name, train.py flags; then the evaluation of the trained checkpoint (and with --ttt-decay at inference)
+run() {  # name, train.py flags (the plain sum, --ttt-delta 0, unless they say otherwise); then the evaluation of the trained checkpoint (and with --ttt-decay at inference)
     local name=$1; shift
     [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_mlp_in --ttt-layers 0,1,2,3 \
-        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" --ttt-delta 0 "$@" > "$OUT/$name.log" 2>&1
     python eval_passkey.py "$OUT/$name/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
         --windows 16 --out "$OUT/$name/horizon.json" >> "$OUT/$name.log" 2>&1
 }
@@ -42,7 +42,7 @@ inference --ttt-update-clip 1 clip1 & inference --ttt-update-clip 0.5 clip0.5 & 
 lora() {  # rank: a LoRA on the TTT layers' linear_in (--mode ttt_lora_in), evaluated plain and with the mean past 8
     local name=lora_in$1
     [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_lora_in --lora-rank "$1" \
-        --ttt-layers 0,1,2,3 --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+        --ttt-layers 0,1,2,3 --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" --ttt-delta 0 > "$OUT/$name.log" 2>&1
     for flags in "" "--ttt-average-after 8"; do
         python eval_passkey.py "$OUT/$name/ckpt.pt" $flags --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
             --windows 16 --out "$OUT/$name/horizon${flags:+_eval_average8}.json" >> "$OUT/$name.log" 2>&1
