@@ -4,7 +4,7 @@
     python bench.py --out bench.json --quick
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
-    python bench.py --scale              # one training step at moshi's 7B configuration, per mode
+    python bench.py --scale              # one training step at moshi's 7B configuration, per mode: MFU
     python bench.py --encode 600         # encode_dataset.py's Mimi encoding of 10 min of stereo audio
 
 Correctness on the GPU (the scan in bf16, streaming through CUDA graphs and LMGen, the window's
@@ -108,19 +108,21 @@ def bench_gating(d, h, B, T, chunks, dtype, device, reps):
         row = dict(d=d, h=h, B=B, T=T, chunk=C, plain_ms=t_plain, plain_mib=m_plain)
         paths = (("scan", ttt.ttt_scan), ("chunkwise", functools.partial(ttt.ttt_scan, group=C)),
                  ("prefix_sum", ttt.ttt_prefix_sum), ("loop", ttt.ttt_chunked))
-        for name, fn in paths:
+        erase = ttt.TTTGating(d, h, F.silu, C, 0.3, delta=1.0).to(device)  # train.py's default: ttt_delta_scan
+        erase.load_state_dict(g.state_dict())
+        for name, fn in paths + (("erase", None),):
             if name == "loop" and T // C > 64:
                 continue  # autograd unrolls one weight per chunk: too slow and large to be useful
-            with fast_weight_path(fn):
+            with fast_weight_path(fn) if fn else contextlib.nullcontext():
                 try:
-                    row[f"{name}_ms"], row[f"{name}_mib"] = measure(step(g), device, reps)
+                    row[f"{name}_ms"], row[f"{name}_mib"] = measure(step(erase if name == "erase" else g), device, reps)
                 except torch.OutOfMemoryError:
                     row[f"{name}_ms"] = row[f"{name}_mib"] = float("inf")
                     torch.cuda.empty_cache()
         rows.append(row)
         print(f"  T {T:>6} C {C:>5}: plain {t_plain:8.2f} ms {m_plain:8.0f} MiB | " + " | ".join(
             f"{n} {row[n + '_ms'] / t_plain:5.2f}x time {row[n + '_mib'] / m_plain:5.2f}x mem"
-            for n in ("scan", "chunkwise", "prefix_sum", "loop") if n + "_ms" in row), flush=True)
+            for n in ("scan", "chunkwise", "prefix_sum", "loop", "erase") if n + "_ms" in row), flush=True)
     return rows
 
 
@@ -213,10 +215,12 @@ def profile_gating(d, h, T, chunk, dtype, device):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_scale=None, chunk=None) -> None:
+def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_scale=None, chunk=None,
+                delta=0.0) -> None:
     """One set of 7B weights for every configuration of a benchmark: back to moshi's own MLPs
     (`gatings`), RoPE and window `context`, then YaRN at `yarn_scale` and TTT at chunk `chunk`
-    (the default layers, eta 0.3, a non-zero conv: the real work, not zeros) where given."""
+    (the default layers, eta 0.3, the erase `delta`, a non-zero conv: the real work, not zeros)
+    where given."""
     from moshi.modules.streaming import StreamingModule
     layers = lm.transformer.layers
     for layer, gating in zip(layers, gatings):
@@ -229,11 +233,98 @@ def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_s
         yarn.apply_yarn(lm, yarn_scale, original_len)
     if chunk:
         torch.manual_seed(1)
-        ttt.apply_ttt(lm, ttt.default_layers(len(layers)), chunk, eta=0.3)
+        ttt.apply_ttt(lm, ttt.default_layers(len(layers)), chunk, eta=0.3, delta=delta)
         with torch.no_grad():
             for g in lm.modules():
                 if isinstance(g, ttt.TTTGating):
                     g.conv.weight.normal_(std=0.02)
+
+
+def attention_pairs(T: int, window) -> int:
+    """Query-key pairs of a causal attention over T steps that sees the last `window` steps (moshi's
+    `context`: keys t - window < s <= t; None: all): sum over t of min(t + 1, window)."""
+    W = T if not window else min(window, T)
+    return W * (W + 1) // 2 + (T - W) * W
+
+
+def step_flops(lm, T: int) -> dict:
+    """Model FLOPs of one training step of a moshi LMModel as configured (its windows, its TTT
+    layers, what trains, its gradient checkpointing) on one sequence of T frames, 2 per multiply-add,
+    products only (norms, softmax, RoPE, the loss and the optimizer are not counted):
+    - forward: each nn.Linear 2 T in out (each Linear of a Moshi LMModel sees each frame once: the
+      main transformer's, the text head's, every depformer step's own); attention 4 d P per layer,
+      P = attention_pairs(T, its window) (the depformer: 4 D' T attention_pairs(dep_q, its context));
+      each TTT layer's fast weight 4 T d h (the read Z S^T and the write V^T Z), the conv 2 T k d,
+      the target V = conv(X) W_target 2 T d d, and with the erase 2 T d h + 2 T C h (the erase's
+      product and the C x C Gram matrix per chunk);
+    - backward: each product's input gradient where its input depends on a trained parameter (every
+      main layer from the first that holds one outside TTT's conv and W_target, the TTT path of every
+      TTT layer from the first trained one, the text head, the depformer), counted as its forward,
+      and the same again for a weight that trains; TTT's fast-weight path twice its forward;
+    - recompute (gradient checkpointing, `checkpointing` on the transformers): the forward of every
+      layer that runs backward, again; not part of the model FLOPs (MFU), listed apart.
+    Exact for the products counted (test_all.py compares them with torch's FlopCounterMode), except
+    that a layer whose first product's weight trains is counted with that product's input gradient."""
+    def trains(module):
+        return any(p.requires_grad for p in module.parameters())
+
+    def linear_flops(module):
+        return sum(2 * T * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    def ttt_path_params(layer):
+        g = layer.gating
+        return {id(p) for p in g.ttt_parameters()} if isinstance(g, ttt.TTTGating) else set()
+
+    out = dict(linear_forward=0, linear_backward=0, attention_forward=0, attention_backward=0, ttt_forward=0,
+               ttt_backward=0, recompute=0)
+    layers, d = lm.transformer.layers, lm.dim
+    outside_ttt = [any(p.requires_grad and id(p) not in ttt_path_params(layer) for p in layer.parameters())
+                   for layer in layers]
+    first_full = next((i for i, x in enumerate(outside_ttt) if x), len(layers))
+    first_ttt = next((i for i, layer in enumerate(layers) if isinstance(layer.gating, ttt.TTTGating)
+                      and trains(layer.gating)), len(layers))
+    backward_from = min(first_full, first_ttt)  # the residual stream needs gradients from here on
+    for i, layer in enumerate(layers):
+        full = i >= first_full or i > first_ttt
+        lin, att = linear_flops(layer), 4 * d * attention_pairs(T, layer.self_attn.context)
+        out["linear_forward"] += lin
+        out["attention_forward"] += att
+        weights = sum(2 * T * m.in_features * m.out_features for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
+        out["linear_backward"] += (lin if full else 0) + weights
+        out["attention_backward"] += 2 * att if full else 0
+        g = layer.gating
+        if isinstance(g, ttt.TTTGating):
+            h, C = g.linear_out.in_features, g.chunk_size
+            fast = 4 * T * d * h + 2 * T * g.conv.kernel_size[0] * d + (2 * T * d * d if g.W_target is not None else 0)
+            fast += (2 * T * d * h + 2 * T * C * h) if g.delta else 0
+            out["ttt_forward"] += fast
+            out["ttt_backward"] += 2 * fast if i >= backward_from else 0
+        if lm.transformer.checkpointing and i >= backward_from:
+            out["recompute"] += lin + att + (fast if isinstance(g, ttt.TTTGating) else 0)
+    heads = linear_flops(lm.text_linear) + sum(linear_flops(m) for m in (lm.depformer_in, lm.linears))
+    out["linear_forward"] += heads
+    out["linear_backward"] += heads if backward_from < len(layers) else 0
+    if lm.depformer is not None:
+        D, steps = lm.depformer.layers[0].self_attn.embed_dim, lm.dep_q
+        for layer in lm.depformer.layers:
+            lin, att = linear_flops(layer), 4 * D * T * attention_pairs(steps, layer.self_attn.context)
+            out["linear_forward"] += lin
+            out["attention_forward"] += att
+            if backward_from < len(layers):
+                out["linear_backward"] += lin
+                out["attention_backward"] += 2 * att
+                out["recompute"] += (lin + att) if lm.depformer.checkpointing else 0
+    forward = out["linear_forward"] + out["attention_forward"] + out["ttt_forward"]
+    backward = out["linear_backward"] + out["attention_backward"] + out["ttt_backward"]
+    return dict(out, forward=forward, backward=backward, model=forward + backward)
+
+
+def matmul_rate(device, n=8192, reps=20) -> float:
+    """The device's bf16 matrix-product rate, FLOP/s, measured: n x n by n x n, median of `reps`."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms, _ = measure(lambda: a @ b, device, reps)
+    return 2 * n ** 3 / (ms / 1000)
 
 
 @torch.no_grad()
@@ -286,8 +377,8 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
     codes = torch.randint(0, lm.card, (1, lm.num_codebooks - lm.dep_q - 1, 1), device=device)
 
-    def configure(context=L0, yarn_scale=None, chunk=None):
-        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk)
+    def configure(context=L0, yarn_scale=None, chunk=None, delta=0.0):
+        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk, delta)
 
     def run(n, graphs):
         """Per-step milliseconds of n steps after the warm-up, and the peak GiB allocated."""
@@ -310,6 +401,7 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     configs = [("base, window 3000", {}, None),
                ("TTT chunk 256, window 3000", dict(chunk=256), "base, window 3000"),
                ("TTT chunk 1024, window 3000", dict(chunk=1024), "base, window 3000"),
+               ("TTT chunk 256, erase 1, window 3000", dict(chunk=256, delta=1.0), "TTT chunk 256, window 3000"),
                ("base, KV cache 12000 (no YaRN)", dict(context=4 * L0), "base, window 3000"),
                ("YaRN x4 (KV cache 12000)", dict(context=4 * L0, yarn_scale=4), "base, window 3000"),
                ("YaRN x4 + TTT chunk 256", dict(context=4 * L0, yarn_scale=4, chunk=256), "YaRN x4 (KV cache 12000)"),
@@ -348,7 +440,8 @@ def scale(device, steps=2, lm_kwargs=None):
     weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
     checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
-    warm-up step) and peak GiB."""
+    warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
+    share of the bf16 matrix-product rate measured in the same run (MFU)."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
@@ -362,15 +455,17 @@ def scale(device, steps=2, lm_kwargs=None):
     layers, L0 = lm.transformer.layers, lm_kwargs["context"]
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
     weights_gib = torch.cuda.memory_allocated() / 2 ** 30
+    rate = matmul_rate(device)  # MFU's denominator, measured in this run
+    print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
     ttt_layer_ids = ttt.default_layers(len(layers))
 
-    def configure(context, trains, yarn_scale=None, chunk=None, flex=True):
+    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0):
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
         for layer in layers:
             layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
-        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk)
+        reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk, delta)
         if chunk:
             freeze.apply_freeze(lm, trains)
         elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
@@ -396,8 +491,11 @@ def scale(device, steps=2, lm_kwargs=None):
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return dict(s_per_step=statistics.median(times[1:]), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
-                    trainable=sum(p.numel() for p in params))
+        flops, seconds = step_flops(lm, T), statistics.median(times[1:])
+        return dict(s_per_step=seconds, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                    trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,
+                    recompute_tflop=flops["recompute"] / 1e12, mfu=flops["model"] / seconds / rate,
+                    frames_per_s=T / seconds, flops=flops)
 
     T1, T2 = 4 * L0, 8 * L0  # Moshi 7B: 12000 and 24000 steps, 16 and 32 minutes of audio
     yarn4, window = dict(context=4 * L0, yarn_scale=4), dict(context=L0)
@@ -410,6 +508,10 @@ def scale(device, steps=2, lm_kwargs=None):
             (f"window {L0}, T {T1}: ttt_only", T1, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T1}: control"),
             (f"window {L0}, T {T2}: control", T2, dict(window, trains="control"), None),
             (f"window {L0}, T {T2}: ttt_only", T2, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T2}: control"),
+            (f"window {L0}, T {T1}: ttt_only, erase 1", T1, dict(window, trains="ttt_only", chunk=256, delta=1.0),
+             f"window {L0}, T {T1}: ttt_only"),  # train.py's default against the paper's sum
+            (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
+             f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
              f"window {L0}, T {T1}: control")]
     rows = {}
@@ -426,14 +528,16 @@ def scale(device, steps=2, lm_kwargs=None):
         if against and "s_per_step" in rows[against]:
             row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
         print(f"  {name:<50} {row['s_per_step']:6.2f} s/step, peak {row['peak_gib']:5.1f} GiB, "
-              f"{row['trainable']:,} trained" + (f", {row['time_ratio']:.3f}x {against}" if against else ""), flush=True)
+              f"{row['trainable']:,} trained, {row['model_tflop']:.0f} TFLOP (+{row['recompute_tflop']:.0f} recomputed), "
+              f"MFU {100 * row['mfu']:.1f} %, {row['frames_per_s']:.0f} frames/s"
+              + (f", {row['time_ratio']:.3f}x {against}" if against else ""), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     for mode in ("control", "ttt_only"):
         a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
         if "s_per_step" in a and "s_per_step" in b:
             print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
-    return dict(weights_gib=weights_gib, rows=rows)
+    return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows)
 
 
 def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16, delta=0.0) -> dict:

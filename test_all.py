@@ -2319,6 +2319,42 @@ def is_rank(pid, marker, rank):
         return False
 
 
+@FAST
+@given(st.integers(1, 300), st.one_of(st.none(), st.integers(1, 400)))
+def test_attention_pairs_count_the_causal_window(T, window):
+    """bench.attention_pairs: the pairs (t, s) with s <= t and t - s < window, counted one by one."""
+    import bench
+    assert bench.attention_pairs(T, window) == sum(1 for t in range(T) for s in range(t + 1)
+                                                   if window is None or t - s < window)
+
+
+@pytest.mark.parametrize("trains", ["first norm", "layer 2"])
+def test_step_flops_count_the_products_torch_counts(trains):
+    """bench.step_flops' products (every Linear forward, input gradients from where a trained
+    parameter first feeds the residual stream, weight gradients where weights train) against
+    torch's FlopCounterMode on a forward and backward of a Moshi-shaped model (moshi's 7B keys,
+    small sizes, depformer with weights per step). torch's counter does not count the CPU attention
+    kernel: attention_pairs is checked above; the TTT path's count is the formula's alone."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    from moshi.models import loaders
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=4), dtype=torch.float32)
+    lm.requires_grad_(False)
+    if trains == "first norm":
+        lm.transformer.layers[0].norm1.alpha.requires_grad_(True)
+    else:
+        lm.transformer.layers[2].requires_grad_(True)
+    T = 40
+    codes = torch.randint(0, 16, (1, 17, T))
+    codes[:, 0] = torch.randint(0, 48, (1, T))
+    with FlopCounterMode(display=False) as counter:
+        M.multistream_loss(lm, codes, 0.5, 100.0).backward()
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
+    flops = bench.step_flops(lm, T)
+    assert counted == flops["linear_forward"] + flops["linear_backward"] > 0
+
+
 # ============================================================================================
 # encode_dataset.py: moshi-finetune's audio dataset into token arrays
 # ============================================================================================
