@@ -702,15 +702,15 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
         torch.testing.assert_close(states["prefill"][name], states["steps"][name], atol=1e-10, rtol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_compact_state_stays_within_bf16s_own_error(seed):
+@pytest.mark.parametrize("seed,delta", [(0, 0.0), (1, 0.0), (0, 1.0), (1, 1.0)])
+def test_compact_state_stays_within_bf16s_own_error(seed, delta):
     """compact_state keeps the sum of updates in bf16 (one copy, rounded at every fold). Over 20
     chunks of a bf16 TTTGating, its streamed outputs are no further from the float64 parallel form
     than 1.5x the larger of today's bf16 streaming and the bf16 parallel form (1.2x seen); in float64
-    it changes nothing (the sum already has the model's dtype)."""
+    it changes nothing (the sum already has the model's dtype). With and without the erase."""
     torch.manual_seed(seed)
     d, h, C, T, B = 16, 24, 8, 160, 2
-    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.5, 3).double()
+    g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.5, 3, delta=delta).double()
     with torch.no_grad():
         g.conv.weight.normal_(std=0.5)
         g.W_target.normal_(std=0.5)
