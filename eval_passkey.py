@@ -10,6 +10,7 @@ is where greedy decoding would leave the key), so one forward pass per document 
     python eval_passkey.py out/ckpt.pt --lengths 256,512,1024 --trials 20
     python eval_passkey.py out/base.pt --method yarn --scale 4    # no-finetune baselines
     python eval_passkey.py out/ckpt.pt --streaming                # step by step, as Moshi runs
+    python eval_passkey.py out/ckpt.pt out/memory/ckpt.pt --lengths 512   # several: one table, the same documents
 """
 import argparse
 import copy
@@ -296,7 +297,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = OneLineParser(prog="eval_passkey.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="+", help="a checkpoint of train.py; several: one table comparing them on the "
+                   "same documents")
     p.add_argument("--lengths", default=None, help="comma list; default L0, 2 L0, ... up to 2x the trained length")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=20, help="documents per length and depth")
@@ -360,19 +362,70 @@ def parse_args(argv):
     return args, fail
 
 
+def describe(path: str, settings: dict) -> str:
+    """A checkpoint's row name in a comparison: its path, what trained, and its fast weights."""
+    t = settings.get("ttt")
+    return f"{path}: " + (f"{settings.get('mode')}, eta {t['eta']:g}, erase {t.get('delta', 0.0):g}" if t else "no TTT")
+
+
+def compare_table(named_rows: list[tuple[str, list[dict], tp.Optional[int]]], depths: list[float], trials: int) -> str:
+    """Several checkpoints' rows of `evaluate` as one table: near / far accuracy [95 % interval]
+    (each split by its own window) and bits per byte, at every length."""
+    lengths = [r["length"] for r in named_rows[0][1]]
+    width = max(len(name) for name, _, _ in named_rows) + 2
+    lines = [f"{'':<{width}}" + "".join(f"{'len ' + str(L):>34}" for L in lengths),
+             f"{'':<{width}}" + f"{'near':>13}{'far':>13}{'bpb':>8}" * len(lengths)]
+    for name, rows, window in named_rows:
+        cells = []
+        for r in rows:
+            split = near_far(r, depths, trials, window)
+            for part in ("near", "far"):
+                a, (low, high) = split[part]["accuracy"], split[part]["interval"]
+                cells.append(f"{'-':>13}" if a is None else f"{100 * a:>4.0f}% [{100 * low:.0f}-{100 * high:.0f}]".rjust(13))
+            cells.append(f"{r['bpb']:>8.2f}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args, fail = parse_args(argv)
-    out = args.out or (os.path.splitext(args.checkpoint)[0] + (f"_{args.method}" if args.method else "")
-                       + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
-                       + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
-                       + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
-                       + (f"_delta{args.ttt_delta:g}" if args.ttt_delta is not None else "")
-                       + "_passkey.json")
-    try:
-        checkpoints.check_writable(out, folder=False)
-        checkpoint = checkpoints.load_checkpoint(args.checkpoint)
-        model = checkpoints.model_from_checkpoint(checkpoint, args.device, args.checkpoint)
+    several = len(args.checkpoint) > 1
+    outs = [args.out] if args.out else [
+        os.path.splitext(path)[0] + (f"_{args.method}" if args.method else "")
+        + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
+        + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
+        + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
+        + (f"_delta{args.ttt_delta:g}" if args.ttt_delta is not None else "")
+        + "_passkey.json" for path in args.checkpoint]
+    try:  # every checkpoint and output, before any evaluation
+        for out in outs:
+            checkpoints.check_writable(out, folder=False)
+        loaded = [checkpoints.load_checkpoint(path) for path in args.checkpoint]
         corpus = data.load_corpus(args.data)
+    except ValueError as e:
+        fail(str(e))
+    prepared = [prepare(args, fail, path, checkpoint, corpus) for path, checkpoint in zip(args.checkpoint, loaded)]
+    if len({tuple(lengths) for _, lengths in prepared}) > 1:
+        fail(f"the checkpoints' default lengths differ ({[lengths for _, lengths in prepared]}): give --lengths")
+    results = [evaluate_checkpoint(args, path, checkpoint, model, lengths, corpus)
+               for path, checkpoint, (model, lengths) in zip(args.checkpoint, loaded, prepared)]
+    if several:
+        print(f"\n{args.trials} documents at each of {len(args.depths)} depths {args.depths}; near needles lie inside "
+              "each model's attention window, far ones wholly beyond it:")
+        print(compare_table([(describe(r["checkpoint"], r["settings"]), r["rows"], r["settings"].get("window"))
+                             for r in results], args.depths, args.trials))
+    for out, result in (((args.out, dict(checkpoints=results)),) if args.out and several else zip(outs, results)):
+        checkpoints.save_json(out, result)
+        print(f"wrote {out}")
+        if not several and save_heatmap(os.path.splitext(out)[0] + ".png", result["rows"], args.depths):
+            print(f"wrote {os.path.splitext(out)[0]}.png")
+
+
+def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.Module, list[int]]:
+    """One checkpoint's model as the flags say (RoPE, TTT at inference, its window) and its lengths;
+    a flag it cannot take fails here, before any evaluation."""
+    try:
+        model = checkpoints.model_from_checkpoint(checkpoint, args.device, path)
     except ValueError as e:
         fail(str(e))
     settings = checkpoint["settings"]
@@ -386,7 +439,7 @@ def main(argv=None):
                               ("--ttt-delta", "delta", args.ttt_delta)):
         if value is not None:
             if not freeze.ttt_modules(model):
-                fail(f"{flag}: {args.checkpoint} has no TTT layers")
+                fail(f"{flag}: {path} has no TTT layers")
             for gating in freeze.ttt_modules(model):
                 setattr(gating, name, value)
     for gating in freeze.ttt_modules(model)[:1]:
@@ -400,23 +453,25 @@ def main(argv=None):
         window_attention.apply_window_attention(model)
     if max(lengths) > len(corpus.val):
         fail(f"--lengths up to {max(lengths)} need more validation text ({len(corpus.val)} bytes)")
+    return model, lengths
+
+
+def evaluate_checkpoint(args, path: str, checkpoint: dict, model, lengths: list[int], corpus) -> dict:
+    """One prepared checkpoint evaluated: its rows printed, its result returned."""
+    settings = checkpoint["settings"]
     start = time.time()
     rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed,
                     args.streaming)
-    title = f"{os.path.basename(args.checkpoint)}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
+    title = f"{path}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
     print(format_rows(title, rows))
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
-    result = dict(checkpoint=args.checkpoint, method=args.method, scale=args.scale, dynamic=args.dynamic,
-                  streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
-                  ttt_average_after=args.ttt_average_after, ttt_delta=args.ttt_delta,
-                  depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
-                  corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
-                  rows=rows, seconds=round(time.time() - start, 1))
-    checkpoints.save_json(out, result)
-    print(f"wrote {out}")
-    if save_heatmap(os.path.splitext(out)[0] + ".png", rows, args.depths):
-        print(f"wrote {os.path.splitext(out)[0]}.png")
+    return dict(checkpoint=path, method=args.method, scale=args.scale, dynamic=args.dynamic,
+                streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
+                ttt_average_after=args.ttt_average_after, ttt_delta=args.ttt_delta,
+                depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,
+                corpus_files=corpus.files, corpus_sha256=corpus.sha256, settings=settings,
+                rows=rows, seconds=round(time.time() - start, 1))
 
 
 if __name__ == "__main__":

@@ -1801,7 +1801,7 @@ def test_train_bad_data_and_checkpoints_exit_2_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
+def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     one = run_train(QUICK + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     losses = [float(l.split("loss ")[1].split()[0]) for l in one.stdout.splitlines() if l.startswith("step ")
@@ -1829,6 +1829,17 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path):
         eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--ttt-delta", "1", "--ttt-decay", "0.9", "--out",
                            str(tmp_path / "refused.json")])
     assert e.value.code == 2 and not (tmp_path / "refused.json").exists()
+    # several checkpoints: one table on the same documents, each as it evaluates alone; a bad one refused first
+    capsys.readouterr()
+    both = [str(tmp_path / "one" / "base.pt"), str(tmp_path / "one" / "ckpt.pt")]
+    eval_passkey.main(both + ["--lengths", "128,256", "--trials", "2", "--windows", "2", "--out", str(tmp_path / "both.json")])
+    table = capsys.readouterr().out.split("far ones wholly beyond it:")[1]
+    assert "base.pt: no TTT" in table and "ckpt.pt: ttt_only, eta 0.3, erase 1" in table
+    compared = json.load(open(tmp_path / "both.json"))["checkpoints"]
+    assert [c["checkpoint"] for c in compared] == both and compared[1]["rows"] == json.load(open(tmp_path / "eval0.json"))["rows"]
+    with pytest.raises(SystemExit) as e:
+        eval_passkey.main(both + [str(tmp_path / "missing.pt"), "--lengths", "128", "--out", str(tmp_path / "no.json")])
+    assert e.value.code == 2 and "passkey accuracy" not in capsys.readouterr().out
     # the adapter holds exactly the trained parameters and reproduces the trained model on the base
     adapter = checkpoints.load_checkpoint(str(tmp_path / "one" / "adapter.pt"))
     assert set(adapter["model"]) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
