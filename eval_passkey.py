@@ -168,11 +168,12 @@ def near_far(row: dict, depths: list[float], trials: int, window: tp.Optional[in
 def final_table(model, base_model, settings: dict, lengths: list[int], corpus, trials: int, device,
                 multistream: bool, method: str, scale: float):
     """train.py's closing table, each effect against its own control, at every stage length:
-    RoPE scaling: the base with `method` x`scale` against the base as pretrained (vanilla RoPE),
-    neither trained; TTT: the trained model against the same weights with the fast weights off
-    (eta 0, so no update ever reaches them), a control only in `ttt_only`. Needles are split near /
-    far (inside / beyond the attention window, `is_far`). Prints it; returns its rows with the
-    corpus identity (None for token streams, whose table is validation loss)."""
+    RoPE scaling: the base with `method` x`scale` (and, for YaRN, PI at the same scale) against the
+    base as pretrained (vanilla RoPE), none of them trained; TTT: the trained model against the
+    same weights with the fast weights off (eta 0, so no update ever reaches them), a control only
+    in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
+    Prints it; returns its rows with the corpus identity (None for token streams, whose table is
+    validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
         rows = {name: {L: validation_loss(m, corpus.val, L, 8, device, **settings.get("loss", {})) for L in lengths}
                 for name, m in (("base", base_model), ("trained", model)) if m is not None}
@@ -186,9 +187,10 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     window, ttt_text = settings.get("window"), f"TTT {settings['mode']}" if settings["ttt"] else "no TTT"
     rope = f"{method} x{scale:g}" if method != "none" else "vanilla RoPE"
     models = []
-    if base_model is not None:
+    if base_model is not None:  # YaRN beside PI, the interpolation it refines, on the same weights
         models += [(f"{rope} against its control: the base model, untrained", None),
                    ("vanilla RoPE (control)", ("none", 1.0)), (rope, (method, scale))]
+        models += [(f"pi x{scale:g} (YaRN's baseline)", ("pi", scale))] if method == "yarn" and scale > 1 else []
     # The same weights with eta 0 are TTT's control only where nothing but TTT trained: in the other
     # modes the rest of the trained weights learned with the fast path on (the control is then a run
     # of the same recipe without TTT, which this table does not have).
