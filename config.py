@@ -32,11 +32,11 @@ import yarn
 
 # The official In-Place TTT configs (configs/pretrain/*_longct.yaml): eta 3, chunk 4096 (None:
 # capped in `start`), every 6th layer, every parameter at 5e-6, weight decay 0.1, 2 % warmup, cosine,
-# one global clipping at 1.0. The project's defaults differ on purpose (README, "Defaults").
+# one global clipping at 1.0, the plain sum of updates. The project's defaults differ on purpose (README).
 RECIPES = {"project": {},
            "official": dict(ttt_eta=3.0, ttt_chunk=None, ttt_layers="official", mode="full", lr=5e-6, lr_ttt=5e-6,
                             weight_decay=0.1, ttt_weight_decay=0.1, warmup=0.02, clip="global", grad_clip=1.0,
-                           ttt_delta=0.0)}
+                            ttt_delta=0.0)}
 
 
 def flag(default, help=None, **argparse_kwargs):

@@ -25,7 +25,7 @@ each file encoded from a fresh Mimi state. Other lines give `<out>/<path without
 
     python encode_dataset.py data/train.jsonl --mimi tokenizer-e351c8d8-checkpoint125.safetensors \\
         --tokenizer tokenizer_spm_32k_3.model --config config.json --out tokens
-    python train.py --init model.safetensors --init-config config.json --data tokens/*.npy ...
+    python train.py --init model.safetensors --init-config config.json --data $(find tokens -name '*.npy') ...
 
 Every input is checked before any encoding (one line, exit 2). Arrays already written are
 skipped on a rerun; each is written to `.partial` and renamed, so a killed run leaves none half
