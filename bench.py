@@ -260,7 +260,8 @@ def step_flops(lm, T: int) -> dict:
     - backward: each product's input gradient where its input depends on a trained parameter (every
       main layer from the first that holds one outside TTT's conv and W_target, the TTT path of every
       TTT layer from the first trained one, the text head, the depformer), counted as its forward,
-      and the same again for a weight that trains; TTT's fast-weight path twice its forward;
+      and the same again for a weight that trains; TTT's fast-weight path twice its forward (a run
+      that trains only the heads or the depformer gets no input gradients counted there);
     - recompute (gradient checkpointing, `checkpointing` on the transformers): the forward of every
       layer that runs backward, again; not part of the model FLOPs (MFU), listed apart.
     Exact for the products counted (test_all.py compares them with torch's FlopCounterMode), except
@@ -268,8 +269,9 @@ def step_flops(lm, T: int) -> dict:
     def trains(module):
         return any(p.requires_grad for p in module.parameters())
 
-    def linear_flops(module):
-        return sum(2 * T * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+    def linear_flops(module, trained_only=False):
+        return sum(2 * T * m.in_features * m.out_features for m in module.modules()
+                   if isinstance(m, torch.nn.Linear) and (m.weight.requires_grad or not trained_only))
 
     def ttt_path_params(layer):
         g = layer.gating
@@ -289,9 +291,7 @@ def step_flops(lm, T: int) -> dict:
         lin, att = linear_flops(layer), 4 * d * attention_pairs(T, layer.self_attn.context)
         out["linear_forward"] += lin
         out["attention_forward"] += att
-        weights = sum(2 * T * m.in_features * m.out_features for m in layer.modules()
-                      if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
-        out["linear_backward"] += (lin if full else 0) + weights
+        out["linear_backward"] += (lin if full else 0) + linear_flops(layer, trained_only=True)
         out["attention_backward"] += 2 * att if full else 0
         g = layer.gating
         if isinstance(g, ttt.TTTGating):
@@ -302,15 +302,17 @@ def step_flops(lm, T: int) -> dict:
             out["ttt_backward"] += 2 * fast if i >= backward_from else 0
         if lm.transformer.checkpointing and i >= backward_from:
             out["recompute"] += lin + att + (fast if isinstance(g, ttt.TTTGating) else 0)
-    heads = linear_flops(lm.text_linear) + sum(linear_flops(m) for m in (lm.depformer_in, lm.linears))
-    out["linear_forward"] += heads
-    out["linear_backward"] += heads if backward_from < len(layers) else 0
+    heads = [lm.text_linear, lm.depformer_in, lm.linears]
+    out["linear_forward"] += sum(linear_flops(m) for m in heads)
+    out["linear_backward"] += sum((linear_flops(m) if backward_from < len(layers) else 0)
+                                  + linear_flops(m, trained_only=True) for m in heads)
     if lm.depformer is not None:
         D, steps = lm.depformer.layers[0].self_attn.embed_dim, lm.dep_q
         for layer in lm.depformer.layers:
             lin, att = linear_flops(layer), 4 * D * T * attention_pairs(steps, layer.self_attn.context)
             out["linear_forward"] += lin
             out["attention_forward"] += att
+            out["linear_backward"] += linear_flops(layer, trained_only=True)
             if backward_from < len(layers):
                 out["linear_backward"] += lin
                 out["attention_backward"] += 2 * att

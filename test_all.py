@@ -2339,7 +2339,7 @@ def test_attention_pairs_count_the_causal_window(T, window):
                                                    if window is None or t - s < window)
 
 
-@pytest.mark.parametrize("trains", ["first norm", "layer 2"])
+@pytest.mark.parametrize("trains", ["first norm", "layer 2", "everything"])
 def test_step_flops_count_the_products_torch_counts(trains):
     """bench.step_flops' products (every Linear forward, input gradients from where a trained
     parameter first feeds the residual stream, weight gradients where weights train) against
@@ -2354,8 +2354,10 @@ def test_step_flops_count_the_products_torch_counts(trains):
     lm.requires_grad_(False)
     if trains == "first norm":
         lm.transformer.layers[0].norm1.alpha.requires_grad_(True)
-    else:
+    elif trains == "layer 2":
         lm.transformer.layers[2].requires_grad_(True)
+    else:
+        lm.requires_grad_(True)
     T = 40
     codes = torch.randint(0, 16, (1, 17, T))
     codes[:, 0] = torch.randint(0, 48, (1, T))
