@@ -263,9 +263,9 @@ def format_rows(title: str, rows: list[dict]) -> str:
     return head + "\n" + line
 
 
-def override_rope(model, method: str, scale: float, original_len: int, dynamic: bool) -> None:
+def override_rope(model, method: str, scale: float, original_len: int, dynamic: bool, beta_fast: float = 32.0) -> None:
     """Evaluates with another RoPE method at inference, no training (the YaRN paper's baselines)."""
-    yarn.apply_yarn(model, scale, original_len, method=method, dynamic=dynamic)
+    yarn.apply_yarn(model, scale, original_len, method=method, dynamic=dynamic, beta_fast=beta_fast)
 
 
 def save_heatmap(path: str, rows: list[dict], depths: list[float]) -> bool:
@@ -308,6 +308,8 @@ def parse_args(argv):
     p.add_argument("--method", choices=yarn.METHODS, default=None, help="override the RoPE method")
     p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
     p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
+    p.add_argument("--beta-fast", type=float, default=None, help="with --method yarn: RoPE pairs that turn more than "
+                   "this many times over L0 keep their frequency (the paper's 32)")
     p.add_argument("--streaming", action="store_true", help="greedy decoding step by step, as Moshi runs")
     p.add_argument("--ttt-decay", type=float, default=None, help="evaluate with this forgetting per chunk in every "
                    "TTT layer instead of the trained one (an inference-only remedy)")
@@ -350,6 +352,8 @@ def parse_args(argv):
         fail(f"--scale must be >= 1, got {args.scale}")
     if (args.scale is not None or args.dynamic) and args.method is None:
         fail("--scale and --dynamic need --method")
+    if args.beta_fast is not None and (args.method != "yarn" or not args.beta_fast > 1):
+        fail(f"--beta-fast needs --method yarn and a value > 1 (beta_slow is 1), got {args.beta_fast}")
     if args.ttt_decay is not None and not 0 < args.ttt_decay <= 1:
         fail(f"--ttt-decay must be in (0, 1], got {args.ttt_decay}")
     if args.ttt_update_clip is not None and not (math.isfinite(args.ttt_update_clip) and args.ttt_update_clip >= 0):
@@ -394,6 +398,7 @@ def main(argv=None):
     several = len(args.checkpoint) > 1
     outs = [args.out] if args.out else [
         os.path.splitext(path)[0] + (f"_{args.method}" if args.method else "")
+        + (f"_beta{args.beta_fast:g}" if args.beta_fast is not None else "")
         + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
         + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
         + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
@@ -434,7 +439,8 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
     original_len = settings["original_len"]
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
-        override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic)
+        override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic,
+                      32.0 if args.beta_fast is None else args.beta_fast)
     for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
                               ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
                               ("--ttt-average-after", "average_after", args.ttt_average_after),
@@ -468,7 +474,7 @@ def evaluate_checkpoint(args, path: str, checkpoint: dict, model, lengths: list[
     print(format_rows(title, rows))
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
-    return dict(checkpoint=path, method=args.method, scale=args.scale, dynamic=args.dynamic,
+    return dict(checkpoint=path, method=args.method, scale=args.scale, dynamic=args.dynamic, beta_fast=args.beta_fast,
                 streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
                 ttt_average_after=args.ttt_average_after, ttt_delta=args.ttt_delta,
                 depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,

@@ -1666,7 +1666,8 @@ def test_train_bad_flags_exit_2(argv, capsys):
                                   ["--scale", "2"], ["--method", "rope"], ["--lengths", "a"],
                                   ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"],
                                   ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"],
-                                  ["--ttt-delta", "2"]])
+                                  ["--ttt-delta", "2"], ["--beta-fast", "4"], ["--method", "pi", "--beta-fast", "4"],
+                                  ["--method", "yarn", "--beta-fast", "0.5"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
@@ -1818,7 +1819,8 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     logged = lambda r: [float(l.split("loss ")[1].split()[0]) for l in r.stdout.splitlines() if l.startswith("step ")]
     assert logged(one) == pytest.approx(logged(two), abs=2e-3)  # the global batch's loss is logged
     # the evaluation script reads the checkpoint as trained, and with another RoPE at inference
-    for extra in ([], ["--method", "ntk", "--scale", "2"], ["--streaming"], ["--ttt-delta", "1", "--streaming"]):
+    for extra in ([], ["--method", "ntk", "--scale", "2"], ["--streaming"], ["--ttt-delta", "1", "--streaming"],
+                  ["--method", "yarn", "--scale", "2", "--beta-fast", "4"]):
         out = str(tmp_path / f"eval{len(extra)}.json")
         eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--lengths", "128,256", "--trials", "2",
                            "--windows", "2", "--out", out] + extra)
