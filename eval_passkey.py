@@ -222,22 +222,29 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     print(f"\nfinal table: passkey accuracy [95 % interval] (documents) and bits per byte; "
           f"{trials} documents at each of {len(FINAL_DEPTHS)} depths. Attention window "
           f"{window or 'none'}: near needles lie inside it, far ones wholly beyond it.")
-    head = f"{'':<40}" + "".join(f"{'len ' + str(L):>34}" for L in lengths)
-    print(head + "\n" + f"{'':<40}" + f"{'near':>13}{'far':>13}{'bpb':>8}" * len(lengths))
+    print(table_head(lengths, 40))
     for line in lines:
-        if isinstance(line, str):
-            print(line)
-            continue
-        name, rs = line
-        cells = []
-        for r in rs:
-            for part in ("near", "far"):
-                a, (low, high) = r[part]["accuracy"], r[part]["interval"]
-                cells.append(f"{'-':>13}" if a is None else f"{100 * a:>4.0f}% [{100 * low:.0f}-{100 * high:.0f}]".rjust(13))
-            cells.append(f"{r['bpb']:>8.2f}")
-        print(f"  {name:<38}" + "".join(cells))
+        print(line if isinstance(line, str) else f"  {line[0]:<38}" + table_cells(line[1]))
     return dict(settings=settings, corpus_files=corpus.files, corpus_sha256=corpus.sha256, depths=FINAL_DEPTHS,
                 window=window, rows=rows)
+
+
+def table_head(lengths: list[int], width: int) -> str:
+    """The two header lines of a near / far / bits-per-byte table, after `width` characters of names."""
+    return (f"{'':<{width}}" + "".join(f"{'len ' + str(L):>34}" for L in lengths) + "\n"
+            + f"{'':<{width}}" + f"{'near':>13}{'far':>13}{'bpb':>8}" * len(lengths))
+
+
+def table_cells(rows: list[dict]) -> str:
+    """One table line's cells: per length, near and far accuracy [95 % interval] (from `near_far`,
+    merged into each row) and bits per byte."""
+    cells = []
+    for r in rows:
+        for part in ("near", "far"):
+            a, (low, high) = r[part]["accuracy"], r[part]["interval"]
+            cells.append(f"{'-':>13}" if a is None else f"{100 * a:>4.0f}% [{100 * low:.0f}-{100 * high:.0f}]".rjust(13))
+        cells.append(f"{r['bpb']:>8.2f}")
+    return "".join(cells)
 
 
 def final_report(model, settings: dict, stages: list[dict], corpus, device, multistream: bool, trials: int,
@@ -377,20 +384,10 @@ def describe(path: str, settings: dict) -> str:
 def compare_table(named_rows: list[tuple[str, list[dict], tp.Optional[int]]], depths: list[float], trials: int) -> str:
     """Several checkpoints' rows of `evaluate` as one table: near / far accuracy [95 % interval]
     (each split by its own window) and bits per byte, at every length."""
-    lengths = [r["length"] for r in named_rows[0][1]]
     width = max(len(name) for name, _, _ in named_rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{'len ' + str(L):>34}" for L in lengths),
-             f"{'':<{width}}" + f"{'near':>13}{'far':>13}{'bpb':>8}" * len(lengths)]
-    for name, rows, window in named_rows:
-        cells = []
-        for r in rows:
-            split = near_far(r, depths, trials, window)
-            for part in ("near", "far"):
-                a, (low, high) = split[part]["accuracy"], split[part]["interval"]
-                cells.append(f"{'-':>13}" if a is None else f"{100 * a:>4.0f}% [{100 * low:.0f}-{100 * high:.0f}]".rjust(13))
-            cells.append(f"{r['bpb']:>8.2f}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join([table_head([r["length"] for r in named_rows[0][1]], width)] + [
+        f"{name:<{width}}" + table_cells([dict(r, **near_far(r, depths, trials, window)) for r in rows])
+        for name, rows, window in named_rows])
 
 
 def main(argv=None):

@@ -2559,6 +2559,7 @@ def test_encode_dataset_end_to_end(tmp_path):
     order) and per lone file, [1 + 2 K, T]; the text row is the Interleaver's (by events) for each
     file's frames, the audio rows Mimi's codes of each channel; a rerun skips what is written; then
     train.py trains a tiny Moshi-format model on the arrays."""
+    import encode_dataset
     from moshi.models import loaders
     from moshi.models.lm import LMModel
     from safetensors.torch import save_file
@@ -2573,7 +2574,7 @@ def test_encode_dataset_end_to_end(tmp_path):
         array, start = np.load(tmp_path / "tokens" / f"{target}.npy"), 0
         assert array.dtype == np.int32 and array.shape[0] == 5
         for name in names:
-            wav = encode_dataset_module().read_wav(str(tmp_path / f"{name}.wav"))
+            wav = encode_dataset.read_wav(str(tmp_path / f"{name}.wav"))
             frames = math.ceil(wav.shape[1] / 1920)
             alignments = [(w, tuple(ts), who) for w, ts, who in json.load(open(tmp_path / f"{name}.json"))["alignments"]]
             text = interleaver_by_events(alignments, frames, lambda w: sp.encode(w.strip()), 3, 0)
@@ -2594,11 +2595,6 @@ def test_encode_dataset_end_to_end(tmp_path):
                    "--eval-trials", "1", "--out", str(tmp_path / "run")])
     assert t.returncode == 0, t.stderr
     assert os.path.exists(tmp_path / "run" / "ckpt.pt")
-
-
-def encode_dataset_module():
-    import encode_dataset
-    return encode_dataset
 
 
 def test_encode_dataset_refuses_bad_input_before_encoding(tmp_path, capsys):
