@@ -5,6 +5,7 @@
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
     python bench.py --scale              # one training step at moshi's 7B configuration, per mode: MFU
+    python bench.py --profile-step       # where that step's GPU time goes, by part of the model
     python bench.py --encode 600         # encode_dataset.py's Mimi encoding of 10 min of stereo audio
 
 Correctness on the GPU (the scan in bf16, streaming through CUDA graphs and LMGen, the window's
@@ -437,13 +438,14 @@ def realtime(device, steps, eager_steps=20, rounds=2):
 # Training at Moshi 7B's size: one step, frozen bf16 weights, the window computed pair by pair.
 # ---------------------------------------------------------------------------------------------
 
-def scale(device, steps=2, lm_kwargs=None):
+def scale(device, steps=2, lm_kwargs=None, profile=False):
     """One training step (forward, backward, AdamW) of moshi's own 7B configuration with random
     weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
     checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
     warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
-    share of the bf16 matrix-product rate measured in the same run (MFU)."""
+    share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
+    `ttt_only` with the window at T 4 L0, then one more step under `profile_step`."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
@@ -516,6 +518,8 @@ def scale(device, steps=2, lm_kwargs=None):
              f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
              f"window {L0}, T {T1}: control")]
+    if profile:
+        runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
     for name, T, config, against in runs:
         configure(**config)
@@ -535,11 +539,136 @@ def scale(device, steps=2, lm_kwargs=None):
               + (f", {row['time_ratio']:.3f}x {against}" if against else ""), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
+    if profile:
+        g = torch.Generator(device).manual_seed(0)
+        codes = torch.randint(0, lm.card, (1, lm.num_codebooks, T1), device=device, generator=g)
+        codes[:, 0] = torch.randint(0, lm.text_card, (1, T1), device=device, generator=g)
+        optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-6)
+        start = time.perf_counter()
+        result = profile_step(lm, lambda: M.multistream_loss(lm, codes, 0.5, 100.0).backward(),
+                              lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)), device)
+        result["profiled_step_s"] = round(time.perf_counter() - start, 2)
+        print(f"  one step of window {L0}, T {T1}: ttt_only under torch.profiler ({result['profiled_step_s']} s "
+              f"with the profiler's overhead; {result['total_ms'] / 1e3:.2f} s of GPU time):")
+        print_profile(result)
+        return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows, profile=result)
     for mode in ("control", "ttt_only"):
         a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
         if "s_per_step" in a and "s_per_step" in b:
             print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
     return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows)
+
+
+STEP_PARTS = ("attention", "MLP and TTT", "norms", "depformer", "logits and loss", "other")
+
+
+def step_parts(lm) -> dict:
+    """The modules whose work `profile_step` names: each part of a Moshi LMModel's step (the
+    members of a ModuleList, which is never called itself)."""
+    layers, get = lm.transformer.layers, lambda name: getattr(lm, name, None)
+    parts = {"attention": [layer.self_attn for layer in layers],
+             "MLP and TTT": [layer.gating for layer in layers],
+             "norms": [n for layer in layers for n in (layer.norm1, layer.norm2)] + [get("out_norm")],
+             "depformer": [get(n) for n in ("depformer_in", "depformer_emb", "depformer_text_emb",
+                                            "depformer_norms", "linears")]  # layer by layer: each is checkpointed
+             + (list(lm.depformer.layers) if lm.depformer is not None else []),
+             "logits and loss": [get("text_linear"), get("emb"), get("text_emb")]}
+    flat = lambda ms: [c for m in ms if m is not None for c in (m if isinstance(m, torch.nn.ModuleList) else [m])]
+    return {name: flat(modules) for name, modules in parts.items()}
+
+
+def profile_step(lm, forward_backward, optimizer_step, device) -> dict:
+    """torch.profiler over one training step, its device time split by part of the model
+    (`step_parts`) and by phase: the forward, the backward, recomputation (a part's forward run
+    again during the backward, gradient checkpointing) and the optimizer. A forward op is named
+    by the part whose module ran it (a profiler range opened by forward hooks); a backward op by
+    the forward op that made its autograd node (the same sequence number); whatever no part
+    claims (the embeddings' gather, the loss's masks, copies) is "other". Milliseconds of device time
+    (CPU time on a CPU) per part and phase, and the profile's total."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+    handles, ranges = [], {}
+    for name, modules in step_parts(lm).items():
+        for m in modules:
+            def enter(module, args, name=name):
+                ranges.setdefault(id(module), []).append(record_function("part:" + name))
+                ranges[id(module)][-1].__enter__()
+
+            def leave(module, args, out):
+                ranges[id(module)].pop().__exit__(None, None, None)
+            # always_call: gradient checkpointing stops a recomputation midway by raising
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof:
+            with record_function("phase:forward and backward"):
+                forward_backward()
+            with record_function("phase:optimizer"):
+                optimizer_step()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    events = list(prof.events())
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+
+    def ancestor(e, prefix):
+        while e is not None and not e.name.startswith(prefix):
+            e = e.cpu_parent
+        return e
+
+    def part_name(e):  # the part whose range holds e; the loss by its op (it is no module's)
+        part = ancestor(e, "part:")
+        return part.name[5:] if part else ("logits and loss" if ancestor(e, "aten::cross_entropy_loss") else None)
+    backward_start = min((e.time_range.start for e in events if e.name.startswith("autograd::engine")),
+                         default=float("inf"))
+    part_of_seq = {}  # a forward op's sequence number -> its part
+    for e in events:
+        if e.sequence_nr >= 0 and e.time_range.start < backward_start:
+            part_of_seq.setdefault(e.sequence_nr, part_name(e) or "other")
+    table = {}
+    for e in events:
+        t = own(e) if e.device_type == DeviceType.CPU else 0  # a kernel's time is its launching op's
+        if t <= 0 or e.name.startswith(("part:", "phase:")):
+            continue
+        part, node = part_name(e), ancestor(e, "autograd::engine::evaluate_function")
+        if ancestor(e, "phase:optimizer"):
+            key = ("optimizer", "optimizer")
+        elif part is not None and node is None or ancestor(e, "part:"):  # a part's forward, or its recomputation
+            key = (part, "recompute" if e.time_range.start >= backward_start else "forward")
+        elif node is not None:
+            key = (part_of_seq.get(node.sequence_nr, "other"), "backward")
+        else:
+            key = ("other", "backward" if e.time_range.start >= backward_start else "forward")
+        table[key] = table.get(key, 0.0) + t / 1e3
+    total = sum(table.values())
+    rows = {}
+    for part in STEP_PARTS + ("optimizer",):
+        row = {phase: round(table.get((part, phase), 0.0), 2) for phase in ("forward", "backward", "recompute", "optimizer")}
+        row["total"] = round(sum(row.values()), 2)
+        row["share"] = round(row["total"] / total, 4) if total else 0.0
+        rows[part] = row
+    return dict(total_ms=round(total, 2), parts=rows,
+                top_ops=[(k.key, round((k.self_device_time_total if cuda else k.self_cpu_time_total) / 1e3, 2))
+                         for k in sorted([k for k in prof.key_averages() if not k.key.startswith(("part:", "phase:"))], key=lambda k: -(k.self_device_time_total if cuda
+                                                                               else k.self_cpu_time_total))[:15]])
+
+
+def print_profile(result: dict) -> None:
+    total = result["total_ms"]
+    print(f"  {'part':<16} {'forward':>9} {'backward':>9} {'recompute':>10} {'optimizer':>10} {'total':>9} {'share':>7}  (ms)")
+    for part, row in result["parts"].items():
+        print(f"  {part:<16} {row['forward']:9.1f} {row['backward']:9.1f} {row['recompute']:10.1f} "
+              f"{row['optimizer']:10.1f} {row['total']:9.1f} {100 * row['share']:6.1f} %")
+    phases = {p: sum(r[p] for r in result["parts"].values()) for p in ("forward", "backward", "recompute", "optimizer")}
+    print(f"  {'all':<16} " + " ".join(f"{phases[p]:9.1f}" if p in ("forward", "backward") else f"{phases[p]:10.1f}"
+                                     for p in phases) + f" {total:9.1f}")
+    print("  the ops that took the most time (self):")
+    for name, ms in result["top_ops"]:
+        print(f"    {ms:9.1f} ms {100 * ms / total:5.1f} %  {name[:90]}")
 
 
 def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16, delta=0.0) -> dict:
@@ -649,6 +778,8 @@ def main():
                    "random weights, bf16, CUDA graphs, with and without YaRN and TTT (CUDA, ~40 GB)")
     p.add_argument("--scale", action="store_true", help="only: one training step of moshi's 7B configuration, "
                    "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
+    p.add_argument("--profile-step", action="store_true", help="only: where one --scale step of ttt_only "
+                   "(window, T 4 L0) spends its GPU time, by part of the model and phase (CUDA)")
     p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
     p.add_argument("--drift", type=int, default=None, metavar="STEPS", help="only: the compact TTT state's drift "
                    "over a stream of STEPS tokens (45000: an hour of Moshi) of --checkpoint, against float32")
@@ -660,8 +791,8 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if (args.realtime or args.scale) and not cuda:
-        p.error("--realtime and --scale need a CUDA device (CUDA graphs, a 7B model)")
+    if (args.realtime or args.scale or args.profile_step) and not cuda:
+        p.error("--realtime, --scale and --profile-step need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
     if args.encode is not None:
@@ -688,10 +819,10 @@ def main():
         checkpoints.save_json(args.out, result)
         print(f"wrote {args.out}")
         return
-    if args.realtime or args.scale:
+    if args.realtime or args.scale or args.profile_step:
         what = "realtime" if args.realtime else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = scale(device) if args.scale else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
+        result = scale(device, profile=args.profile_step) if args.scale or args.profile_step else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         checkpoints.save_json(args.out, result)

@@ -1951,7 +1951,9 @@ def make_moshi_format_model(folder, dtype=torch.float32, context=128):
 def test_contiguous_depformer_steps_equal_moshis(lora):
     """depformer_steps on a multi-stream model with per-step depformer weights (as Moshi 7B):
     moshi's path feeds its per-step Linears strided slices, the installed one contiguous inputs;
-    the loss and every gradient are moshi's (1e-6 relative), the state dict is the same tensors."""
+    the loss and every gradient are moshi's (1e-6 relative), the state dict is the same tensors.
+    With the depformer frozen (as in ttt_only) moshi's path runs batched products of one-row
+    matrices (aten::bmm) and the installed one none."""
     import depformer_steps
     from moshi.models.lm import LMModel
     torch.manual_seed(0)
@@ -1965,19 +1967,22 @@ def test_contiguous_depformer_steps_equal_moshis(lora):
         for name, p in lm.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
+    for name, p in lm.depformer.named_parameters():  # frozen, as in ttt_only: torch folds no product for them
+        p.requires_grad_("lora" in name)
     fast = depformer_steps.apply_contiguous_steps(copy.deepcopy(lm))
     assert depformer_steps.apply_contiguous_steps(fast) is fast  # again: nothing left to change
     assert fast.state_dict().keys() == lm.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), lm.state_dict().values()))
     codes = torch.randint(0, 16, (2, 4, 24), generator=torch.Generator().manual_seed(1))
     codes[:, 0] = torch.randint(0, 48, (2, 24), generator=torch.Generator().manual_seed(2))
-    seen = []  # what moshi's own depformer Linears are given: strided slices among them
-    hooks = [x.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
-             for x in lm.depformer.modules() if isinstance(x, torch.nn.Linear)]
-    loss = [M.multistream_loss(m, codes, 0.5, 100.0) for m in (lm, fast)]
-    for h in hooks:
-        h.remove()
-    assert seen and not all(seen)
+    loss, batched = [], []  # moshi's depformer runs batched products of one-row matrices, the fast one none
+    for m in (lm, fast):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss.append(M.multistream_loss(m, codes, 0.5, 100.0))
+            loss[-1].backward(retain_graph=True)
+        batched.append(sum(e.name == "aten::bmm" for e in prof.events()))
+        m.zero_grad()
+    assert batched[0] > 0 and batched[1] == 0, batched
     assert {type(x) for x in fast.depformer.modules() if isinstance(x, torch.nn.Linear)} == {
         depformer_steps.ContiguousLinear}
     torch.testing.assert_close(loss[1], loss[0], rtol=1e-6, atol=0)
@@ -1985,7 +1990,8 @@ def test_contiguous_depformer_steps_equal_moshis(lora):
         l.backward()
     for (name, a), b in zip(lm.named_parameters(), fast.parameters()):
         if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+            # a batched product sums in another order than one product: float32 rounding, scaled
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5 * a.grad.abs().max().item(), msg=name)
 
 
 def finetune_loss_with_mask(logits, target, target_mask, mode, first_codebook_weight_multiplier=1.0,
