@@ -463,15 +463,22 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
     ttt_layer_ids = ttt.default_layers(len(layers))
 
-    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0):
+    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1):
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
         for layer in layers:
             layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
         reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk, delta)
+        if trains in ("lora", "lora_ttt") and not freeze.lora_modules(lm):  # moshi-finetune's rank and scaling
+            freeze.apply_lora(lm, 128, 2.0)  # from here on every Linear is wrapped: these rows come last
+            depformer_steps.apply_contiguous_steps(lm)
         if chunk:
             freeze.apply_freeze(lm, trains)
+        elif trains == "lora":  # moshi-finetune: the LoRA factors alone
+            for m in freeze.lora_modules(lm):
+                m.lora_A.weight.requires_grad_(True)
+                m.lora_B.weight.requires_grad_(True)
         elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
             layers[0].norm1.alpha.requires_grad_(True)
         else:  # "ttt_layers" without TTT: the same whole layers train
@@ -479,12 +486,12 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
                 layers[i].requires_grad_(True)
         freeze.upcast_trainable(lm)
 
-    def step(T):
+    def step(T, B=1):
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         g = torch.Generator(device).manual_seed(0)
-        codes = torch.randint(0, lm.card, (1, lm.num_codebooks, T), device=device, generator=g)
-        codes[:, 0] = torch.randint(0, lm.text_card, (1, T), device=device, generator=g)
+        codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), device=device, generator=g)
+        codes[:, 0] = torch.randint(0, lm.text_card, (B, T), device=device, generator=g)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -495,11 +502,11 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        flops, seconds = step_flops(lm, T), statistics.median(times[1:])
+        flops, seconds = {k: B * v for k, v in step_flops(lm, T).items()}, statistics.median(times[1:])
         return dict(s_per_step=seconds, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                     trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,
                     recompute_tflop=flops["recompute"] / 1e12, mfu=flops["model"] / seconds / rate,
-                    frames_per_s=T / seconds, flops=flops)
+                    frames_per_s=B * T / seconds, flops=flops)
 
     T1, T2 = 4 * L0, 8 * L0  # Moshi 7B: 12000 and 24000 steps, 16 and 32 minutes of audio
     yarn4, window = dict(context=4 * L0, yarn_scale=4), dict(context=L0)
@@ -517,14 +524,20 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
             (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
              f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
-             f"window {L0}, T {T1}: control")]
+             f"window {L0}, T {T1}: control"),
+            # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100)
+            ("moshi-finetune's example: LoRA 128, B 16 x T 1250", 1250, dict(window, trains="lora", batch=16), None),
+            ("moshi-finetune's example: lora_ttt", 1250, dict(window, trains="lora_ttt", chunk=256, batch=16),
+             "moshi-finetune's example: LoRA 128, B 16 x T 1250"),
+            ("moshi-finetune's example: lora_ttt, erase 1", 1250,
+             dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16), "moshi-finetune's example: lora_ttt")]
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
     for name, T, config, against in runs:
         configure(**config)
         try:
-            row = rows[name] = dict(step(T), T=T, **config)
+            row = rows[name] = dict(step(T, config.get("batch", 1)), T=T, **config)
         except torch.OutOfMemoryError:
             rows[name] = dict(T=T, **config, error="out of memory")
             print(f"  {name:<50} out of memory", flush=True)

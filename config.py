@@ -51,6 +51,10 @@ class Config:
     scale: float = flag(4.0, "final YaRN scale; stages double the length up to it")
     mode: str = flag("ttt_only", "what trains in the extension stages", choices=freeze.MODES)
     method: str = flag("yarn", "RoPE scaling in the extension stages", choices=yarn.METHODS[1:])
+    yarn_beta_fast: tp.Optional[float] = flag(None, "YaRN's beta_fast: RoPE pairs turning more than this many times "
+                                              "over L0 keep their frequency (default: the paper's 32 lowered until "
+                                              "YaRN keeps Moshi 7B's share of pairs: 32 for Moshi, 2 for the CPU "
+                                              "preset)", type=float)
     init: tp.Optional[str] = flag(None, "a base to extend: out/base.pt, or a model.safetensors with --init-config")
     init_config: tp.Optional[str] = flag(None, "json of the LMModel arguments of a .safetensors --init")
     resume: bool = flag(False, "continue the run in --out (its ckpt.pt) exactly as it was configured")
@@ -116,8 +120,9 @@ FIXED_BY_INIT = [("original_len", None), ("window", None), ("ttt_layers", "layer
 # Their values in checkpoints written before the setting existed.
 TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0, delta=0.0)
 # Values of Config fields in configurations stored before the field existed (--resume), where the
-# field's default is not what those runs did: runs before --ttt-delta trained the plain sum.
-CONFIG_BEFORE = dict(ttt_delta=0.0)
+# field's default is not what those runs did: runs before --ttt-delta trained the plain sum, runs
+# before --yarn-beta-fast the paper's 32.
+CONFIG_BEFORE = dict(ttt_delta=0.0, yarn_beta_fast=32.0)
 
 
 def option(name: str) -> str:
@@ -175,6 +180,8 @@ def check(c: Config) -> None:
                          f"way: give --ttt-delta 0 with them")
     if not (math.isfinite(c.scale) and c.scale >= 1):
         raise ValueError(f"--scale must be >= 1, got {c.scale}")
+    if c.yarn_beta_fast is not None and not (math.isfinite(c.yarn_beta_fast) and c.yarn_beta_fast > 1):
+        raise ValueError(f"--yarn-beta-fast must be a number > 1 (beta_slow), got {c.yarn_beta_fast}")
     if c.ttt_kernel < 1 or c.ttt_kernel % 2 == 0:
         raise ValueError(f"--ttt-kernel must be odd and >= 1, got {c.ttt_kernel}")
     if c.original_len < 128:
@@ -317,6 +324,10 @@ def start(c: Config, given: dict) -> Start:
                                   os.path.join(c.out, "base.pt"))
         torch.manual_seed(c.seed)
         model = M.build_model(settings["model"])
+    if c.yarn_beta_fast is None:  # from the model's RoPE geometry, then stored with the run
+        attention = model.transformer.layers[0].self_attn
+        c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,
+                                                     model.transformer.rope.max_period, c.original_len)
     stages = resume["stages"] if resume else curriculum(c.scale, c.original_len, pretrain=not c.init)
     if c.pretrain_only and stages[0]["kind"] != "pretrain":
         raise ValueError("--pretrain-only needs a run that pretrains (no --init)")

@@ -166,10 +166,11 @@ def near_far(row: dict, depths: list[float], trials: int, window: tp.Optional[in
 
 
 def final_table(model, base_model, settings: dict, lengths: list[int], corpus, trials: int, device,
-                multistream: bool, method: str, scale: float):
+                multistream: bool, method: str, scale: float, beta_fast: float = 32.0):
     """train.py's closing table, each effect against its own control, at every stage length:
-    RoPE scaling: the base with `method` x`scale` (and, for YaRN, PI at the same scale) against the
-    base as pretrained (vanilla RoPE), none of them trained; TTT: the trained model against the
+    RoPE scaling: the base with `method` x`scale` (for YaRN also dynamic, the scale max(1, length /
+    L0) as the YaRN paper evaluates without fine-tuning, and PI at the same scale) against the base
+    as pretrained (vanilla RoPE), none of them trained; TTT: the trained model against the
     same weights with the fast weights off (eta 0, so no update ever reaches them), a control only
     in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
     Prints it; returns its rows with the corpus identity (None for token streams, whose table is
@@ -188,9 +189,12 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     rope = f"{method} x{scale:g}" if method != "none" else "vanilla RoPE"
     models = []
     if base_model is not None:  # YaRN beside PI, the interpolation it refines, on the same weights
-        models += [(f"{rope} against its control: the base model, untrained", None),
-                   ("vanilla RoPE (control)", ("none", 1.0)), (rope, (method, scale))]
-        models += [(f"pi x{scale:g} (YaRN's baseline)", ("pi", scale))] if method == "yarn" and scale > 1 else []
+        models += [(f"{rope} against its control: the base model, untrained"
+                    + (f" (YaRN's beta_fast {beta_fast:g})" if method == "yarn" else ""), None),
+                   ("vanilla RoPE (control)", ("none", 1.0, False)), (rope, (method, scale, False))]
+        if method == "yarn" and scale > 1:
+            models += [("yarn dynamic, x max(1, length / L0)", (method, 1.0, True)),
+                       (f"pi x{scale:g} (YaRN's baseline)", ("pi", scale, False))]
     # The same weights with eta 0 are TTT's control only where nothing but TTT trained: in the other
     # modes the rest of the trained weights learned with the fast path on (the control is then a run
     # of the same recipe without TTT, which this table does not have).
@@ -203,7 +207,7 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
         models += [("fast weights off, eta 0" + (" (control)" if control else ""), "off"),
                    (f"{rope}, {ttt_text}, trained", "trained")]
     elif base_model is not None:
-        models += [(f"{rope}, base untrained (control)", (method, scale)), (f"{rope}, trained", "trained")]
+        models += [(f"{rope}, base untrained (control)", (method, scale, False)), (f"{rope}, trained", "trained")]
     rows, lines = {}, []
     for name, how in models:
         if how is None:
@@ -211,7 +215,7 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
             continue
         m = copy.deepcopy(model if how in ("off", "trained") else base_model)
         if isinstance(how, tuple):
-            override_rope(m, how[0], how[1], settings["original_len"], False)
+            override_rope(m, *how, settings["original_len"], beta_fast)
         for gating in freeze.ttt_modules(m) if how == "off" else []:
             gating.eta = 0.0
         M.set_context(m, window)
@@ -248,7 +252,7 @@ def table_cells(rows: list[dict]) -> str:
 
 
 def final_report(model, settings: dict, stages: list[dict], corpus, device, multistream: bool, trials: int,
-                 method: str, scale: float, path: str, config: dict) -> None:
+                 method: str, scale: float, beta_fast: float, path: str, config: dict) -> None:
     """train.py's end: the final table at L0 and every stage length against the base checkpoint the
     run started from (if it is still there), written to `path` with the run's configuration."""
     base_path, base_model = settings.get("base_path"), None
@@ -257,7 +261,8 @@ def final_report(model, settings: dict, stages: list[dict], corpus, device, mult
                       else checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(base_path), "cpu",
                                                              base_path)).to(device)
     lengths = sorted({settings["original_len"]} | {s["length"] for s in stages})
-    results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale)
+    results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale,
+                          beta_fast)
     if results is not None:
         checkpoints.save_json(path, dict(results, config=config))
         print(f"wrote {path}")
@@ -270,7 +275,7 @@ def format_rows(title: str, rows: list[dict]) -> str:
     return head + "\n" + line
 
 
-def override_rope(model, method: str, scale: float, original_len: int, dynamic: bool, beta_fast: float = 32.0) -> None:
+def override_rope(model, method: str, scale: float, dynamic: bool, original_len: int, beta_fast: float = 32.0) -> None:
     """Evaluates with another RoPE method at inference, no training (the YaRN paper's baselines)."""
     yarn.apply_yarn(model, scale, original_len, method=method, dynamic=dynamic, beta_fast=beta_fast)
 
@@ -316,7 +321,8 @@ def parse_args(argv):
     p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
     p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
     p.add_argument("--beta-fast", type=float, default=None, help="with --method yarn: RoPE pairs that turn more than "
-                   "this many times over L0 keep their frequency (the paper's 32)")
+                   "this many times over L0 keep their frequency (default: the run's --yarn-beta-fast, stored in its checkpoint; "
+                   "else the paper's 32)")
     p.add_argument("--streaming", action="store_true", help="greedy decoding step by step, as Moshi runs")
     p.add_argument("--ttt-decay", type=float, default=None, help="evaluate with this forgetting per chunk in every "
                    "TTT layer instead of the trained one (an inference-only remedy)")
@@ -436,8 +442,9 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
     original_len = settings["original_len"]
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
-        override_rope(model, args.method, args.scale or 1.0, original_len, args.dynamic,
-                      32.0 if args.beta_fast is None else args.beta_fast)
+        stored = (checkpoint.get("config") or {}).get("yarn_beta_fast") or 32.0  # the run's, else the paper's
+        override_rope(model, args.method, args.scale or 1.0, args.dynamic, original_len,
+                      stored if args.beta_fast is None else args.beta_fast)
     for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
                               ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
                               ("--ttt-average-after", "average_after", args.ttt_average_after),

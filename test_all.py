@@ -1505,6 +1505,22 @@ def test_final_table_interval_matches_sweeps(n, data_):
     assert low - 1e-12 <= k / n <= high + 1e-12
 
 
+@FAST
+@given(dim=st.sampled_from([16, 32, 64, 128]), L=st.integers(128, 8192), base=st.sampled_from([1e3, 1e4, 1e5]))
+def test_yarn_beta_fast_like_moshi_keeps_moshis_share(dim, L, base):
+    """beta_fast_like_moshi: the largest of 32, 16, ..., 2 under which at least Moshi 7B's share of
+    pairs (19 of 64 at the paper's 32) turns at least beta_fast times over L0, counted from the
+    turn counts L0 theta_i / 2 pi directly; Moshi 7B itself keeps the paper's 32."""
+    def kept(beta):
+        return sum(L * base ** (-2 * i / dim) / (2 * math.pi) >= beta for i in range(dim // 2))
+    share = 19 / 64
+    beta = yarn.beta_fast_like_moshi(dim, base, L)
+    larger = [b for b in (32.0, 16.0, 8.0, 4.0, 2.0) if b > beta]
+    assert all(kept(b) < share * dim / 2 for b in larger)
+    assert beta == 1.5 or kept(beta) >= share * dim / 2
+    assert yarn.beta_fast_like_moshi(128, 1e4, 3000) == 32.0 and yarn.beta_fast_like_moshi(32, 1e4, 128) == 2.0
+
+
 def test_final_table_control_is_the_model_without_its_fast_weights():
     """The TTT control row sets eta to 0 on a copy of the trained model. With ttt_only, that copy
     computes exactly the base model with the same RoPE: nothing else was trained."""
@@ -2195,11 +2211,13 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "resum" in lines[0], r.stderr
     same, _ = config.resumed_config(dict(resume=True, out=str(out), ttt_layers="default", mode="full", lr=1e-3))
     assert same.ttt_layers == ttt.default_layers(4) and same.mode == "full"  # named layers: the same run
-    assert same.ttt_delta == 1.0  # the default now; a run stored before --ttt-delta existed trained the sum:
+    assert same.ttt_delta == 1.0  # the default now; a run stored before --ttt-delta existed trained the sum,
+    assert same.yarn_beta_fast == 2.0  # the CPU preset's YaRN, stored; one before --yarn-beta-fast the paper's 32
     older = checkpoints.load_checkpoint(str(out / "ckpt.pt"))
-    del older["config"]["ttt_delta"]
+    del older["config"]["ttt_delta"], older["config"]["yarn_beta_fast"]
     checkpoints.save_checkpoint(str(tmp_path / "older" / "ckpt.pt"), older)
-    assert config.resumed_config(dict(resume=True, out=str(tmp_path / "older")))[0].ttt_delta == 0.0
+    older = config.resumed_config(dict(resume=True, out=str(tmp_path / "older")))[0]
+    assert (older.ttt_delta, older.yarn_beta_fast) == (0.0, 32.0)
     resumed = run_train(["--resume", "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "full"), final_weights(out)
@@ -2347,7 +2365,7 @@ def test_attention_pairs_count_the_causal_window(T, window):
                                                    if window is None or t - s < window)
 
 
-@pytest.mark.parametrize("trains", ["first norm", "layer 2", "everything"])
+@pytest.mark.parametrize("trains", ["first norm", "layer 2", "everything", "LoRA"])
 def test_step_flops_count_the_products_torch_counts(trains):
     """bench.step_flops' products (every Linear forward, input gradients from where a trained
     parameter first feeds the residual stream, weight gradients where weights train) against
@@ -2360,7 +2378,12 @@ def test_step_flops_count_the_products_torch_counts(trains):
     torch.manual_seed(0)
     lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=4), dtype=torch.float32)
     lm.requires_grad_(False)
-    if trains == "first norm":
+    if trains == "LoRA":  # moshi-finetune's: a LoRA on every Linear, its factors alone train
+        freeze.apply_lora(lm, 4, 2.0)
+        for m in freeze.lora_modules(lm):
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+    elif trains == "first norm":
         lm.transformer.layers[0].norm1.alpha.requires_grad_(True)
     elif trains == "layer 2":
         lm.transformer.layers[2].requires_grad_(True)
@@ -2373,7 +2396,11 @@ def test_step_flops_count_the_products_torch_counts(trains):
         M.multistream_loss(lm, codes, 0.5, 100.0).backward()
     counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
     flops = bench.step_flops(lm, T)
-    assert counted == flops["linear_forward"] + flops["linear_backward"] > 0
+    excess = 0  # the count's stated exception: layer 0's first product, whose LoRA trains, gets its input gradient
+    if trains == "LoRA":
+        first = lm.transformer.layers[0].self_attn.in_projs[0]
+        excess = 2 * T * first.frozen_W.in_features * (first.frozen_W.out_features + first.lora_A.out_features)
+    assert counted == flops["linear_forward"] + flops["linear_backward"] - excess > 0
 
 
 # ============================================================================================

@@ -51,7 +51,8 @@ def prepare_stage(model, stage: dict, config: Config, settings: dict, device, wo
     if what trains cannot fit the GPU."""
     extending = stage["kind"] == "extend"
     if extending:
-        yarn.apply_yarn(model, stage["scale"], config.original_len, method=config.method)
+        yarn.apply_yarn(model, stage["scale"], config.original_len, method=config.method,
+                        beta_fast=config.yarn_beta_fast)
         settings["yarn"] = model.yarn_settings
     settings["window"] = config.window or None
     if settings["window"]:  # Moshi's own setting: a sliding window, in pretraining too
@@ -107,8 +108,9 @@ def describe(model, corpus, settings: dict, config: Config, stages: list[dict], 
         attention, base = model.transformer.layers[0].self_attn, model.transformer.rope.max_period
         head_dim = attention.embed_dim // attention.num_heads
         lines.append(f"YaRN's RoPE pairs kept / blended / interpolated: "
-                     f"{yarn.split_counts(head_dim, base, config.original_len)} at head dim {head_dim}, L0 "
-                     f"{config.original_len}; Moshi 7B's: {yarn.split_counts(128, 10_000.0, 3000)}")
+                     f"{yarn.split_counts(head_dim, base, config.original_len, config.yarn_beta_fast)} at head dim "
+                     f"{head_dim}, L0 {config.original_len}, beta_fast {config.yarn_beta_fast:g}; Moshi 7B's: "
+                     f"{yarn.split_counts(128, 10_000.0, 3000)} (beta_fast 32)")
     return "\n".join(lines)
 
 
@@ -265,7 +267,8 @@ def main(argv=None):
         if settings.get("base_path") and os.path.isfile(settings["base_path"]):
             checkpoints.save_adapter(os.path.join(config.out, "adapter.pt"), view, settings, settings["base_path"])
         eval_passkey.final_report(view, settings, stages, corpus, device, multistream, config.eval_trials,
-                                  config.method, config.scale, os.path.join(config.out, "results.json"), stored)
+                                  config.method, config.scale, config.yarn_beta_fast,
+                                  os.path.join(config.out, "results.json"), stored)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
