@@ -470,8 +470,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
         for layer in layers:
             layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
         reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk, delta)
-        if trains in ("lora", "lora_ttt") and not freeze.lora_modules(lm):  # moshi-finetune's rank and scaling
-            freeze.apply_lora(lm, 128, 2.0)  # from here on every Linear is wrapped: these rows come last
+        if trains in ("lora", "lora_ttt"):  # moshi-finetune's rank and scaling, after TTT as in train.py; the
+            freeze.apply_lora(lm, 128, 2.0)  # Linears stay wrapped (TTT needs plain ones): these rows come last
             depformer_steps.apply_contiguous_steps(lm)
         if chunk:
             freeze.apply_freeze(lm, trains)
@@ -525,12 +525,14 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
              f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
              f"window {L0}, T {T1}: control"),
-            # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100)
-            ("moshi-finetune's example: LoRA 128, B 16 x T 1250", 1250, dict(window, trains="lora", batch=16), None),
-            ("moshi-finetune's example: lora_ttt", 1250, dict(window, trains="lora_ttt", chunk=256, batch=16),
-             "moshi-finetune's example: LoRA 128, B 16 x T 1250"),
+            # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100); TTT
+            # first: the LoRA control wraps the MLPs TTT converts
+            ("moshi-finetune's example: lora_ttt, B 16 x T 1250", 1250,
+             dict(window, trains="lora_ttt", chunk=256, batch=16), "moshi-finetune's example: LoRA 128"),
             ("moshi-finetune's example: lora_ttt, erase 1", 1250,
-             dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16), "moshi-finetune's example: lora_ttt")]
+             dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
+             "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
+            ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
@@ -544,12 +546,12 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        if against and "s_per_step" in rows[against]:
+        if against and "s_per_step" in rows.get(against, {}):
             row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
         print(f"  {name:<50} {row['s_per_step']:6.2f} s/step, peak {row['peak_gib']:5.1f} GiB, "
               f"{row['trainable']:,} trained, {row['model_tflop']:.0f} TFLOP (+{row['recompute_tflop']:.0f} recomputed), "
               f"MFU {100 * row['mfu']:.1f} %, {row['frames_per_s']:.0f} frames/s"
-              + (f", {row['time_ratio']:.3f}x {against}" if against else ""), flush=True)
+              + (f", {row['time_ratio']:.3f}x {against}" if "time_ratio" in row else ""), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     if profile:
@@ -565,6 +567,11 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
               f"with the profiler's overhead; {result['total_ms'] / 1e3:.2f} s of GPU time):")
         print_profile(result)
         return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows, profile=result)
+    for name, T, config, against in runs:  # references measured after their row
+        row = rows[name]
+        if against and "time_ratio" not in row and "s_per_step" in row and "s_per_step" in rows.get(against, {}):
+            row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
+            print(f"  {name}: {row['time_ratio']:.3f}x {against}", flush=True)
     for mode in ("control", "ttt_only"):
         a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
         if "s_per_step" in a and "s_per_step" in b:
