@@ -438,14 +438,15 @@ def realtime(device, steps, eager_steps=20, rounds=2):
 # Training at Moshi 7B's size: one step, frozen bf16 weights, the window computed pair by pair.
 # ---------------------------------------------------------------------------------------------
 
-def scale(device, steps=2, lm_kwargs=None, profile=False):
+def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     """One training step (forward, backward, AdamW) of moshi's own 7B configuration with random
     weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
     checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
     warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
     share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
-    `ttt_only` with the window at T 4 L0, then one more step under `profile_step`."""
+    `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
+    only the rows whose name holds it."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
@@ -533,6 +534,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
              dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
              "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
             ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
+    runs = [r for r in runs if rows_named is None or rows_named in r[0]]
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
@@ -573,7 +575,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False):
             row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
             print(f"  {name}: {row['time_ratio']:.3f}x {against}", flush=True)
     for mode in ("control", "ttt_only"):
-        a, b = rows[f"window {L0}, T {T1}: {mode}"], rows[f"window {L0}, T {T2}: {mode}"]
+        a, b = rows.get(f"window {L0}, T {T1}: {mode}", {}), rows.get(f"window {L0}, T {T2}: {mode}", {})
         if "s_per_step" in a and "s_per_step" in b:
             print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
     return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows)
@@ -800,6 +802,7 @@ def main():
                    "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
     p.add_argument("--profile-step", action="store_true", help="only: where one --scale step of ttt_only "
                    "(window, T 4 L0) spends its GPU time, by part of the model and phase (CUDA)")
+    p.add_argument("--rows", default=None, metavar="TEXT", help="--scale: only the rows whose name holds TEXT")
     p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
     p.add_argument("--drift", type=int, default=None, metavar="STEPS", help="only: the compact TTT state's drift "
                    "over a stream of STEPS tokens (45000: an hour of Moshi) of --checkpoint, against float32")
@@ -842,7 +845,7 @@ def main():
     if args.realtime or args.scale or args.profile_step:
         what = "realtime" if args.realtime else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = scale(device, profile=args.profile_step) if args.scale or args.profile_step else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
+        result = scale(device, profile=args.profile_step, rows_named=args.rows) if args.scale or args.profile_step else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         checkpoints.save_json(args.out, result)
