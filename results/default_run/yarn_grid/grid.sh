@@ -8,7 +8,7 @@ for base in $base0 $base1; do
   echo "$s|vanilla|"
   echo "$s|pi_x4|--method pi --scale 4"
   echo "$s|pi_dynamic|--method pi --dynamic"
-  for b in 1 2 4 8 32; do
+  for b in 2 4 8 32; do  # beta_fast must exceed beta_slow, 1
     echo "$s|yarn_x4_beta$b|--method yarn --scale 4 --beta-fast $b"
     echo "$s|yarn_x2_beta$b|--method yarn --scale 2 --beta-fast $b"
     echo "$s|yarn_dynamic_beta$b|--method yarn --dynamic --beta-fast $b"
