@@ -108,10 +108,10 @@ def split_counts(dim: int, base: float, original_len: int, beta_fast: float = 32
 
 
 def beta_fast_like_moshi(dim: int, base: float, original_len: int) -> float:
-    """The largest beta_fast in 32 (the paper's), 16, ..., 1 whose split keeps at least the share of
-    RoPE pairs that the paper's 32 keeps in Moshi 7B (19 of 64, head dim 128, L0 3000): 32 for
-    Moshi 7B itself; 2 for head dim 32 at L0 128, where 32 keeps no pair (its fastest pair turns 20
-    times over L0) and static and dynamic YaRN then lose retrieval inside L0 (results/default_run)."""
+    """The largest beta_fast of 32 (the paper's), 16, 8, 4, 2 whose split keeps at least the share
+    of RoPE pairs that the paper's 32 keeps in Moshi 7B (19 of 64, head dim 128, L0 3000); 1.5 if
+    none does. 32 for Moshi 7B itself; 2 for head dim 32 at L0 128, where 32 keeps no pair (the
+    fastest turns 20 times over L0) and YaRN x4 then loses the base's retrieval at L0 (results/default_run)."""
     share = split_counts(128, 10_000.0, 3000)[0] / 64
     for beta_fast in (32.0, 16.0, 8.0, 4.0, 2.0):
         if split_counts(dim, base, original_len, beta_fast)[0] >= share * (dim // 2):
