@@ -2365,6 +2365,31 @@ def test_attention_pairs_count_the_causal_window(T, window):
                                                    if window is None or t - s < window)
 
 
+def test_profile_step_names_every_part_and_phase():
+    """bench.profile_step on a Moshi-shaped model under gradient checkpointing (CPU time here):
+    each part has forward and backward time, attention and the MLP their recomputation too (the
+    recomputation stops midway by raising, which must still close the part's range), the
+    optimizer its own; the parts' shares sum to 1 and the hooks are gone afterwards."""
+    import bench
+    from moshi.models import loaders
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=2), dtype=torch.float32)
+    lm.transformer.checkpointing = lm.depformer.checkpointing = True
+    codes = torch.randint(0, 16, (1, 17, 24))
+    codes[:, 0] = torch.randint(0, 48, (1, 24))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.modules())
+    result = bench.profile_step(lm, lambda: M.multistream_loss(lm, codes, 0.5, 100.0).backward(), optimizer.step,
+                                torch.device("cpu"))
+    parts = result["parts"]
+    for part in ("attention", "MLP and TTT", "norms", "depformer"):
+        assert parts[part]["forward"] > 0 and parts[part]["backward"] > 0, (part, parts[part])
+    assert parts["attention"]["recompute"] > 0 and parts["MLP and TTT"]["recompute"] > 0
+    assert parts["optimizer"]["optimizer"] > 0
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=1e-3)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.modules()) == hooks
+
+
 @pytest.mark.parametrize("trains", ["first norm", "layer 2", "everything", "LoRA"])
 def test_step_flops_count_the_products_torch_counts(trains):
     """bench.step_flops' products (every Linear forward, input gradients from where a trained
