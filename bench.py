@@ -487,12 +487,16 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
                 layers[i].requires_grad_(True)
         freeze.upcast_trainable(lm)
 
-    def step(T, B=1):
-        params = [p for p in lm.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-6)
+    def batch(T, B):  # random codes, the text stream within the text vocabulary
         g = torch.Generator(device).manual_seed(0)
         codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), device=device, generator=g)
         codes[:, 0] = torch.randint(0, lm.text_card, (B, T), device=device, generator=g)
+        return codes
+
+    def step(T, B=1):
+        params = [p for p in lm.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        codes = batch(T, B)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -557,9 +561,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         gc.collect()
         torch.cuda.empty_cache()
     if profile:
-        g = torch.Generator(device).manual_seed(0)
-        codes = torch.randint(0, lm.card, (1, lm.num_codebooks, T1), device=device, generator=g)
-        codes[:, 0] = torch.randint(0, lm.text_card, (1, T1), device=device, generator=g)
+        codes = batch(T1, 1)
         optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-6)
         start = time.perf_counter()
         result = profile_step(lm, lambda: M.multistream_loss(lm, codes, 0.5, 100.0).backward(),
@@ -674,9 +676,8 @@ def profile_step(lm, forward_backward, optimizer_step, device) -> dict:
         row["share"] = round(row["total"] / total, 4) if total else 0.0
         rows[part] = row
     return dict(total_ms=round(total, 2), parts=rows,
-                top_ops=[(k.key, round((k.self_device_time_total if cuda else k.self_cpu_time_total) / 1e3, 2))
-                         for k in sorted([k for k in prof.key_averages() if not k.key.startswith(("part:", "phase:"))], key=lambda k: -(k.self_device_time_total if cuda
-                                                                               else k.self_cpu_time_total))[:15]])
+                top_ops=[(k.key, round(own(k) / 1e3, 2)) for k in sorted(
+                    [k for k in prof.key_averages() if not k.key.startswith(("part:", "phase:"))], key=own, reverse=True)[:15]])
 
 
 def print_profile(result: dict) -> None:
