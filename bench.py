@@ -4,6 +4,7 @@
     python bench.py --out bench.json --quick
     python bench.py --profile 32768      # where one TTT gating forward + backward spends its time
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
+    python bench.py --serving            # conversations per GPU at 7B: memory per stream, the largest batch
     python bench.py --scale              # one training step at moshi's 7B configuration, per mode: MFU
     python bench.py --profile-step       # where that step's GPU time goes, by part of the model
     python bench.py --encode 600         # encode_dataset.py's Mimi encoding of 10 min of stereo audio
@@ -434,6 +435,135 @@ def realtime(device, steps, eager_steps=20, rounds=2):
     return rows
 
 
+def state_memory(*roots) -> dict:
+    """Bytes of every streaming state under `roots` (inside their `streaming()`), by what holds it:
+    the attention's KV caches, the TTT layers' states, the rest (LMGen's token cache, offsets)."""
+    from moshi.modules.streaming import StreamingModule
+    from moshi.modules.transformer import StreamingMultiheadAttention
+    seen, out = set(), dict(kv_cache=0, ttt_state=0, other_state=0)
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif hasattr(value, "cache") and hasattr(value, "end_offset"):  # moshi's RingKVCache
+            yield from (value.cache, value.end_offset)
+
+    for module in {id(m): m for root in roots for m in root.modules()}.values():
+        state = getattr(module, "_streaming_state", None) if isinstance(module, StreamingModule) else None
+        if state is None:
+            continue
+        kind = ("ttt_state" if isinstance(module, ttt.TTTGating) else
+                "kv_cache" if isinstance(module, StreamingMultiheadAttention) else "other_state")
+        for value in vars(state).values():
+            for t in tensors(value):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    out[kind] += t.numel() * t.element_size()
+    return out
+
+
+def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8, 32), budget_ms=80.0) -> dict:
+    """Conversations per GPU: LMGen.step of moshi's 7B configuration (random weights, bf16, CUDA graphs
+    on), B streams at once, per configuration on one set of weights. Per stream: the KV cache, the
+    TTT state, the rest of the streaming state (counted from the tensors each module allocates) and
+    the memory one more stream costs (peak at the largest of `batches` against batch 1); the largest
+    batch that fits on the device with p99 under the frame's `budget_ms` (predicted from that cost,
+    then searched); median and p99 per step at `batches` and at the largest. TTT rows run the erase 1
+    (train.py's default), so their state is compact by default; one row keeps the exact state."""
+    from moshi.models import loaders
+    from moshi.models.lm import LMGen, LMModel
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    kwargs = lm_kwargs or loaders._lm_kwargs
+    lm = LMModel(**kwargs, device=device, dtype=torch.bfloat16).eval()
+    layers, L0 = lm.transformer.layers, kwargs["context"]
+    gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
+    short, long_ = chunks
+    configs = [("base, window L0", {}, None),
+               (f"TTT {short}, exact state", dict(chunk=short, delta=1.0), False),
+               (f"TTT {short}", dict(chunk=short, delta=1.0), None),
+               (f"TTT {long_}", dict(chunk=long_, delta=1.0), None),
+               ("YaRN x4, KV cache 4 L0", dict(context=4 * L0, yarn_scale=4), None),
+               (f"YaRN x4 + TTT {short}", dict(context=4 * L0, yarn_scale=4, chunk=short, delta=1.0), None)]
+
+    def run(B):
+        """Per-step ms of `steps` steps at batch B after warm-up and capture, the peak bytes and the
+        streaming state's bytes by kind; None where B does not fit."""
+        gen = LMGen(lm)
+        codes = torch.randint(0, lm.card, (B, lm.num_codebooks - lm.dep_q - 1, 1), device=device)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            with gen.streaming(B):
+                held = state_memory(gen, lm)
+                for i in range(steps + 3):  # eager warm-up, capture, a first replay
+                    sync()
+                    start = time.perf_counter()
+                    gen.step(codes)
+                    sync()
+                    if i >= 3:
+                        times.append(1000 * (time.perf_counter() - start))
+            peak = torch.cuda.max_memory_allocated() if cuda else None
+        except RuntimeError as e:  # torch.OutOfMemoryError, or a CUDA graph's capture that ran out
+            if "out of memory" not in str(e):
+                raise
+            return None
+        finally:
+            del gen
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        times.sort()
+        return dict(batch=B, median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+                    peak_bytes=peak, **held)
+
+    rows, GiB = {}, 2 ** 30
+    for name, config, compact in configs:
+        reconfigure(lm, gatings, rope, L0, **dict(dict(context=L0), **config))
+        for g in lm.modules():
+            if isinstance(g, ttt.TTTGating):
+                g.compact_state = compact
+        weights = sum(t.numel() * t.element_size() for t in lm.parameters())
+        runs = {B: run(B) for B in batches}
+        ran = [r for r in runs.values() if r]
+        if not ran:
+            raise RuntimeError(f"{name}: batch {batches[0]} does not fit on {device}")
+        one, most = ran[0], ran[-1]
+        row = dict(config, compact=compact, weights_gib=weights / GiB, runs=ran,
+                   **{f"{k}_gib_per_stream": most[k] / most["batch"] / GiB for k in ("kv_cache", "ttt_state", "other_state")})
+        if cuda and most["batch"] > one["batch"]:
+            per_stream = (most["peak_bytes"] - one["peak_bytes"]) / (most["batch"] - one["batch"])
+            free, _ = torch.cuda.mem_get_info()
+            capacity = free + torch.cuda.memory_allocated()  # the weights stay allocated between runs
+            fits = lambda r: r is not None and r["p99_ms"] < budget_ms
+            lo = max((B for B, r in runs.items() if fits(r)), default=0)
+            hi, B = None, 1 + int((capacity - one["peak_bytes"]) / per_stream)
+            while B > lo and (hi is None or hi - lo > max(1, lo // 32)):  # within 3 % of the largest
+                r = runs[B] = run(B)
+                print(f"    {name}: batch {B} " + ("out of memory" if r is None else f"p99 {r['p99_ms']:.1f} ms"), flush=True)
+                if fits(r):
+                    lo, B = B, (B + hi) // 2 if hi else int(B * 1.1) + 1
+                else:
+                    hi, B = B, (lo + B) // 2
+            row.update(per_stream_gib=per_stream / GiB, capacity_gib=capacity / GiB, largest_batch=lo,
+                       smallest_failed=hi, runs=sorted((r for r in runs.values() if r), key=lambda r: r["batch"]))
+        rows[name] = row
+        at = ", ".join(f"B {r['batch']} {r['median_ms']:.1f}/{r['p99_ms']:.1f}" for r in row["runs"])
+        print(f"  {name:<24} per stream: KV {row['kv_cache_gib_per_stream']:.3f} GiB, TTT "
+              f"{row['ttt_state_gib_per_stream']:.3f}, other {row['other_state_gib_per_stream']:.4f}"
+              + (f", one more stream {row['per_stream_gib']:.3f} GiB; largest batch {row['largest_batch']}"
+                 if "largest_batch" in row else "") + f"; median/p99 ms: {at}", flush=True)
+    base = rows[configs[0][0]]
+    for name, row in rows.items():
+        if base.get("largest_batch") and "largest_batch" in row:
+            row["streams_vs_base"] = row["largest_batch"] / base["largest_batch"]
+            print(f"  {name:<24} {row['largest_batch']:4d} streams ({row['streams_vs_base']:.2f}x the base's), "
+                  f"{row['per_stream_gib']:.2f} GiB per stream", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Training at Moshi 7B's size: one step, frozen bf16 weights, the window computed pair by pair.
 # ---------------------------------------------------------------------------------------------
@@ -799,6 +929,8 @@ def main():
                    help="only profile one TTT gating forward + backward at length T (chunk 256)")
     p.add_argument("--realtime", action="store_true", help="only: LMGen.step of moshi's 7B configuration, "
                    "random weights, bf16, CUDA graphs, with and without YaRN and TTT (CUDA, ~40 GB)")
+    p.add_argument("--serving", action="store_true", help="only: LMGen.step of moshi's 7B configuration with "
+                   "many streams: memory per stream, the largest batch within the 80 ms frame (CUDA)")
     p.add_argument("--scale", action="store_true", help="only: one training step of moshi's 7B configuration, "
                    "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
     p.add_argument("--profile-step", action="store_true", help="only: where one --scale step of ttt_only "
@@ -815,8 +947,8 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if (args.realtime or args.scale or args.profile_step) and not cuda:
-        p.error("--realtime, --scale and --profile-step need a CUDA device (CUDA graphs, a 7B model)")
+    if (args.realtime or args.serving or args.scale or args.profile_step) and not cuda:
+        p.error("--realtime, --serving, --scale and --profile-step need a CUDA device (CUDA graphs, a 7B model)")
     if args.steps < 10:
         p.error(f"--steps must be >= 10, got {args.steps}")
     if args.encode is not None:
@@ -843,10 +975,15 @@ def main():
         checkpoints.save_json(args.out, result)
         print(f"wrote {args.out}")
         return
-    if args.realtime or args.scale or args.profile_step:
-        what = "realtime" if args.realtime else "scale"
+    if args.realtime or args.serving or args.scale or args.profile_step:
+        what = "realtime" if args.realtime else "serving" if args.serving else "scale"
         print(f"{what} on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, revision {revision_name()}")
-        result = scale(device, profile=args.profile_step, rows_named=args.rows) if args.scale or args.profile_step else dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
+        if args.scale or args.profile_step:
+            result = scale(device, profile=args.profile_step, rows_named=args.rows)
+        elif args.serving:
+            result = serving(device, steps=min(args.steps, 60))
+        else:
+            result = dict(mlp_step=gating_step(device), lmgen=realtime(device, args.steps))
         result = dict(hardware=torch.cuda.get_device_name(device), torch=torch.__version__,
                       revision=revision_name(), **{what: result})
         checkpoints.save_json(args.out, result)

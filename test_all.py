@@ -707,7 +707,8 @@ def test_compact_state_stays_within_bf16s_own_error(seed, delta):
     """compact_state keeps the sum of updates in bf16 (one copy, rounded at every fold). Over 20
     chunks of a bf16 TTTGating, its streamed outputs are no further from the float64 parallel form
     than 1.5x the larger of today's bf16 streaming and the bf16 parallel form (1.2x seen); in float64
-    it changes nothing (the sum already has the model's dtype). With and without the erase."""
+    it changes nothing (the sum already has the model's dtype). With and without the erase; by
+    default a stream is compact with the erase and exact without it."""
     torch.manual_seed(seed)
     d, h, C, T, B = 16, 24, 8, 160, 2
     g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.5, 3, delta=delta).double()
@@ -719,12 +720,13 @@ def test_compact_state_stays_within_bf16s_own_error(seed, delta):
     with torch.no_grad():
         reference = g(x)
         for name, dtype, compact in (("exact", torch.bfloat16, False), ("compact", torch.bfloat16, True),
-                                     ("float64 compact", torch.float64, True)):
+                                     ("float64 compact", torch.float64, True), ("default", torch.bfloat16, None)):
             m = copy.deepcopy(g).to(dtype)
             m.compact_state = compact
             with m.streaming(B):
                 out = torch.cat([m(x[:, t:t + 1].to(dtype)) for t in range(T)], 1).double()
             off[name] = (out - reference).abs().max().item()
+            compact = bool(delta) if compact is None else compact
             assert (m._init_streaming_state(1).S.dtype == dtype) == (compact or dtype == torch.float64)
         off["parallel"] = (g.to(torch.bfloat16)(x.bfloat16()).double() - reference).abs().max().item()
     assert off["float64 compact"] < 1e-10
@@ -2390,6 +2392,34 @@ def test_profile_step_names_every_part_and_phase():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.modules()) == hooks
 
 
+def test_serving_counts_each_streams_state_by_what_holds_it():
+    """bench.serving on a Moshi-shaped model (CPU, bf16, batches 1 and 3): per stream, the base holds
+    no TTT state; YaRN x4's KV cache holds 3 L0 more steps of keys and values per layer than the
+    base's; the exact TTT state holds, per TTT layer, a float32 [d, h] sum more than the compact one
+    (which drops the sum and reads its one bf16 copy), and the two chunk sizes differ by their
+    buffers only; TTT adds no KV cache."""
+    import bench
+    kwargs = dict(moshi_7b_kwargs_small(), num_layers=4)
+    rows = bench.serving(torch.device("cpu"), steps=2, lm_kwargs=kwargs, chunks=(8, 16), batches=(1, 3))
+    from moshi.models import loaders
+    d, L0 = kwargs["dim"], kwargs["context"]
+    h = loaders.get_moshi_lm(None, lm_kwargs=kwargs).transformer.layers[0].gating.linear_out.in_features
+    layers = len(ttt.default_layers(kwargs["num_layers"]))
+    GiB = 2 ** 30
+    per = lambda row, kind: rows[row][f"{kind}_gib_per_stream"] * GiB
+    assert per("base, window L0", "ttt_state") == 0 and per("YaRN x4, KV cache 4 L0", "ttt_state") == 0
+    assert per("YaRN x4, KV cache 4 L0", "kv_cache") - per("base, window L0", "kv_cache") == \
+        kwargs["num_layers"] * 2 * 3 * L0 * d * 2  # keys and values, every head, bf16
+    for row in ("TTT 8", "TTT 16", "YaRN x4 + TTT 8"):
+        assert per(row, "kv_cache") == per("YaRN x4, KV cache 4 L0" if "YaRN" in row else "base, window L0",
+                                           "kv_cache")
+    assert per("TTT 8, exact state", "ttt_state") - per("TTT 8", "ttt_state") == layers * d * h * 4
+    assert per("TTT 16", "ttt_state") - per("TTT 8", "ttt_state") == layers * 8 * (3 * d + 2 * h + 2 * d) * 2
+    for row in rows.values():
+        assert [r["batch"] for r in row["runs"]] == [1, 3] and all(r["median_ms"] > 0 for r in row["runs"])
+        assert row["other_state_gib_per_stream"] > 0
+
+
 @pytest.mark.parametrize("trains", ["first norm", "layer 2", "everything", "LoRA"])
 def test_step_flops_count_the_products_torch_counts(trains):
     """bench.step_flops' products (every Linear forward, input gradients from where a trained
@@ -2784,20 +2814,25 @@ def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, dec
 
 @CUDA
 @torch.no_grad()
-@pytest.mark.parametrize("decay,clip,average,delta", [(1.0, 0.0, 0, 0.0), (0.9, 0.0, 0, 0.0), (1.0, 48.0, 4, 0.0),
-                                                      (1.0, 48.0, 0, 0.5)])  # update norms: 44-54
-def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, average, delta):
+@pytest.mark.parametrize("decay,clip,average,delta,compact", [
+    (1.0, 0.0, 0, 0.0, None), (0.9, 0.0, 0, 0.0, None), (1.0, 48.0, 4, 0.0, None),  # update norms: 44-54
+    (1.0, 48.0, 0, 0.5, None), (1.0, 48.0, 0, 0.5, False), (1.0, 0.0, 0, 0.0, True)])
+def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, average, delta, compact):
     """The path users run: CUDAGraphed(lm.forward_text) one token per step, 256 steps (16 chunk
     boundaries, the window's KV cache wrapped 4 times), batch 2. Graphed equals eager bit for bit;
     in float32 both equal the parallel forward (within 1e-4; 1.7e-5 seen) and LMGen's greedy tokens,
     graphed and eager, are the parallel arg-max at every step; in bf16 streaming is no further from
-    the float32 forward than the parallel bf16 forward is (1.25x allowed; 0.186 against 0.192 seen)."""
+    the float32 forward than the parallel bf16 forward is (1.25x allowed; 0.186 against 0.192 seen),
+    with the exact state and with the compact one (the default with the erase)."""
     from moshi.models.lm import LMGen
     from moshi.utils.compile import CUDAGraphed, no_cuda_graph
     device, B, T = torch.device("cuda"), 2, 256
     x = torch.randint(0, 256, (B, 1, T), device=device, generator=torch.Generator(device).manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
         m = small_streaming_model(dtype, device, decay=decay, update_clip=clip, average_after=average, delta=delta)
+        for g in freeze.ttt_modules(m):
+            g.compact_state = compact
+        assert all(g.compact() == (bool(delta) if compact is None else compact) for g in freeze.ttt_modules(m))
         parallel = m.forward_text(x)[1].float()
         exact = copy.deepcopy(m).float().forward_text(x)[1].float()  # the same weights in float32
         outs = {}

@@ -259,9 +259,10 @@ class TTTGating(StreamingModule[_TTTState]):
     token, keeping everything in device tensors (`_TTTState`), so moshi's LMGen can capture a
     step in a CUDA graph (its default). See `streaming_step` for how a chunk's update is folded
     in without a branch. A prompt fed at once into a fresh stream runs the parallel form and hands
-    its state over (`streaming_prefill`). `compact_state = True` (set before `streaming()`) keeps
-    the sum of updates in the model's dtype alone: for bf16, one copy per stream and layer instead
-    of a float32 sum and its bf16 read copy, each fold rounding it (results/serving: the drift).
+    its state over (`streaming_prefill`). A compact state (`compact_state`, set before
+    `streaming()`; by default on with the erase `delta`, off without) keeps the sum of updates in
+    the model's dtype alone: for bf16, one copy per stream and layer instead of a float32 sum and
+    its bf16 read copy, each fold rounding it (results/serving: the drift, the streams per GPU).
     """
 
     def __init__(self, dim: int, hidden: int, activation: tp.Callable, chunk_size: int,
@@ -298,8 +299,9 @@ class TTTGating(StreamingModule[_TTTState]):
         self.delta = float(delta)  # ours: the delta rule's erase along each chunk's keys; 0: none
         # Streaming only, a serving choice: keep the sum of updates in the model's dtype, one copy per
         # stream (bf16: half of the float32 sum and no read copy); each fold rounds the update to it,
-        # then the sum.
-        self.compact_state = False
+        # then the sum. None: compact with the erase, which bounds the sum so the rounding does not
+        # accumulate (results/serving: no drift over an hour), exact without it (the plain sum drifts).
+        self.compact_state: tp.Optional[bool] = None
         self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
         nn.init.zeros_(self.conv.weight)
         W_target = nn.Parameter(torch.diag(torch.randn(dim) * target_init_std)) if target else None
@@ -325,11 +327,15 @@ class TTTGating(StreamingModule[_TTTState]):
             return out.frozen_W.weight + out.scaling * (out.lora_B.weight @ out.lora_A.weight)
         return out.weight
 
+    def compact(self) -> bool:
+        """Whether a stream keeps its sum of updates in the model's dtype alone (`compact_state`)."""
+        return bool(self.delta) if self.compact_state is None else bool(self.compact_state)
+
     def _init_streaming_state(self, batch_size: int) -> _TTTState:
         W = self.down_weight()
         (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
-        S = zeros(B, d, h, dtype=W.dtype if self.compact_state else torch.promote_types(W.dtype, torch.float32))
+        S = zeros(B, d, h, dtype=W.dtype if self.compact() else torch.promote_types(W.dtype, torch.float32))
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h),
