@@ -510,7 +510,9 @@ def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8,
             if "out of memory" not in str(e):
                 raise
             return None
-        finally:
+        finally:  # a stream that ran out of memory while starting leaves its modules streaming
+            gen._stop_streaming()
+            lm._stop_streaming()
             del gen
             gc.collect()
             if cuda:
