@@ -829,7 +829,7 @@ def print_profile(result: dict) -> None:
 def state_bytes(d=4096, h=11264, chunk=256, dtype=torch.bfloat16, delta=0.0) -> dict:
     """Bytes of one stream's TTT state in one layer (moshi 7B's d and h by default), today's and the
     compact one, as `TTTGating._init_streaming_state` allocates it (on the meta device: no memory);
-    `delta`: with the delta rule's erase (what each slot read, for two chunks)."""
+    `delta`: with the delta rule's erase (two numbers more: |Z^T Z|_F^2 of two chunks)."""
     out = {}
     for compact in (False, True):
         g = ttt.TTTGating(d, h, F.silu, chunk, 0.3, delta=delta).to(device="meta", dtype=dtype)

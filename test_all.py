@@ -687,8 +687,6 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
             states[way]["Z"] = st_.Z[:, :slot].clone()
             states[way]["source"] = st_.source[:, :2 * half + slot].clone()
             states[way]["V"] = st_.V[:, half:half + slot].clone()
-            states[way]["P"] = st_.P[:, :slot].clone()  # with delta: what the chunk's slots read
-            states[way]["P_prev"] = st_.P_prev.clone()
             states[way]["square"] = st_.square.clone()  # with delta: |Z^T Z|_F^2 of the chunk so far
             states[way]["square_prev"] = st_.square_prev.clone()
             # after the prompt the stream is not fresh: a multi-token call goes token by token
@@ -706,9 +704,11 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
 def test_compact_state_stays_within_bf16s_own_error(seed, delta):
     """compact_state keeps the sum of updates in bf16 (one copy, rounded at every fold). Over 20
     chunks of a bf16 TTTGating, its streamed outputs are no further from the float64 parallel form
-    than 1.5x the larger of today's bf16 streaming and the bf16 parallel form (1.2x seen); in float64
-    it changes nothing (the sum already has the model's dtype). With and without the erase; by
-    default a stream is compact with the erase and exact without it."""
+    (the norm of the difference) than 1.25x the larger of today's bf16 streaming and the bf16
+    parallel form (at most 1.1x seen over 12 seeds; the largest single difference is a few bf16
+    steps of the outputs, too coarse to compare); in float64 it changes nothing (the sum already
+    has the model's dtype). With and without the erase; by default a stream is compact with the
+    erase and exact without it."""
     torch.manual_seed(seed)
     d, h, C, T, B = 16, 24, 8, 160, 2
     g = ttt.TTTGating(d, h, torch.nn.functional.silu, C, 0.5, 3, delta=delta).double()
@@ -725,12 +725,12 @@ def test_compact_state_stays_within_bf16s_own_error(seed, delta):
             m.compact_state = compact
             with m.streaming(B):
                 out = torch.cat([m(x[:, t:t + 1].to(dtype)) for t in range(T)], 1).double()
-            off[name] = (out - reference).abs().max().item()
+            off[name] = ((out - reference).norm() / reference.norm()).item()
             compact = bool(delta) if compact is None else compact
             assert (m._init_streaming_state(1).S.dtype == dtype) == (compact or dtype == torch.float64)
-        off["parallel"] = (g.to(torch.bfloat16)(x.bfloat16()).double() - reference).abs().max().item()
-    assert off["float64 compact"] < 1e-10
-    assert off["compact"] <= 1.5 * max(off["exact"], off["parallel"]), off
+        off["parallel"] = ((g.to(torch.bfloat16)(x.bfloat16()).double() - reference).norm() / reference.norm()).item()
+    assert off["float64 compact"] < 1e-12
+    assert off["compact"] <= 1.25 * max(off["exact"], off["parallel"]), off
 
 
 def test_streaming_with_lora_equals_parallel():
@@ -2414,7 +2414,7 @@ def test_serving_counts_each_streams_state_by_what_holds_it():
         assert per(row, "kv_cache") == per("YaRN x4, KV cache 4 L0" if "YaRN" in row else "base, window L0",
                                            "kv_cache")
     assert per("TTT 8, exact state", "ttt_state") - per("TTT 8", "ttt_state") == layers * d * h * 4
-    assert per("TTT 16", "ttt_state") - per("TTT 8", "ttt_state") == layers * 8 * (3 * d + 2 * h + 2 * d) * 2
+    assert per("TTT 16", "ttt_state") - per("TTT 8", "ttt_state") == layers * 8 * (3 * d + 2 * h) * 2  # source, V, Z
     for row in rows.values():
         assert [r["batch"] for r in row["runs"]] == [1, 3] and all(r["median_ms"] > 0 for r in row["runs"])
         assert row["other_state_gib_per_stream"] > 0

@@ -229,16 +229,13 @@ class _TTTState(State):
     #                  chunks before the last, plus the rows of the last one folded in so far
     S_read: torch.Tensor  # [B, d, h] S in the model's dtype, what a step reads (the parallel form
     #                       reads its float32 sum cast the same way); S itself where S has that dtype
-    P: torch.Tensor  # [B, C, d] with `delta`: what each slot of the chunk being filled read from the fast
-    #                  weight (Z_t S^T), for the erase; [B, 0, d] without
-    P_prev: torch.Tensor  # [B, C, d] (or [B, 0, d]) the same of the last completed chunk
     square: torch.Tensor  # [B] float32 with `delta`: |Z^T Z|_F^2 of the chunk being filled, so far
     square_prev: torch.Tensor  # [B] the same of the last completed chunk
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         for buffer in (self.offset, self.source, self.V, self.Z, self.Z_prev, self.V_prev, self.S, self.S_read,
-                       self.P, self.P_prev, self.square, self.square_prev):
+                       self.square, self.square_prev):
             buffer.masked_fill_(reset_mask.view(-1, *[1] * (buffer.dim() - 1)), 0)
 
 
@@ -339,7 +336,6 @@ class TTTGating(StreamingModule[_TTTState]):
         return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h),
-                         P=zeros(B, C if self.delta else 0, d), P_prev=zeros(B, C if self.delta else 0, d),
                          square=zeros(B, dtype=torch.promote_types(W.dtype, torch.float32)),
                          square_prev=zeros(B, dtype=torch.promote_types(W.dtype, torch.float32)))
 
@@ -737,8 +733,11 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     position. Sequences whose exec_mask is False keep their state unchanged.
     With `delta`, the erase is row-local: row r of chunk i - 1's update is row r of
     (eta V_prev - rho / |Z_prev^T Z_prev|_F P_prev)^T Z_prev (eta times the clip factor, if any),
-    P_prev = Z_prev S_(i-1)^T being what chunk i - 1's tokens read (each step records its read in
-    `P`), so the same fold and dual form serve with V_prev replaced by that difference.
+    P_prev = Z_prev S_(i-1)^T being what chunk i - 1's tokens read, so the same fold and dual form
+    serve with V_prev replaced by that difference. P_prev is not kept: the rows of S not folded yet
+    still hold S_(i-1), so a fold reads its rows there (Z_prev S_(i-1)[rows]^T, C h R) and the dual
+    form reads (Z_t Z_prev^T) P_prev = ((Z_t Z_prev^T) Z_prev) S_(i-1)^T in the same pass over S as
+    the token's own read.
     |Z^T Z|_F^2 = |Z Z^T|_F^2 grows as the chunk fills, by the token's row and column of the Gram
     matrix (C h per step, `square`), and is handed over with the chunk (`square_prev`).
     """
@@ -754,7 +753,6 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     torch.where(opens, state.Z, state.Z_prev, out=state.Z_prev)
     torch.where(opens, state.V[:, half:], state.V_prev, out=state.V_prev)
     if gating.delta:
-        torch.where(opens, state.P, state.P_prev, out=state.P_prev)
         torch.where(opens.view(B), state.square, state.square_prev, out=state.square_prev)
         state.square.masked_fill_(opens.view(B), 0)
 
@@ -791,16 +789,22 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         change.add_(state.S.gather(1, index), alpha=gating.decay - 1)
     if gating.delta:  # the erase of these rows: row r of S_(i-1) Z^T Z is row r of P_prev^T Z, P_prev = Z S_(i-1)^T
         erase = _erase_factor(state.square_prev, gating.delta).to(change.dtype).view(B, 1, 1)
-        P_rows = state.P_prev.gather(2, rows[:, None, :].expand(B, C, R))  # [B, C, R]
+        P_rows = torch.bmm(state.Z_prev, state.S_read.gather(1, index).transpose(1, 2))  # [B, C, R], before the fold
         change.sub_(_product_f32(P_rows.transpose(1, 2), state.Z_prev) * erase)
     state.S.scatter_add_(1, index, change.mul_(keep).to(state.S.dtype))  # compact: rounded to the model's dtype
     state.S_read.scatter_(1, index, state.S.gather(1, index).to(state.S_read.dtype))
 
     # The output: Wd_0, the folded rows, and the rows of prev not folded yet (dual form).
     unfolded = arange(d) >= (slot[:, None] + 1) * R  # [B, d]
-    pending = torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.V_prev)  # [B, 1, d]
+    gram = torch.bmm(Zf, state.Z_prev.transpose(1, 2))  # [B, 1, C]: z_t . z_u over prev's slots u
+    pending = torch.bmm(gram, state.V_prev)  # [B, 1, d]
     out = gating.linear_out(Z)  # Z Wd_0^T (under moshi's LoRA without forming W + s B A per step)
-    read = torch.bmm(Zf, state.S_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
+    if gating.delta:  # one pass over S: the token's read, and on the unfolded rows (S_(i-1)) prev's read P_prev
+        read, erased = torch.bmm(torch.cat([Zf, torch.bmm(gram, state.Z_prev)], dim=1),
+                                 state.S_read.transpose(1, 2)).unbind(dim=1)  # [B, d] each
+        read, erased = read[:, None], erased[:, None]
+    else:
+        read = torch.bmm(Zf, state.S_read.transpose(1, 2))  # [B, 1, d]; unfolded rows not forgotten yet
     if gating.decay != 1:  # in float32 at least: gamma rounded to bf16 (0.8984 for 0.9) would bias every read
         wide = torch.promote_types(read.dtype, torch.float32)
         read = read.to(wide) * (1 - (1 - gating.decay) * unfolded.to(wide))[:, None]
@@ -809,9 +813,8 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         average = (gating.average_after / chunk.to(eta.dtype)).view(B, 1, 1)
         read, eta = read * average, eta * average
     pending = eta * pending
-    if gating.delta:  # the unfolded rows' erase, in the dual form; and what this token read, for its chunk's erase
-        pending = pending - erase * torch.bmm(torch.bmm(Zf, state.Z_prev.transpose(1, 2)), state.P_prev)
-        _write_rows(state.P, slot[:, None], read + (pending * unfolded[:, None]).to(read.dtype), run)
+    if gating.delta:  # the unfolded rows' erase, in the dual form
+        pending = pending - erase * erased
     out = out + read.to(out.dtype)
     out = out + (pending * unfolded[:, None]).to(out.dtype)
     state.offset.add_(run.long())
@@ -836,7 +839,7 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
         S = decay-weighted sum of U_j over j < q,    rows < s R:  decay * S + U_q
     with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V,
     the sum as one product over the tokens before q (memory linear in P); with `delta`, chunk by chunk
-    by its rule, with what each chunk read (`P`, `P_prev`). Exact in float32 and float64; with
+    by its rule. Exact in float32 and float64; with
     `compact_state` S is rounded to bf16 once here instead of at every fold."""
     out = gating._parallel(x, x0)
     with torch.no_grad():
@@ -872,15 +875,11 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
             S = Zc.new_zeros(B, d, h)
             for j in range(q + 1):
                 Z_j, V_j = Zc[:, j * C:(j + 1) * C], Vc[:, j * C:(j + 1) * C]
-                P_j = torch.bmm(Z_j.to(state.P.dtype), S.to(state.P.dtype).transpose(1, 2))  # what chunk j read
+                P_j = torch.bmm(Z_j.to(state.Z.dtype), S.to(state.S_read.dtype).transpose(1, 2))  # what chunk j read
                 erase = erase_factors(Z_j, gating.delta).to(wide)[:, None, None]
                 U_q = torch.bmm((V_j * factor[:, j, None, None] - erase * P_j.to(wide)).transpose(1, 2), Z_j)
                 S = S + U_q if j < q else S
-            state.P_prev.copy_(P_j)
             state.square_prev.copy_(_gram_square(Zc[:, q * C:]))
-            S_current = S + U_q  # what the chunk being filled reads
-            state.P[:, :P - start] = torch.bmm(Zf[:, start:].to(state.P.dtype),
-                                               S_current.to(state.P.dtype).transpose(1, 2))
         else:
             ages = torch.arange(q - 1, -1, -1, device=x.device, dtype=wide)  # chunk j < q: decay^(q - 1 - j)
             weights = (factor[:, :q] * gating.decay ** ages).repeat_interleave(C, dim=1)[..., None]  # [B, q C, 1]
