@@ -6,6 +6,7 @@
     python bench.py --realtime           # LMGen.step at moshi's 7B configuration, per 80 ms frame
     python bench.py --serving            # conversations per GPU at 7B: memory per stream, the largest batch
     python bench.py --scale              # one training step at moshi's 7B configuration, per mode: MFU
+    NO_TORCH_COMPILE= python bench.py --scale   # the same with moshi's compiled norms, RoPE and gating
     python bench.py --profile-step       # where that step's GPU time goes, by part of the model
     python bench.py --encode 600         # encode_dataset.py's Mimi encoding of 10 min of stereo audio
 
@@ -578,12 +579,17 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
     share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
     `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
-    only the rows whose name holds it."""
+    only the rows whose name holds it. With moshi's torch.compile on (NO_TORCH_COMPILE empty), a row
+    runs `ttt_only` with moshi's kernels eager, and compares that step's loss and gradients."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
     from moshi.models.lm import LMModel
     from moshi.modules.transformer import StreamingMultiheadAttention
+    from moshi.utils.compile import no_compile
+    compiled = not os.environ.get("NO_TORCH_COMPILE")  # moshi's own switch, read when moshi loads
+    print(f"  moshi's torch.compile of its norms, RoPE and gating: {'on' if compiled else 'off (NO_TORCH_COMPILE)'}",
+          flush=True)
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
@@ -596,7 +602,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
     ttt_layer_ids = ttt.default_layers(len(layers))
 
-    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1):
+    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False):
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
@@ -625,7 +631,22 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         codes[:, 0] = torch.randint(0, lm.text_card, (B, T), device=device, generator=g)
         return codes
 
-    def step(T, B=1):
+    def compiled_against_eager(T):
+        """The loss and the trained gradients on one batch with moshi's compiled kernels (its norms,
+        RoPE and gating) against the same step eager: the loss's difference, the gradients' largest
+        relative difference (norm of the difference over norm, per parameter)."""
+        params, codes, out = [p for p in lm.parameters() if p.requires_grad], batch(T, 1), []
+        for context in (no_compile(), contextlib.nullcontext()):
+            with context:
+                loss = M.multistream_loss(lm, codes, 0.5, 100.0)
+                loss.backward()
+            out.append((loss.item(), [p.grad.float().clone() for p in params]))
+            lm.zero_grad(set_to_none=True)
+        (eager_loss, eager_grads), (loss, grads) = out
+        return dict(eager_loss=eager_loss, compiled_loss=loss, grad_rel_diff=max(
+            ((g - e).norm() / e.norm().clamp(min=1e-30)).item() for g, e in zip(grads, eager_grads)))
+
+    def step(T, B=1, eager=False):
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         codes = batch(T, B)
@@ -634,7 +655,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         times = []
         for _ in range(steps + 1):
             start = time.perf_counter()
-            M.multistream_loss(lm, codes, 0.5, 100.0).backward()
+            with no_compile() if eager else contextlib.nullcontext():
+                M.multistream_loss(lm, codes, 0.5, 100.0).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -654,6 +676,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
              f"YaRN x4, T {T1}: TTT layers, no TTT"),
             (f"window {L0}, T {T1}: control", T1, dict(window, trains="control"), None),
             (f"window {L0}, T {T1}: ttt_only", T1, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T1}: control"),
+            (f"window {L0}, T {T1}: ttt_only, moshi's kernels eager", T1,
+             dict(window, trains="ttt_only", chunk=256, eager=True), f"window {L0}, T {T1}: ttt_only"),
             (f"window {L0}, T {T2}: control", T2, dict(window, trains="control"), None),
             (f"window {L0}, T {T2}: ttt_only", T2, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T2}: control"),
             (f"window {L0}, T {T1}: ttt_only, erase 1", T1, dict(window, trains="ttt_only", chunk=256, delta=1.0),
@@ -670,14 +694,16 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
              dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
              "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
             ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
-    runs = [r for r in runs if rows_named is None or rows_named in r[0]]
+    runs = [r for r in runs if (rows_named is None or rows_named in r[0]) and (compiled or not r[2].get("eager"))]
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
     for name, T, config, against in runs:
         configure(**config)
         try:
-            row = rows[name] = dict(step(T, config.get("batch", 1)), T=T, **config)
+            row = rows[name] = dict(step(T, config.get("batch", 1), config.get("eager", False)), T=T, **config)
+            if config.get("eager") and compiled:
+                row["compiled_against_eager"] = compiled_against_eager(T)
         except torch.OutOfMemoryError:
             rows[name] = dict(T=T, **config, error="out of memory")
             print(f"  {name:<50} out of memory", flush=True)
@@ -690,6 +716,10 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
               f"{row['trainable']:,} trained, {row['model_tflop']:.0f} TFLOP (+{row['recompute_tflop']:.0f} recomputed), "
               f"MFU {100 * row['mfu']:.1f} %, {row['frames_per_s']:.0f} frames/s"
               + (f", {row['time_ratio']:.3f}x {against}" if "time_ratio" in row else ""), flush=True)
+        if "compiled_against_eager" in row:
+            c = row["compiled_against_eager"]
+            print(f"  {'':<50} compiled against eager, one batch: loss {c['compiled_loss']:.6f} against "
+                  f"{c['eager_loss']:.6f}, gradients within {c['grad_rel_diff']:.2e} relative", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     if profile:
