@@ -603,12 +603,12 @@ def test_streaming_equals_parallel_with_yarn_and_ttt(target_source, modulo, step
         torch.testing.assert_close(M.logits(m, x[:, :20]), ref[:, :20], atol=1e-4, rtol=1e-4)
 
 
-def streaming_model(window=24, chunk=8, seed=0, kernel=5):
+def streaming_model(window=24, chunk=8, seed=0, kernel=5, delta=0.0):
     """YaRN x4 (fixed), a window shorter than the test sequences, TTT on two layers with
     embedding targets and modulo RoPE: everything a Moshi deployment streams."""
     m = tiny_model(seed, context=window)
     yarn.apply_yarn(m, 4.0, 16, widen_context=False)
-    ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, kernel_size=kernel, target_source="embeddings")
+    ttt.apply_ttt(m, [1, 3], chunk_size=chunk, eta=0.5, kernel_size=kernel, target_source="embeddings", delta=delta)
     randomise_ttt(m, seed)
     rope_modulo.apply_rope_modulo(m, chunk)
     return m
@@ -749,10 +749,12 @@ def test_streaming_with_lora_equals_parallel():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_streaming_honours_exec_mask_and_per_sequence_reset():
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_streaming_honours_exec_mask_and_per_sequence_reset(delta):
     """moshi's exec_mask: a sequence whose mask is False is left as if the step never happened;
-    reset_streaming(mask): only the masked sequences start again."""
-    m = streaming_model(window=16, chunk=4)
+    reset_streaming(mask): only the masked sequences start again. With the paper's sum and with
+    the erase (train.py's default)."""
+    m = streaming_model(window=16, chunk=4, delta=delta)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, 256, (2, 40), generator=g), torch.randint(0, 256, (1, 30), generator=g)
     ref_x, ref_y = M.logits(m, x), M.logits(m, y)
@@ -2854,6 +2856,28 @@ def test_cuda_graphed_streaming_equals_eager_and_the_parallel_form(decay, clip, 
         else:
             off = lambda a: (a - exact).abs().max().item()
             assert off(outs["graphed"]) <= 1.25 * off(parallel), (off(outs["graphed"]), off(parallel))
+
+
+@CUDA
+@torch.no_grad()
+@pytest.mark.parametrize("delta", [0.0, 0.5])
+def test_cuda_streaming_under_autocast_with_float32_ttt_layers(delta):
+    """A run that trained the TTT layers (float32) on a bf16 base streams under bf16 autocast
+    (model.logits, eval_passkey --streaming): token by token, 96 steps (6 chunk boundaries), batch
+    2, no further from the float32 model than 1.25x the parallel form under the same autocast."""
+    device, B, T = torch.device("cuda"), 2, 96
+    x = torch.randint(0, 256, (B, T), device=device, generator=torch.Generator(device).manual_seed(0))
+    m = small_streaming_model(torch.float32, device, delta=delta)
+    exact = M.logits(m, x)
+    m.to(torch.bfloat16)
+    for g in freeze.ttt_modules(m):
+        g.float()
+    assert M.low_precision(m)
+    parallel = M.logits(m, x)
+    with m.streaming(B):
+        streamed = torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(T)], dim=1)
+    off = lambda a: (a - exact).abs().max().item()
+    assert off(streamed) <= 1.25 * off(parallel), (off(streamed), off(parallel))
 
 
 @CUDA

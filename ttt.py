@@ -899,10 +899,11 @@ def _gram_square(Z: torch.Tensor) -> torch.Tensor:
 
 
 def _product_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A @ B batched, in float32 whatever A and B's dtype (bf16 operands: one kernel on a GPU)."""
+    """A @ B batched, in float32 whatever A and B's dtype (bf16 operands: one kernel on a GPU; under
+    autocast, mixed operands as autocast has them)."""
     if A.dtype == torch.float32 or A.dtype == torch.float64:
         return torch.bmm(A, B)
-    if A.is_cuda:
+    if A.is_cuda and B.dtype == A.dtype:
         return torch.bmm(A, B, out_dtype=torch.float32)
     return torch.bmm(A.float(), B.float())
 
