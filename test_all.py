@@ -685,7 +685,7 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
             slot = P % C or C  # rows of the chunk being filled that later steps read
             half = kernel // 2
             states[way]["Z"] = st_.Z[:, :slot].clone()
-            states[way]["source"] = st_.source[:, :2 * half + slot].clone()
+            states[way]["source"] = st_.source.clone()  # the last 2 half + 1 inputs
             states[way]["V"] = st_.V[:, half:half + slot].clone()
             states[way]["square"] = st_.square.clone()  # with delta: |Z^T Z|_F^2 of the chunk so far
             states[way]["square_prev"] = st_.square_prev.clone()
@@ -2416,7 +2416,7 @@ def test_serving_counts_each_streams_state_by_what_holds_it():
         assert per(row, "kv_cache") == per("YaRN x4, KV cache 4 L0" if "YaRN" in row else "base, window L0",
                                            "kv_cache")
     assert per("TTT 8, exact state", "ttt_state") - per("TTT 8", "ttt_state") == layers * d * h * 4
-    assert per("TTT 16", "ttt_state") - per("TTT 8", "ttt_state") == layers * 8 * (3 * d + 2 * h) * 2  # source, V, Z
+    assert per("TTT 16", "ttt_state") - per("TTT 8", "ttt_state") == layers * 8 * (2 * d + 2 * h) * 2  # V, Z
     for row in rows.values():
         assert [r["batch"] for r in row["runs"]] == [1, 3] and all(r["median_ms"] > 0 for r in row["runs"])
         assert row["other_state_gib_per_stream"] > 0

@@ -218,8 +218,8 @@ class _TTTState(State):
     Each sequence of the batch has its own position, so moshi's exec_mask and per-sequence
     reset_streaming work as they do for moshi's own modules. `half` is the conv's kernel_size // 2."""
     offset: torch.Tensor  # [B] long: tokens seen; the token at offset t sits in slot t % C of its chunk
-    source: torch.Tensor  # [B, 2 half + C, d] target-generator inputs of the chunk being filled, slot s
-    #                       at row 2 half + s (the first rows stay zero: the conv's padding at the edge)
+    source: torch.Tensor  # [B, 2 half + 1, d] the target generator's last 2 half + 1 inputs, the token at
+    #                       offset t in row t % (2 half + 1): all that can still change a target
     V: torch.Tensor  # [B, half + C, d] its targets as far as its inputs are known, slot s at row half + s
     Z: torch.Tensor  # [B, C, h] its fast-path Z, by slot
     Z_prev: torch.Tensor  # [B, C, h] Z of the last completed chunk
@@ -333,7 +333,7 @@ class TTTGating(StreamingModule[_TTTState]):
         (d, h), B, C, half = W.shape, batch_size, self.chunk_size, self.conv.kernel_size[0] // 2
         zeros = lambda *shape, dtype=W.dtype: torch.zeros(*shape, device=W.device, dtype=dtype)
         S = zeros(B, d, h, dtype=W.dtype if self.compact() else torch.promote_types(W.dtype, torch.float32))
-        return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + C, d),
+        return _TTTState(B, W.device, offset=zeros(B, dtype=torch.long), source=zeros(B, 2 * half + 1, d),
                          V=zeros(B, half + C, d), Z=zeros(B, C, h), Z_prev=zeros(B, C, h),
                          V_prev=zeros(B, C, d), S=S, S_read=S if W.dtype == S.dtype else zeros(B, d, h),
                          square=zeros(B, dtype=torch.promote_types(W.dtype, torch.float32)),
@@ -766,9 +766,13 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
         before = (arange(C)[None] < slot[:, None]).to(gram_row.dtype)  # slots of this chunk before the token
         grow = 2 * (gram_row.square() * before).sum(dim=1) + gram_row.gather(1, slot[:, None])[:, 0].square()
         state.square.add_(torch.where(run, grow.to(state.square.dtype), 0.0))
-    _write_rows(state.source, slot[:, None] + 2 * half, source, run)
-    window = slot[:, None] + arange(2 * half + 1)  # [B, 2 half + 1] rows of state.source
-    inputs = F.pad(state.source.gather(1, window[..., None].expand(B, -1, d)), (0, 0, 0, half))
+    K = 2 * half + 1  # rows of state.source
+    _write_rows(state.source, (state.offset % K)[:, None], source, run)
+    back = arange(K) - 2 * half  # the inputs 2 half .. 0 tokens back, oldest first
+    window = (state.offset[:, None] + back) % K  # [B, K] their rows
+    inputs = state.source.gather(1, window[..., None].expand(B, -1, d))
+    inputs = F.pad(torch.where((slot[:, None] + back >= 0)[..., None], inputs, 0), (0, 0, 0, half))  # not
+    # before the chunk's start: zeros there, as the conv's padding at its edge
     V_new = gating.targets(inputs, 3 * half + 1)[:, half:2 * half + 1]
     _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
 
@@ -858,7 +862,8 @@ def _prefill_state(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     start = current * C
     state.Z[:, :P - start] = Zf[:, start:].to(state.Z.dtype)
     state.V[:, half:half + P - start] = V[:, start:].to(state.V.dtype)
-    state.source[:, 2 * half:2 * half + P - start] = source[:, start:].to(state.source.dtype)
+    last = torch.arange(max(0, P - (2 * half + 1)), P, device=x.device)  # the last inputs, in their ring rows
+    state.source[:, last % (2 * half + 1)] = source[:, last].to(state.source.dtype)
     if gating.delta:  # |Z^T Z|_F^2 of the chunk being filled, so far
         state.square.copy_(_gram_square(state.Z[:, :P - start]))
     if q >= 0:
