@@ -524,7 +524,7 @@ def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8,
 
     rows, GiB = {}, 2 ** 30
     for name, config, compact in configs:
-        reconfigure(lm, gatings, rope, L0, **dict(dict(context=L0), **config))
+        reconfigure(lm, gatings, rope, L0, **{"context": L0, **config})
         for g in lm.modules():
             if isinstance(g, ttt.TTTGating):
                 g.compact_state = compact

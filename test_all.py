@@ -704,7 +704,7 @@ def test_prefill_hands_over_the_state_of_one_token_per_step(B, P, more, C, d, h,
 def test_compact_state_stays_within_bf16s_own_error(seed, delta):
     """compact_state keeps the sum of updates in bf16 (one copy, rounded at every fold). Over 20
     chunks of a bf16 TTTGating, its streamed outputs are no further from the float64 parallel form
-    (the norm of the difference) than 1.25x the larger of today's bf16 streaming and the bf16
+    (the norm of the difference) than 1.25x the larger of the exact state's bf16 streaming and the bf16
     parallel form (at most 1.1x seen over 12 seeds; the largest single difference is a few bf16
     steps of the outputs, too coarse to compare); in float64 it changes nothing (the sum already
     has the model's dtype). With and without the erase; by default a stream is compact with the

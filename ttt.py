@@ -771,8 +771,8 @@ def streaming_step(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.Ten
     back = arange(K) - 2 * half  # the inputs 2 half .. 0 tokens back, oldest first
     window = (state.offset[:, None] + back) % K  # [B, K] their rows
     inputs = state.source.gather(1, window[..., None].expand(B, -1, d))
-    inputs = F.pad(torch.where((slot[:, None] + back >= 0)[..., None], inputs, 0), (0, 0, 0, half))  # not
-    # before the chunk's start: zeros there, as the conv's padding at its edge
+    inputs = torch.where((slot[:, None] + back >= 0)[..., None], inputs, 0)  # before the chunk: its edge's zeros
+    inputs = F.pad(inputs, (0, 0, 0, half))  # after the token: zeros, not known yet
     V_new = gating.targets(inputs, 3 * half + 1)[:, half:2 * half + 1]
     _write_rows(state.V, slot[:, None] + arange(half + 1), V_new, run)  # rows of slots slot - half .. slot
 
@@ -843,8 +843,8 @@ def streaming_prefill(gating: TTTGating, x: torch.Tensor, x0: tp.Optional[torch.
         S = decay-weighted sum of U_j over j < q,    rows < s R:  decay * S + U_q
     with U_j = eta V_j^T Z_j, clipped as the layer clips. Built here from the parallel form's Z and V,
     the sum as one product over the tokens before q (memory linear in P); with `delta`, chunk by chunk
-    by its rule. Exact in float32 and float64; with
-    `compact_state` S is rounded to bf16 once here instead of at every fold."""
+    by its rule. Exact in float32 and float64; a compact state is rounded to bf16 once here instead
+    of at every fold."""
     out = gating._parallel(x, x0)
     with torch.no_grad():
         _prefill_state(gating, x, x0, state)
