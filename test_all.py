@@ -945,21 +945,27 @@ def test_modulo_rope_wraps():
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(T=st.integers(1, 80), context=st.integers(1, 40), B=st.integers(1, 2))
 def test_window_attention_equals_moshis_masked_attention(T, context, B):
-    """flex_attention with the window's block mask against moshi's own attention (T x T mask),
-    YaRN included; on CPU flex_attention runs forward only, so gradients are checked on a GPU by
-    `bench.py --scale`. Streaming falls back to moshi's path."""
+    """The window's pairs block by block (the CPU path of window_attention.py) against moshi's own
+    attention (T x T mask), YaRN included: logits and every parameter's gradient within 1e-5
+    (flex_attention, the GPU path, is checked on a GPU). Streaming falls back to moshi's path."""
     import window_attention
     m = tiny_model(context=context)
     yarn.apply_yarn(m, 2.0, 16, widen_context=False)
-    x = torch.randint(0, 256, (B, T))
-    with torch.no_grad():
-        ref = M.logits(m, x)
-        window_attention.apply_window_attention(m)
-        assert isinstance(m.transformer.layers[0].self_attn, window_attention.WindowAttention)
-        torch.testing.assert_close(M.logits(m, x), ref, atol=1e-5, rtol=1e-5)
-        with m.streaming(B):
-            torch.testing.assert_close(torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(T)], 1), ref,
-                                       atol=1e-4, rtol=1e-4)
+    x = torch.randint(0, 256, (B, T + 1))
+    results = []
+    for windowed in (False, True):
+        if windowed:
+            window_attention.apply_window_attention(m)
+            assert isinstance(m.transformer.layers[0].self_attn, window_attention.WindowAttention)
+        out = M.logits(m, x[:, :-1])
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()).backward()
+        results.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), m.streaming(B):
+        torch.testing.assert_close(torch.cat([M.logits(m, x[:, t:t + 1]) for t in range(T)], 1), results[0][0],
+                                   atol=1e-4, rtol=1e-4)
 
 
 # ============================================================================================

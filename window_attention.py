@@ -7,9 +7,10 @@ PyTorch's flex_attention with a block mask that skips the blocks outside the win
 
     query t reads key s  iff  t - context < s <= t
 
-so time and memory grow linearly in T. Streaming (the KV cache), cross-attention and per-step
-weights keep moshi's own path; so does a CPU forward that needs gradients (flex_attention has no
-backward on CPU), which makes the swap a no-op there.
+so time and memory grow linearly in T. On a CPU, where flex_attention has no fused kernel (eager,
+it makes every score), the same pairs run block by block: each block of queries reads only the keys
+its window reaches, one masked product each, forward and backward. Streaming (the KV cache),
+cross-attention and per-step weights keep moshi's own path.
 
 Usage:
     import window_attention
@@ -21,6 +22,7 @@ Only torch and moshi are used: copy this file alone.
 import functools
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import nn
@@ -52,8 +54,23 @@ def _compiled_flex_attention():
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(D), over keys t - context < s <= t) v; q, k, v: [B, H, T, D]."""
-    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask(q.shape[2], context, str(q.device)))
+    if not q.is_cuda:
+        return blocked_window_attention(q, k, v, context)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask(q.shape[2], context, str(q.device)))
+
+
+def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+    """The same in blocks of `context` queries: a block reads the keys from context - 1 before its
+    first query to its last, masked to each query's window, so memory grows as T (2 context)."""
+    T, out = q.shape[2], []
+    for start in range(0, T, context):
+        end, first = min(T, start + context), max(0, start - context + 1)
+        t = torch.arange(start, end, device=q.device)[:, None]
+        s = torch.arange(first, end, device=q.device)[None]
+        mask = (s <= t) & (t - s < context)  # [queries, keys] of the block
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, first:end], v[:, :, first:end],
+                                                  attn_mask=mask))
+    return torch.cat(out, dim=2)
 
 
 class WindowAttention(StreamingMultiheadAttention):
@@ -62,8 +79,7 @@ class WindowAttention(StreamingMultiheadAttention):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         if (self._streaming_state is not None or self.cross_attention or self.weights_per_step
-                or not self.causal or self.context is None or self.kv_repeat != 1
-                or (not query.is_cuda and torch.is_grad_enabled())):
+                or not self.causal or self.context is None or self.kv_repeat != 1):
             return super().forward(query, key, value)
         B, T = query.shape[:2]
         q, k, v = rearrange(self.in_projs[0](query), "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
