@@ -461,8 +461,7 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
     lengths = args.lengths or [original_len * 2 ** k for k in range(int(math.log2(2 * trained_len / original_len)) + 1)]
     # Full attention unless trained with a window; streaming needs a finite one (the KV cache).
     M.set_context(model, settings.get("window") or (max(lengths) if args.streaming else None))
-    if str(args.device).startswith("cuda"):  # the window's pairs only: time and memory linear in the length
-        window_attention.apply_window_attention(model)
+    window_attention.apply_window_attention(model)  # the window's pairs only: time and memory linear in the length
     if max(lengths) > len(corpus.val):
         fail(f"--lengths up to {max(lengths)} need more validation text ({len(corpus.val)} bytes)")
     return model, lengths
