@@ -3,8 +3,8 @@
 # (ttt_mlp_in, TTT in all 4 layers, 200 steps per stage, trained up to 512 = 2 W), with and without
 # forgetting per chunk, with the mean past K chunks, and with the paper's update clipping at inference,
 # with a LoRA on linear_in instead (ttt_lora_in), and with the delta rule's erase; each evaluated with
-# far needles only at 2, 4, 8 and 16 W (W = 256). (Longer needs the GPU's windowed attention: on a CPU
-# the full attention's scores at 8192 and more ran this 24 GiB machine out of memory.)
+# far needles only at 2, 4, 8 and 16 W (W = 256), and the main rows to 128 W at the end. (Past 16 W the
+# full attention's scores ran this 24 GiB machine out of memory, until a CPU computed only the window's.)
 #   bash results/horizon/cpu_default_base.sh        # from the repository root; OUT=... to move it
 # results/horizon/cpu_default_base/ holds one run's evaluations, probes and logs, copied from $OUT.
 set -euo pipefail
@@ -63,4 +63,13 @@ wait
     > "$OUT/lora_in8_delta1.log" 2>&1
 python eval_passkey.py "$OUT/lora_in8_delta1/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
     --windows 16 --out "$OUT/lora_in8_delta1/horizon.json" >> "$OUT/lora_in8_delta1.log" 2>&1
+# To 128 W (32768 = 64 times the trained length): a CPU now evaluates only the window's pairs
+# (window_attention.py's blocked path), the control, the erase trained, the erase at inference only on
+# the plain sum's model, and the plain sum.
+long() {  # name, checkpoint, flags
+    local name=$1 checkpoint=$2; shift 2
+    python eval_passkey.py "$OUT/$checkpoint/ckpt.pt" "$@" --lengths 512,1024,2048,4096,8192,16384,32768 \
+        --depths 0,0.2,0.4 --trials 20 --windows 16 --out "$OUT/long_$name.json" > "$OUT/long_$name.log" 2>&1
+}
+long control control; long delta1 delta1; long plain_eval_delta1 plain --ttt-delta 1; long plain plain
 echo done
