@@ -97,14 +97,18 @@ def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batc
 
 
 def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, windows: int,
-             device, seed: int = EVAL_SEED, streaming: bool = False) -> list[dict]:
-    """One row per length: passkey accuracy per depth and overall, and bits per byte."""
+             device, seed: int = EVAL_SEED, streaming: bool = False,
+             progress: tp.Optional[tp.Callable[[dict], None]] = None) -> list[dict]:
+    """One row per length: passkey accuracy per depth and overall, and bits per byte; `progress` is
+    called with each row as it is done."""
     rows = []
     for length in lengths:
         correct = passkey_accuracy(model, val, length, depths, trials, seed + length, device, streaming=streaming)
         acc = [sum(c) / len(c) for c in correct]
         bpb = bits_per_byte(model, val, length, windows, seed + length, device)
         rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb, correct=correct))
+        if progress:
+            progress(rows[-1])
     return rows
 
 
@@ -471,8 +475,10 @@ def evaluate_checkpoint(args, path: str, checkpoint: dict, model, lengths: list[
     """One prepared checkpoint evaluated: its rows printed, its result returned."""
     settings = checkpoint["settings"]
     start = time.time()
+    done = lambda row: print(f"  {path}: length {row['length']} done, {100 * row['passkey']:.0f} % / {row['bpb']:.2f} "
+                             f"bits per byte ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed,
-                    args.streaming)
+                    args.streaming, progress=done)
     title = f"{path}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
     print(format_rows(title, rows))
     for r in rows:
