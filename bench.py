@@ -369,6 +369,27 @@ def gating_step(device, d=4096, h=11264, chunks=(256, 1024), reps=200):
     return rows
 
 
+def timed_steps(gen, codes: torch.Tensor, n: int) -> list[float]:
+    """Milliseconds of n `gen.step(codes)` (host clock around a step and a synchronisation) after
+    three untimed ones: eager warm-up, CUDA graph capture, a first replay."""
+    sync = torch.cuda.synchronize if codes.is_cuda else (lambda: None)
+    times = []
+    for i in range(n + 3):
+        sync()
+        start = time.perf_counter()
+        gen.step(codes)
+        sync()
+        if i >= 3:
+            times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def p99(times: list[float]) -> float:
+    """The 99th percentile of step times: the largest but the top 1 %."""
+    times = sorted(times)
+    return times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
 def realtime(device, steps, eager_steps=20, rounds=2):
     """LMGen.step of moshi's own 7B configuration (random weights, bf16, batch 1, CUDA graphs on, as
     deployed), one configuration after another on the same weights: per-step wall time (host
@@ -389,15 +410,8 @@ def realtime(device, steps, eager_steps=20, rounds=2):
         """Per-step milliseconds of n steps after the warm-up, and the peak GiB allocated."""
         gen = LMGen(lm)
         torch.cuda.reset_peak_memory_stats()
-        times = []
         with gen.streaming(1), (contextlib.nullcontext() if graphs else no_cuda_graph()):
-            for i in range(n + 3):  # eager warm-up, capture, a first replay
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                gen.step(codes)
-                torch.cuda.synchronize()
-                if i >= 3:
-                    times.append(1000 * (time.perf_counter() - start))
+            times = timed_steps(gen, codes, n)
             for g in lm.modules():  # the TTT state advanced at every step, replays included
                 if isinstance(g, ttt.TTTGating):
                     assert int(g._streaming_state.offset[0]) == n + 3, "TTT state did not advance"
@@ -426,7 +440,7 @@ def realtime(device, steps, eager_steps=20, rounds=2):
             torch.cuda.empty_cache()
     for name, config, against in configs:
         row, times = rows[name], sorted(rows[name].pop("times"))
-        row.update(median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+        row.update(median_ms=statistics.median(times), p99_ms=p99(times),
                    max_ms=times[-1], steps=len(times))
         if against:
             row["ratio"] = row["median_ms"] / rows[against]["median_ms"]
@@ -492,20 +506,12 @@ def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8,
         streaming state's bytes by kind; None where B does not fit."""
         gen = LMGen(lm)
         codes = torch.randint(0, lm.card, (B, lm.num_codebooks - lm.dep_q - 1, 1), device=device)
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            times = []
             with gen.streaming(B):
                 held = state_memory(gen, lm)
-                for i in range(steps + 3):  # eager warm-up, capture, a first replay
-                    sync()
-                    start = time.perf_counter()
-                    gen.step(codes)
-                    sync()
-                    if i >= 3:
-                        times.append(1000 * (time.perf_counter() - start))
+                times = timed_steps(gen, codes, steps)
             peak = torch.cuda.max_memory_allocated() if cuda else None
         except RuntimeError as e:  # torch.OutOfMemoryError, or a CUDA graph's capture that ran out
             if "out of memory" not in str(e):
@@ -518,9 +524,7 @@ def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8,
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-        times.sort()
-        return dict(batch=B, median_ms=statistics.median(times), p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
-                    peak_bytes=peak, **held)
+        return dict(batch=B, median_ms=statistics.median(times), p99_ms=p99(times), peak_bytes=peak, **held)
 
     rows, GiB = {}, 2 ** 30
     for name, config, compact in configs:
