@@ -525,8 +525,8 @@ PRESETS_HORIZON = {
     "cuda": dict(PRESETS_STUDY["cuda"], multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5],
                  stream_trials=8, stream_depth=0.25, jobs=4),  # 8 at once ran an H200 out of memory at 128 W
     "cpu": dict(PRESETS_STUDY["cpu"], L0=512, window=128, pretrain_steps=600, pretrain_batch=8, steps=200, batch=8,
-                multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5], trials=10, windows=8, stream_trials=2,
-                stream_depth=0.25, jobs=2),
+                multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5], trials=10, windows=8,
+                stream_trials=2, stream_depth=0.25, jobs=2),
 }
 
 

@@ -67,7 +67,7 @@ def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         end, first = min(T, start + context), max(0, start - context + 1)
         t = torch.arange(start, end, device=q.device)[:, None]
         s = torch.arange(first, end, device=q.device)[None]
-        mask = (s <= t) & (t - s < context)  # [queries, keys] of the block
+        mask = window_mask(context)(None, None, t, s)  # [queries, keys] of the block
         out.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, first:end], v[:, :, first:end],
                                                   attn_mask=mask))
     return torch.cat(out, dim=2)
