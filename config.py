@@ -50,7 +50,8 @@ class Config:
     recipe: str = flag("project", "defaults: ours or the official ones (README)", choices=tuple(RECIPES))
     scale: float = flag(4.0, "final YaRN scale; stages double the length up to it")
     mode: str = flag("ttt_only", "what trains in the extension stages", choices=freeze.MODES)
-    method: str = flag("yarn", "RoPE scaling in the extension stages", choices=yarn.METHODS[1:])
+    method: str = flag("yarn", "RoPE scaling in the extension stages (none: the base's RoPE, longer documents "
+                       "only; with a window, positions farther apart than it never meet)", choices=yarn.METHODS)
     yarn_beta_fast: tp.Optional[float] = flag(None, "YaRN's beta_fast: RoPE pairs turning more than this many times "
                                               "over L0 keep their frequency (default: the paper's 32 lowered until "
                                               "YaRN keeps Moshi 7B's share of pairs: 32 for Moshi, 2 for the CPU "

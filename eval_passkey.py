@@ -192,7 +192,7 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     window, ttt_text = settings.get("window"), f"TTT {settings['mode']}" if settings["ttt"] else "no TTT"
     rope = f"{method} x{scale:g}" if method != "none" else "vanilla RoPE"
     models = []
-    if base_model is not None:  # YaRN beside PI, the interpolation it refines, on the same weights
+    if base_model is not None and method != "none":  # YaRN beside PI, the interpolation it refines
         models += [(f"{rope} against its control: the base model, untrained"
                     + (f" (YaRN's beta_fast {beta_fast:g})" if method == "yarn" else ""), None),
                    ("vanilla RoPE (control)", ("none", 1.0, False)), (rope, (method, scale, False))]

@@ -97,6 +97,8 @@ class StudyRow:
     chosen_after_report: bool = False  # True for a row added after the report set's results were seen
     eval_flags: list = dataclasses.field(default_factory=list)  # eval_passkey.py's, for a trained row
     same_training: str = ""  # a row whose checkpoint this one evaluates (it trains nothing itself)
+    longest: int = 1  # trained through 2 L0, 4 L0, ... up to this multiple of L0 (finetune_command)
+    control: str = "control"  # the no-TTT row trained the same way, which this one is compared with
 
 
 def far_depth(length: int, window: int) -> float:
@@ -163,12 +165,20 @@ def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
             for seed in range(bases) if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
-def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int) -> list[str]:
+def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int,
+                     longest: int = 1) -> list[str]:
     # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range.
+    # longest k > 1: train.py's stages at 2 L0, 4 L0, ... k L0 with the base's RoPE (--method none),
+    # with batch / k sequences and the steps per stage that give about the tokens of `steps` at L0.
     # A row is the paper's plain sum of updates unless it names the erase (train.py's default is rho 1).
     sum_of_updates = [] if "--ttt-delta" in flags else ["--ttt-delta", "0"]
-    return [sys.executable, "train.py", "--init", base, "--scale", "1", "--steps", str(steps), "--batch",
-            str(c["batch"]), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
+    scale, batch = ["--scale", "1"], c["batch"]
+    if longest > 1:
+        batch = c["batch"] // longest
+        steps = round(steps * c["batch"] / (batch * (2 * longest - 2)))  # stage lengths sum to (2k - 2) L0
+        scale = ["--scale", str(longest), "--method", "none"]
+    return [sys.executable, "train.py", "--init", base, *scale, "--steps", str(steps), "--batch",
+            str(batch), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
             "--out", folder] + study_common(c, seed) + sum_of_updates + flags
 
 
@@ -563,6 +573,14 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                              "only", mlp_in, eval_flags=["--ttt-delta", rho], same_training="ttt_mlp_in"))
     rows.append(StudyRow("ttt_lora_in_delta1", "ttt_lora_in (rank 8), the delta rule's erase 1, trained",
                          ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"]))
+    # Longer documents: stages at 2 L0 and 4 L0 (8 and 16 W), about the same tokens as one stage at
+    # L0, against the control trained the same way.
+    k = 4
+    through = f"trained through {2 * c['L0'] // c['window']} W and {k * c['L0'] // c['window']} W"
+    rows.append(StudyRow(f"control_long{k}", f"full fine-tuning, no TTT, {through} (control)",
+                         study["control"].flags, longest=k))
+    rows.append(StudyRow(f"ttt_mlp_in_delta1_long{k}", f"ttt_mlp_in, the delta rule's erase 1, {through}",
+                         mlp_in + ["--ttt-delta", "1"], longest=k, control=f"control_long{k}"))
     return rows
 
 
@@ -598,6 +616,7 @@ def horizon(args, p) -> None:
                    ",".join(str(d) for d in c["horizon_depths"])]
     longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
                "--windows", "1"]
+    streaming = []
     for row in rows:
         for seed in range(args.bases):
             b = f"base{seed}"
@@ -610,7 +629,8 @@ def horizon(args, p) -> None:
             elif row.train:
                 base, checkpoint = checkpoint, os.path.join(folder, "ckpt.pt")
                 if not os.path.exists(os.path.join(folder, "results.json")):
-                    commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"]))
+                    commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"],
+                                                     row.longest))
             out = os.path.join(work, b, f"{row.name}_horizon.json")
             flags = row.eval_flags if row.train else row.flags
             commands.append([sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
@@ -626,12 +646,13 @@ def horizon(args, p) -> None:
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
                                      [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
                                       str(lengths[-1]), "--out", probe_out]]))
-            if checked and row.name not in results["streaming"]:
+            if checked and row.name not in results["streaming"]:  # the slowest: after every row
                 outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
-                todo.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
+                streaming.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
                                      [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
                                      + (["--streaming"] if way == "streaming" else []) for way in outs]))
+    todo += streaming
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(work, 'logs')}", flush=True)
     done, start = [0], time.time()
 
@@ -766,15 +787,18 @@ def tables_horizon(results: dict, path: str) -> None:
                 bpb = bootstrap_over_bases([results["rows"][b][name][i]["bpb"] for b in bases])
                 cells.append(f"{far[0]:.0f}% [{far[1]:.0f}-{far[2]:.0f}] / {bpb[0]:.2f} [{bpb[1]:.2f}-{bpb[2]:.2f}]")
             lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    lines += ["", "### Against the no-TTT control (full fine-tuning), on every base", ""]
+    lines += ["", "### Against the no-TTT control trained the same way (full fine-tuning), on every base", ""]
+    controls = {r.name: r.control for r in horizon_rows(c)}
     for name in names:
         if not name.startswith("ttt"):
             continue
-        worse = [f"{b} at {lengths[i] // W} W ({r['bpb']:.3f} against {results['rows'][b]['control'][i]['bpb']:.3f})"
-                 for b in bases if name in results["rows"][b] and "control" in results["rows"][b]
-                 for i, r in enumerate(results["rows"][b][name]) if r["bpb"] > results["rows"][b]["control"][i]["bpb"]]
-        lines.append(f"- {labels[name]}: bits per byte " + ("never above the control's" if not worse else
-                                                              "above the control's at " + "; ".join(worse)))
+        ctl = controls[name]
+        worse = [f"{b} at {lengths[i] // W} W ({r['bpb']:.3f} against {results['rows'][b][ctl][i]['bpb']:.3f})"
+                 for b in bases if name in results["rows"][b] and ctl in results["rows"][b]
+                 for i, r in enumerate(results["rows"][b][name]) if r["bpb"] > results["rows"][b][ctl][i]["bpb"]]
+        against = [b for b in bases if name in results["rows"][b] and ctl in results["rows"][b]]
+        lines.append(f"- {labels[name]}, against {ctl} on {len(against)} base(s): bits per byte "
+                     + ("never above the control's" if not worse else "above the control's at " + "; ".join(worse)))
     for name, s in results.get("streaming", {}).items():
         same = s["parallel"] == s["streaming"]
         lines.append(f"- {labels[name]}, base0, {s['length'] // W} W, depth {s['depth']}: one token per step "

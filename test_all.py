@@ -1387,13 +1387,23 @@ def test_horizon_rows_are_the_runs_they_name(device):
     for name, row in rows.items():
         if not row.train or row.same_training:
             continue
-        args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"])[2:])
-        assert args.mode == ("full" if name == "control" else "ttt_mlp_in" if "mlp_in" in name else
+        args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"],
+                                                           row.longest)[2:])
+        assert args.mode == ("full" if name.startswith("control") else "ttt_mlp_in" if "mlp_in" in name else
                              "ttt_lora_in" if "lora_in" in name else "ttt_only")
+        assert (args.ttt_layers == "none") == name.startswith("control")
+        # longer documents: stages 2 L0 .. 4 L0 with the base's RoPE, tokens within 1 % of one stage at L0
+        stages = config.curriculum(args.scale, c["L0"], pretrain=False)
+        tokens = args.steps * args.batch * sum(s["length"] for s in stages)
+        assert (args.method, args.scale) == (("none", 4) if name.endswith("_long4") else ("yarn", 1))
+        assert abs(tokens / (c["steps"] * c["batch"] * c["L0"]) - 1) < 0.01
+        if name.startswith("ttt"):  # compared with the no-TTT row trained the same way
+            assert row.control == ("control_long4" if name.endswith("_long4") else "control")
+            assert row.control in rows and rows[row.control].longest == row.longest
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0
-        assert args.ttt_delta == (float(name.split("delta")[1]) if "delta" in name else 0.0)
+        assert args.ttt_delta == (float(name.split("delta")[1].split("_")[0]) if "delta" in name else 0.0)
     inference = {n: r for n, r in rows.items() if r.same_training}
     assert all(r.same_training == "ttt_mlp_in" for r in inference.values())
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_decay97"].eval_flags)[0].ttt_decay == 0.97

@@ -180,8 +180,8 @@ def main(argv=None):
         clip_groups = [(name, params) for name, params in (
             (("ttt", ttt_params), ("base", base_params)) if config.clip == "per-group"
             else (("all", ttt_params + base_params),)) if params]
-        log(f"stage {stage_index}: {stage['kind']} at length {length}, scale {stage['scale']:g}, "
-            f"{steps} steps, batch {config.batch}")
+        rope = "the base's RoPE" if config.method == "none" else f"scale {stage['scale']:g}"
+        log(f"stage {stage_index}: {stage['kind']} at length {length}, {rope}, {steps} steps, batch {config.batch}")
         # --- the loop. The host does not wait for the GPU inside a step: the loss stays a tensor, and
         # the first step with a non-finite gradient norm is recorded on the device and read before
         # any log line or save, so no checkpoint is ever written from non-finite weights.
