@@ -98,6 +98,7 @@ class StudyRow:
     eval_flags: list = dataclasses.field(default_factory=list)  # eval_passkey.py's, for a trained row
     same_training: str = ""  # a row whose checkpoint this one evaluates (it trains nothing itself)
     longest: int = 1  # trained through 2 L0, 4 L0, ... up to this multiple of L0 (finetune_command)
+    init_row: str = ""  # a row whose trained checkpoint this one starts from (default: the base)
     control: str = "control"  # the no-TTT row trained the same way, which this one is compared with
 
 
@@ -165,6 +166,16 @@ def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
             for seed in range(bases) if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
+def long_budget(c: dict, steps: int, longest: int) -> tuple[int, int]:
+    """Steps per stage and batch for stages at 2 L0, 4 L0, ... `longest` L0 that see about the tokens
+    of `steps` steps of c["batch"] at L0: batch / longest sequences (the stage lengths sum to
+    (2 longest - 2) L0)."""
+    if longest == 1:
+        return steps, c["batch"]
+    batch = c["batch"] // longest
+    return round(steps * c["batch"] / (batch * (2 * longest - 2))), batch
+
+
 def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int,
                      longest: int = 1) -> list[str]:
     # --scale 1: one extension stage, at L0 (train.curriculum); the window keeps positions in range.
@@ -172,10 +183,8 @@ def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: in
     # with batch / k sequences and the steps per stage that give about the tokens of `steps` at L0.
     # A row is the paper's plain sum of updates unless it names the erase (train.py's default is rho 1).
     sum_of_updates = [] if "--ttt-delta" in flags else ["--ttt-delta", "0"]
-    scale, batch = ["--scale", "1"], c["batch"]
+    scale, (steps, batch) = ["--scale", "1"], long_budget(c, steps, longest)
     if longest > 1:
-        batch = c["batch"] // longest
-        steps = round(steps * c["batch"] / (batch * (2 * longest - 2)))  # stage lengths sum to (2k - 2) L0
         scale = ["--scale", str(longest), "--method", "none"]
     return [sys.executable, "train.py", "--init", base, *scale, "--steps", str(steps), "--batch",
             str(batch), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
@@ -576,11 +585,19 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     # Longer documents: stages at 2 L0 and 4 L0 (8 and 16 W), about the same tokens as one stage at
     # L0, against the control trained the same way.
     k = 4
-    through = f"trained through {2 * c['L0'] // c['window']} W and {k * c['L0'] // c['window']} W"
+    through = (f"trained through {2 * c['L0'] // c['window']} W and {k * c['L0'] // c['window']} W "
+               "({} steps of {} per stage)".format(*long_budget(c, c["steps"], k)))
     rows.append(StudyRow(f"control_long{k}", f"full fine-tuning, no TTT, {through} (control)",
                          study["control"].flags, longest=k))
     rows.append(StudyRow(f"ttt_mlp_in_delta1_long{k}", f"ttt_mlp_in, the delta rule's erase 1, {through}",
                          mlp_in + ["--ttt-delta", "1"], longest=k, control=f"control_long{k}"))
+    # The same stages after the row trained at L0 (as train.py's curriculum: L0's stage first).
+    then = f"then {through.removeprefix('trained ')}"
+    rows.append(StudyRow(f"control_then_long{k}", f"full fine-tuning, no TTT, trained at {c['L0'] // c['window']} W, "
+                         f"{then} (control)", study["control"].flags, longest=k, init_row="control"))
+    rows.append(StudyRow(f"ttt_mlp_in_delta1_then_long{k}", f"ttt_mlp_in, the delta rule's erase 1, trained at "
+                         f"{c['L0'] // c['window']} W, {then}", mlp_in + ["--ttt-delta", "1"], longest=k,
+                         init_row="ttt_mlp_in_delta1", control=f"control_then_long{k}"))
     return rows
 
 
@@ -592,7 +609,7 @@ def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
     wanted = wanted_rows(rows, args, p)
-    wanted += [r.same_training for r in rows if r.name in wanted and r.same_training]
+    wanted += [r.same_training or r.init_row for r in rows if r.name in wanted and (r.same_training or r.init_row)]
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
@@ -627,7 +644,8 @@ def horizon(args, p) -> None:
             if row.same_training:
                 checkpoint = os.path.join(folder, "ckpt.pt")
             elif row.train:
-                base, checkpoint = checkpoint, os.path.join(folder, "ckpt.pt")
+                base = os.path.join(work, b, row.init_row, "ckpt.pt") if row.init_row else checkpoint
+                checkpoint = os.path.join(folder, "ckpt.pt")
                 if not os.path.exists(os.path.join(folder, "results.json")):
                     commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"],
                                                      row.longest))
@@ -635,8 +653,9 @@ def horizon(args, p) -> None:
             flags = row.eval_flags if row.train else row.flags
             commands.append([sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
                              "--out", out] + common_eval + flags)
-            after = b if b in waits else None  # a row evaluating another's checkpoint waits for its training
-            after = f"{b}/{row.same_training}" if any(j["name"] == f"{b}/{row.same_training}" for j in todo) else after
+            after = b if b in waits else None  # a row evaluating or starting from another's waits for it
+            needs = f"{b}/{row.same_training or row.init_row}"
+            after = needs if any(j["name"] == needs for j in todo) else after
             todo.append(dict(name=f"{b}/{row.name}", after=after, commands=commands,
                              log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row.name, out=out))
             checked = seed == 0 and row.name.startswith("ttt") and not row.same_training  # base 0's own TTT trainings

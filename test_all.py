@@ -1395,11 +1395,15 @@ def test_horizon_rows_are_the_runs_they_name(device):
         # longer documents: stages 2 L0 .. 4 L0 with the base's RoPE, tokens within 1 % of one stage at L0
         stages = config.curriculum(args.scale, c["L0"], pretrain=False)
         tokens = args.steps * args.batch * sum(s["length"] for s in stages)
-        assert (args.method, args.scale) == (("none", 4) if name.endswith("_long4") else ("yarn", 1))
+        assert (args.method, args.scale) == (("none", 4) if "long4" in name else ("yarn", 1))
         assert abs(tokens / (c["steps"] * c["batch"] * c["L0"]) - 1) < 0.01
-        if name.startswith("ttt"):  # compared with the no-TTT row trained the same way
-            assert row.control == ("control_long4" if name.endswith("_long4") else "control")
-            assert row.control in rows and rows[row.control].longest == row.longest
+        if name.startswith("ttt"):  # compared with the no-TTT row trained the same way, from the same start
+            assert row.control == (name.replace("ttt_mlp_in_delta1", "control") if "long4" in name else "control")
+            control = rows[row.control]
+            assert control.longest == row.longest
+            assert control.init_row == (rows[row.init_row].control if row.init_row else "")
+        if row.init_row:  # starts from a row trained at L0 with the same flags
+            assert rows[row.init_row].flags == row.flags and rows[row.init_row].longest == 1
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import typing as tp
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling dominates small runs
 
@@ -94,6 +95,46 @@ def configure_optimizer(model, config: Config):
               dict(params=[p for p in base_params if p.dim() < 2], weight_decay=0.0, name="base"),
               dict(params=ttt_params, weight_decay=config.ttt_weight_decay, name="ttt")]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95)), ttt_params, base_params
+
+
+def step_batch(config: Config, corpus, multistream: bool, length: int, extending: bool, step: int):
+    """The global batch of one step (sequences, whether each is a passkey document). It depends only
+    on (seed, stage length and kind, step): the same sequences whatever the number of processes,
+    with or without --init, and after --resume."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + (2 * length + extending) * 100_003 + step)
+    if multistream:  # no passkey documents in token streams
+        return (data.token_windows(corpus.train, length, config.batch, generator),
+                torch.zeros(config.batch, dtype=torch.bool))
+    return data.training_batch(corpus.train, length, config.batch, config.passkey_share, generator,
+                               config.passkey_max_depth)
+
+
+def backward(net, batch: torch.Tensor, answer: torch.Tensor, micro_steps: int, sharded_model, ddp: bool,
+             autocast) -> torch.Tensor:
+    """This process's share of the batch, forward and backward in `micro_steps` pieces; gradients are
+    all-reduced (DDP, or FSDP2 on `sharded_model`) on the last piece only. Returns the loss, a tensor:
+    the host does not wait for the GPU here."""
+    micro, loss_sum = batch.shape[0] // micro_steps, torch.zeros((), device=batch.device)
+    for k in range(micro_steps):
+        sync = k == micro_steps - 1
+        if sharded_model is not None:
+            sharded_model.set_requires_gradient_sync(sync)
+        with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+            loss = net(batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]) / micro_steps
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def clip_gradients(clip_groups: list, ttt_params: list, config: Config) -> tuple[dict, tp.Optional[torch.Tensor]]:
+    """Clipped per group by default, so TTT's small gradients are not scaled by the base's. Returns
+    each group's norm before clipping and TTT's (None without TTT), as tensors; every rank sees the
+    same norms (the gradients are all-reduced), so all stop together on a non-finite one."""
+    ttt_norm = (torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None])
+                if ttt_params and config.clip == "global" else None)
+    norms = {name: torch.nn.utils.clip_grad_norm_(params, config.grad_clip) for name, params in clip_groups}
+    norms = {name: getattr(norm, "full_tensor", lambda: norm)() for name, norm in norms.items()}  # FSDP2
+    return norms, norms.get("ttt", getattr(ttt_norm, "full_tensor", lambda: ttt_norm)())
 
 
 def describe(model, corpus, settings: dict, config: Config, stages: list[dict], where: str,
@@ -192,34 +233,11 @@ def main(argv=None):
         for step in range(first_step, steps):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, steps, config.lr_ttt if g["name"] == "ttt" else config.lr, config.warmup)
-            # The global batch depends only on (seed, stage length and kind, step): the same sequences
-            # whatever the number of processes, with or without --init, and after --resume.
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + (2 * length + extending) * 100_003 + step)
-            if multistream:
-                batch = data.token_windows(corpus.train, length, config.batch, generator)
-                answer = torch.zeros(config.batch, dtype=torch.bool)  # no passkey documents here
-            else:
-                batch, answer = data.training_batch(corpus.train, length, config.batch, config.passkey_share, generator,
-                                                    config.passkey_max_depth)
+            batch, answer = step_batch(config, corpus, multistream, length, extending, step)
             mine = slice(rank * micro * config.grad_accum, (rank + 1) * micro * config.grad_accum)
-            batch, answer = batch[mine].to(device), answer[mine].to(device)
-            loss_sum = torch.zeros((), device=device)
-            for k in range(config.grad_accum):
-                sync = k == config.grad_accum - 1  # all-reduce only on the last micro-step
-                if sharded:
-                    model.set_requires_gradient_sync(sync)
-                with (net.no_sync() if ddp and not sharded and not sync else contextlib.nullcontext()), autocast:
-                    loss = net(batch[k * micro:(k + 1) * micro], answer[k * micro:(k + 1) * micro]) / config.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            # Clipped per group by default, so TTT's small gradients are not scaled by the base's (the
-            # log shows the TTT norm before any clipping). Gradients are all-reduced: every rank sees
-            # the same norms and stops together.
-            ttt_norm = (torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None])
-                        if ttt_params and config.clip == "global" else None)
-            norms = {name: torch.nn.utils.clip_grad_norm_(params, config.grad_clip) for name, params in clip_groups}
-            norms = {name: getattr(norm, "full_tensor", lambda: norm)() for name, norm in norms.items()}  # FSDP2
-            ttt_norm = norms.get("ttt", getattr(ttt_norm, "full_tensor", lambda: ttt_norm)())
+            loss_sum = backward(net, batch[mine].to(device), answer[mine].to(device), config.grad_accum,
+                                sharded_model=model if sharded else None, ddp=ddp and not sharded, autocast=autocast)
+            norms, ttt_norm = clip_gradients(clip_groups, ttt_params, config)
             finite = torch.stack([norm.isfinite() for norm in norms.values()])
             first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
             optimizer.step()
