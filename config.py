@@ -148,6 +148,8 @@ def parse_args(argv=None) -> tuple[Config, dict]:
         check(config)
     except ValueError as e:
         fail(str(e))
+    if "yarn_beta_fast" in given and config.method != "yarn":  # a flag that would change nothing
+        fail(f"--yarn-beta-fast is YaRN's; --method {config.method} has no beta_fast")
     if isinstance(given.get("ttt_layers"), str):
         given["ttt_layers"] = config.ttt_layers
     return config, given

@@ -605,6 +605,64 @@ def horizon_lengths(c: dict) -> list[int]:
     return [m * c["window"] for m in c["multiples"]]
 
 
+def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, bases: int,
+                 seed: int) -> list[dict]:
+    """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
+    training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
+    A training and its evaluation are two jobs: a row that starts from, or evaluates, another's
+    checkpoint waits for that training only. In the order run_jobs takes them when free: the
+    pretrainings, the trainings, the evaluations, then the streaming checks (the slowest)."""
+    todo = pretrain_jobs(c, bases, work)
+    lengths = horizon_lengths(c)
+    common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
+                   ",".join(str(d) for d in c["horizon_depths"])]
+    longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
+               "--windows", "1"]
+
+    def pending(*names):  # the first of these jobs still to run (None: what they make is there)
+        return next((n for n in names if any(j["name"] == n for j in todo)), None)
+
+    for row in rows:
+        for base_seed in range(bases):
+            b = f"base{base_seed}"
+            if row.name not in wanted or row.name in results["rows"].get(b, {}):
+                continue
+            trained = row.same_training or row.name  # the folder of the training this row evaluates
+            folder, checkpoint = os.path.join(work, b, trained), os.path.join(work, b, "base.pt")
+            source = row.same_training or row.init_row
+            after = pending(f"{b}/{source}/train", b) if source else pending(b)
+            log = os.path.join(work, "logs", f"{b}_{row.name}.log")
+            if row.same_training:
+                checkpoint = os.path.join(folder, "ckpt.pt")
+            elif row.train:
+                base = os.path.join(work, b, row.init_row, "ckpt.pt") if row.init_row else checkpoint
+                checkpoint = os.path.join(folder, "ckpt.pt")
+                if not os.path.exists(os.path.join(folder, "results.json")):
+                    todo.append(dict(name=f"{b}/{row.name}/train", after=after, log=log, trained=True, commands=[
+                        finetune_command(c, base, folder, row.flags, seed, c["steps"], row.longest)]))
+                    after = f"{b}/{row.name}/train"
+            out = os.path.join(work, b, f"{row.name}_horizon.json")
+            flags = row.eval_flags if row.train else row.flags
+            todo.append(dict(name=f"{b}/{row.name}", after=after, log=log, base=b, row=row.name, out=out, commands=[
+                [sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
+                 "--out", out] + common_eval + flags]))
+            checked = base_seed == 0 and row.name.startswith("ttt") and not row.same_training  # its own TTT training
+            if checked and row.name not in results["probe"]:
+                probe_out = os.path.join(work, b, f"{row.name}_probe.json")
+                todo.append(dict(name=f"{b}/{row.name}/probe", after=after, row=row.name, probe=probe_out,
+                                 log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
+                                     [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
+                                      str(lengths[-1]), "--out", probe_out]]))
+            if checked and row.name not in results["streaming"]:
+                outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
+                todo.append(dict(name=f"{b}/{row.name}/streaming", after=after, row=row.name, outs=outs,
+                                 log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
+                                     [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
+                                     + (["--streaming"] if way == "streaming" else []) for way in outs]))
+    kind = lambda j: 0 if "/" not in j["name"] else 1 if j.get("trained") else 3 if "outs" in j else 2
+    return sorted(todo, key=kind)
+
+
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
@@ -627,52 +685,8 @@ def horizon(args, p) -> None:
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    work, todo = args.work, pretrain_jobs(c, args.bases, args.work)
-    waits = {j["name"] for j in todo}
-    common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
-                   ",".join(str(d) for d in c["horizon_depths"])]
-    longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
-               "--windows", "1"]
-    streaming = []
-    for row in rows:
-        for seed in range(args.bases):
-            b = f"base{seed}"
-            if row.name not in wanted or row.name in results["rows"].get(b, {}):
-                continue
-            trained = row.same_training or row.name  # the folder of the training this row evaluates
-            folder, checkpoint, commands = os.path.join(work, b, trained), os.path.join(work, b, "base.pt"), []
-            if row.same_training:
-                checkpoint = os.path.join(folder, "ckpt.pt")
-            elif row.train:
-                base = os.path.join(work, b, row.init_row, "ckpt.pt") if row.init_row else checkpoint
-                checkpoint = os.path.join(folder, "ckpt.pt")
-                if not os.path.exists(os.path.join(folder, "results.json")):
-                    commands.append(finetune_command(c, base, folder, row.flags, args.seed, c["steps"],
-                                                     row.longest))
-            out = os.path.join(work, b, f"{row.name}_horizon.json")
-            flags = row.eval_flags if row.train else row.flags
-            commands.append([sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
-                             "--out", out] + common_eval + flags)
-            after = b if b in waits else None  # a row evaluating or starting from another's waits for it
-            needs = f"{b}/{row.same_training or row.init_row}"
-            after = needs if any(j["name"] == needs for j in todo) else after
-            todo.append(dict(name=f"{b}/{row.name}", after=after, commands=commands,
-                             log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row.name, out=out))
-            checked = seed == 0 and row.name.startswith("ttt") and not row.same_training  # base 0's own TTT trainings
-            if checked and row.name not in results["probe"]:
-                probe_out = os.path.join(work, b, f"{row.name}_probe.json")
-                todo.append(dict(name=f"{b}/{row.name}/probe", after=f"{b}/{row.name}", row=row.name, probe=probe_out,
-                                 log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
-                                     [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
-                                      str(lengths[-1]), "--out", probe_out]]))
-            if checked and row.name not in results["streaming"]:  # the slowest: after every row
-                outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
-                streaming.append(dict(name=f"{b}/{row.name}/streaming", after=f"{b}/{row.name}", row=row.name, outs=outs,
-                                 log=os.path.join(work, "logs", f"{b}_{row.name}_streaming.log"), commands=[
-                                     [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
-                                     + (["--streaming"] if way == "streaming" else []) for way in outs]))
-    todo += streaming
-    print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(work, 'logs')}", flush=True)
+    todo = horizon_jobs(c, rows, wanted, results, args.work, args.bases, args.seed)
+    print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
 
     def record(job, seconds):
@@ -693,8 +707,8 @@ def horizon(args, p) -> None:
             print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: far {far} ({seconds:.0f} s)",
                   flush=True)
         else:
-            print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: pretrained in {seconds:.0f} s",
-                  flush=True)
+            print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: "
+                  f"{'trained' if job.get('trained') else 'pretrained'} in {seconds:.0f} s", flush=True)
         save_json(results, json_path)
 
     failed = run_jobs(todo, args.jobs or c["jobs"], record,

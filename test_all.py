@@ -1419,6 +1419,39 @@ def test_horizon_rows_are_the_runs_they_name(device):
     assert all(eval_passkey.is_far(L, d, c["window"]) for L in sweep.horizon_lengths(c) for d in c["horizon_depths"])
 
 
+def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
+    """The horizon's job graph: every job waits for a job listed before it (or for nothing), an
+    evaluation for its own training, a row starting from or evaluating another's checkpoint for that
+    training only (not its evaluation); trainings come before evaluations and the streaming checks
+    last; every command parses; a row already in the results is not run again on that base."""
+    c = sweep.PRESETS_HORIZON["cpu"]
+    rows = {r.name: r for r in sweep.horizon_rows(c)}
+    results = dict(rows={"base1": {"control": []}}, probe={}, streaming={})
+    jobs = sweep.horizon_jobs(c, list(rows.values()), list(rows), results, str(tmp_path), 2, 0)
+    names = [j["name"] for j in jobs]
+    assert len(set(names)) == len(names) and "base1/control" not in names and "base0/control" in names
+    for i, job in enumerate(jobs):
+        assert job["after"] is None or job["after"] in names[:i]
+        *_, tail = job["name"].split("/")
+        if "/" not in job["name"]:
+            assert config.parse_args(job["commands"][0][2:])[0].pretrain_only
+        elif tail == "train":
+            args, _ = config.parse_args(job["commands"][0][2:])
+            row = rows[job["name"].split("/")[1]]
+            b = job["name"].split("/")[0]
+            source = f"{b}/{row.init_row}/train"  # not run again where its row is done: its checkpoint is there
+            assert job["after"] == (source if row.init_row and source in names else b)
+            assert args.init.endswith(f"{row.init_row}/ckpt.pt" if row.init_row else "base.pt")
+        elif tail in rows:  # an evaluation
+            row, b = rows[tail], job["name"].split("/")[0]
+            trained = f"{b}/{row.same_training or row.name}/train"
+            assert job["after"] == (trained if row.train and trained in names else b)
+            assert eval_passkey.parse_args(job["commands"][0][2:])[0].lengths == sweep.horizon_lengths(c)
+    kinds = [0 if "/" not in n else 1 if n.endswith("/train") else 3 if n.endswith("/streaming") else 2 for n in names]
+    assert kinds == sorted(kinds) and {"base0/ttt_mlp_in_delta1_then_long4/probe",
+                                       "base0/ttt_mlp_in_delta1_then_long4/streaming"} <= set(names)
+
+
 def synthetic_study(by_depth: dict) -> dict:
     """A study JSON as sweep.study writes it, with the given accuracies per (base, row, split, length)."""
     c = dict(sweep.PRESETS_STUDY["cuda"], seed=0, dev_seed=1, report_seed=2, depths=sweep.DEPTHS,
@@ -1685,6 +1718,7 @@ def test_bootstrap_over_bases_spans_the_bases(values):
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
+    ["--method", "none", "--yarn-beta-fast", "4"], ["--method", "pi", "--yarn-beta-fast", "4"],
     ["--passkey-share", "2"], ["--window", "-1"], ["--ttt-kernel", "4"], ["--lr", "nan"], ["--scale", "inf"],
     ["--steps", "x"], ["--seed", "-1"], ["--frobnicate"],
     ["--passkey-max-depth", "1.5"], ["--ttt-target-std", "-0.1"], ["--lr-ttt", "1e38"],
