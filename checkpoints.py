@@ -95,11 +95,16 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
         if adapter_of:  # paths relative to the adapter's own folder
             here = os.path.dirname(os.path.abspath(path))
             adapter_of = os.path.join(here, adapter_of)
-            if settings.get("base_config"):  # a Moshi-format base
-                model = M.load_moshi(adapter_of, os.path.join(here, settings["base_config"]))[0]
-            else:
-                model = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of)
-            model = M.install(model, settings)
+            if settings.get("base_config"):  # a Moshi-format base, then what the run installed on it
+                model = M.install(M.load_moshi(adapter_of, os.path.join(here, settings["base_config"]))[0], settings)
+            else:  # the run's model, with the weights of its base (which may hold TTT or LoRA already)
+                base = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of).state_dict()
+                model = M.install(M.build_model(settings["model"]), settings)
+                match_dtypes(model, base)
+                missing, unexpected = model.load_state_dict(base, strict=False)
+                if unexpected or set(missing) - set(checkpoint["model"]):
+                    raise ValueError(f"base and adapter do not make the model: {unexpected[:3]}, "
+                                     f"{sorted(set(missing) - set(checkpoint['model']))[:3]}")
             match_dtypes(model, checkpoint["model"])
             missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
             if unexpected:

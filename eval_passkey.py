@@ -206,12 +206,13 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     models += [(f"{ttt_text} against " + ("its control: the trained model, fast weights off" if control else
                                           "the trained model, fast weights off (not a control: other weights "
                                           "trained with them)") if settings["ttt"] else
-                f"{ttt_text} against its control: the trained model and the base", None)]
+                f"{ttt_text} against its control: the trained model and the model it started from", None)]
     if settings["ttt"]:
         models += [("fast weights off, eta 0" + (" (control)" if control else ""), "off"),
                    (f"{rope}, {ttt_text}, trained", "trained")]
     elif base_model is not None:
-        models += [(f"{rope}, base untrained (control)", (method, scale, False)), (f"{rope}, trained", "trained")]
+        models += [(f"{rope}, the starting model, not trained here (control)", (method, scale, False)),
+                   (f"{rope}, trained", "trained")]
     rows, lines = {}, []
     for name, how in models:
         if how is None:

@@ -172,6 +172,8 @@ def long_budget(c: dict, steps: int, longest: int) -> tuple[int, int]:
     (2 longest - 2) L0)."""
     if longest == 1:
         return steps, c["batch"]
+    if longest & (longest - 1):
+        raise ValueError(f"stages double up to the longest length: {longest} is not a power of 2")
     batch = c["batch"] // longest
     return round(steps * c["batch"] / (batch * (2 * longest - 2))), batch
 
@@ -610,8 +612,9 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
     training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
     A training and its evaluation are two jobs: a row that starts from, or evaluates, another's
-    checkpoint waits for that training only. In the order run_jobs takes them when free: the
-    pretrainings, the trainings, the evaluations, then the streaming checks (the slowest)."""
+    checkpoint waits for that training only, which runs again where its row is evaluated already but
+    its checkpoint is not in `work` (a fresh machine). In the order run_jobs takes them when free:
+    the pretrainings, the trainings, the evaluations, then the streaming checks (the slowest)."""
     todo = pretrain_jobs(c, bases, work)
     lengths = horizon_lengths(c)
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
@@ -622,10 +625,15 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     def pending(*names):  # the first of these jobs still to run (None: what they make is there)
         return next((n for n in names if any(j["name"] == n for j in todo)), None)
 
+    to_evaluate = {(f"base{s}", r.name) for r in rows for s in range(bases)
+                   if r.name in wanted and r.name not in results["rows"].get(f"base{s}", {})}
+    sources = {(b, r.same_training or r.init_row) for r in rows for b, name in to_evaluate
+               if name == r.name and (r.same_training or r.init_row)}  # trainings other rows read
     for row in rows:
         for base_seed in range(bases):
             b = f"base{base_seed}"
-            if row.name not in wanted or row.name in results["rows"].get(b, {}):
+            evaluate = (b, row.name) in to_evaluate
+            if not evaluate and (b, row.name) not in sources:
                 continue
             trained = row.same_training or row.name  # the folder of the training this row evaluates
             folder, checkpoint = os.path.join(work, b, trained), os.path.join(work, b, "base.pt")
@@ -641,6 +649,8 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
                     todo.append(dict(name=f"{b}/{row.name}/train", after=after, log=log, trained=True, commands=[
                         finetune_command(c, base, folder, row.flags, seed, c["steps"], row.longest)]))
                     after = f"{b}/{row.name}/train"
+            if not evaluate:  # evaluated already; trained again only for the rows that read it
+                continue
             out = os.path.join(work, b, f"{row.name}_horizon.json")
             flags = row.eval_flags if row.train else row.flags
             todo.append(dict(name=f"{b}/{row.name}", after=after, log=log, base=b, row=row.name, out=out, commands=[
@@ -667,7 +677,9 @@ def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
     wanted = wanted_rows(rows, args, p)
-    wanted += [r.same_training or r.init_row for r in rows if r.name in wanted and (r.same_training or r.init_row)]
+    wanted += [n for r in rows if r.name in wanted  # what a row reads, and a TTT row's control
+               for n in (r.same_training, r.init_row, r.control if r.name.startswith("ttt") else "")
+               if n and n not in wanted]
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
@@ -830,6 +842,9 @@ def tables_horizon(results: dict, path: str) -> None:
                  for b in bases if name in results["rows"][b] and ctl in results["rows"][b]
                  for i, r in enumerate(results["rows"][b][name]) if r["bpb"] > results["rows"][b][ctl][i]["bpb"]]
         against = [b for b in bases if name in results["rows"][b] and ctl in results["rows"][b]]
+        if not against:
+            lines.append(f"- {labels[name]}: its control ({ctl}) has not run on the same bases")
+            continue
         lines.append(f"- {labels[name]}, against {ctl} on {len(against)} base(s): bits per byte "
                      + ("never above the control's" if not worse else "above the control's at " + "; ".join(worse)))
     for name, s in results.get("streaming", {}).items():

@@ -1408,6 +1408,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0
         assert args.ttt_delta == (float(name.split("delta")[1].split("_")[0]) if "delta" in name else 0.0)
+    with pytest.raises(ValueError, match="power of 2"):  # stages double: 2 L0 + 3 L0 is no such curriculum
+        sweep.long_budget(c, c["steps"], 3)
     inference = {n: r for n, r in rows.items() if r.same_training}
     assert all(r.same_training == "ttt_mlp_in" for r in inference.values())
     assert eval_passkey.parse_args(["x.pt"] + inference["ttt_mlp_in_eval_decay97"].eval_flags)[0].ttt_decay == 0.97
@@ -1426,10 +1428,15 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     last; every command parses; a row already in the results is not run again on that base."""
     c = sweep.PRESETS_HORIZON["cpu"]
     rows = {r.name: r for r in sweep.horizon_rows(c)}
-    results = dict(rows={"base1": {"control": []}}, probe={}, streaming={})
+    # base1's control and base0's delta row evaluated, their checkpoints not here (a fresh machine)
+    results = dict(rows={"base1": {"control": []}, "base0": {"ttt_mlp_in_delta1": []}}, probe={}, streaming={})
     jobs = sweep.horizon_jobs(c, list(rows.values()), list(rows), results, str(tmp_path), 2, 0)
     names = [j["name"] for j in jobs]
     assert len(set(names)) == len(names) and "base1/control" not in names and "base0/control" in names
+    assert {"base1/control/train", "base0/ttt_mlp_in_delta1/train"} <= set(names)  # read by the "then" rows
+    assert "base0/ttt_mlp_in_delta1" not in names
+    only = sweep.horizon_jobs(c, list(rows.values()), ["control"], results, str(tmp_path), 2, 0)
+    assert [j["name"] for j in only] == ["base0", "base1", "base0/control/train", "base0/control"]
     for i, job in enumerate(jobs):
         assert job["after"] is None or job["after"] in names[:i]
         *_, tail = job["name"].split("/")
@@ -1439,13 +1446,11 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
             args, _ = config.parse_args(job["commands"][0][2:])
             row = rows[job["name"].split("/")[1]]
             b = job["name"].split("/")[0]
-            source = f"{b}/{row.init_row}/train"  # not run again where its row is done: its checkpoint is there
-            assert job["after"] == (source if row.init_row and source in names else b)
+            assert job["after"] == (f"{b}/{row.init_row}/train" if row.init_row else b)
             assert args.init.endswith(f"{row.init_row}/ckpt.pt" if row.init_row else "base.pt")
         elif tail in rows:  # an evaluation
             row, b = rows[tail], job["name"].split("/")[0]
-            trained = f"{b}/{row.same_training or row.name}/train"
-            assert job["after"] == (trained if row.train and trained in names else b)
+            assert job["after"] == (f"{b}/{row.same_training or row.name}/train" if row.train else b)
             assert eval_passkey.parse_args(job["commands"][0][2:])[0].lengths == sweep.horizon_lengths(c)
     kinds = [0 if "/" not in n else 1 if n.endswith("/train") else 3 if n.endswith("/streaming") else 2 for n in names]
     assert kinds == sorted(kinds) and {"base0/ttt_mlp_in_delta1_then_long4/probe",
@@ -1996,6 +2001,17 @@ def test_lora_training_and_adapter(tmp_path, mode):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and extra[0] in lines[0] and "--init" in lines[0], r.stderr
     assert not (tmp_path / "bad").exists()
+    # an extension of this run (longer documents, the base's RoPE): its adapter loads on this
+    # checkpoint, which holds TTT and LoRA already, and rebuilds the extended model
+    more = tmp_path / "more"
+    r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--method", "none", "--mode", mode,
+                                "--lora-rank", "2", "--out", str(more)] + erase)
+    assert r.returncode == 0 and "the base's RoPE" in r.stdout, r.stderr
+    extended = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "ckpt.pt"))).eval()
+    on_base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "adapter.pt")),
+                                                path=str(more / "adapter.pt")).eval()
+    assert torch.equal(M.logits(on_base, x), M.logits(extended, x))
+    assert not torch.equal(M.logits(extended, x), M.logits(trained, x))  # it trained on
 
 
 def make_moshi_format_model(folder, dtype=torch.float32, context=128):

@@ -144,7 +144,8 @@ def describe(model, corpus, settings: dict, config: Config, stages: list[dict], 
     lines = [f"corpus: {corpus.files} files, {len(corpus.train):,} train / {len(corpus.val):,} validation "
              f"{'token arrays' if multistream else 'bytes'}, sha256 {corpus.sha256[:16]}",
              f"model: {sum(p.numel() for p in model.parameters()):,} parameters {settings['model']}; {where}; "
-             f"stages " + ", ".join(f"{s['length']} (x{s['scale']:g})" for s in stages)]
+             f"stages " + ", ".join(f"{s['length']}" + ("" if config.method == "none" else f" (x{s['scale']:g})")
+                                    for s in stages)]
     if config.method == "yarn" and config.scale > 1 and any(s["kind"] == "extend" for s in stages):
         attention, base = model.transformer.layers[0].self_attn, model.transformer.rope.max_period
         head_dim = attention.embed_dim // attention.num_heads
