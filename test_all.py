@@ -1834,6 +1834,21 @@ QUICK = ["--original-len", "128", "--scale", "2", "--pretrain-steps", "6", "--st
          "--eval-trials", "1", "--log-every", "1", "--ttt-chunk", "32", "--warmup", "0.3"]
 
 
+def test_gradient_accumulation_is_one_step_on_the_whole_batch(tmp_path):
+    """--grad-accum k: the k micro-steps' gradients add up to the whole batch's, so the first step's
+    loss and TTT gradient norm (before clipping) are those of one pass over the batch."""
+    r = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
+    assert r.returncode == 0, r.stderr
+    first = {}
+    for k in (1, 4):
+        r = run_train(QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "1", "--grad-accum", str(k),
+                               "--out", str(tmp_path / f"k{k}")])
+        assert r.returncode == 0, r.stderr
+        line = next(s for s in r.stdout.splitlines() if s.startswith("step 1/1 | stage 0"))
+        first[k] = float(line.split("| loss ")[1].split()[0]), float(line.split("ttt grad ")[1])
+    assert abs(first[4][0] - first[1][0]) <= 1e-4 and first[4][1] == pytest.approx(first[1][1], rel=2e-3), first
+
+
 def final_weights(out):
     return checkpoints.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
 
