@@ -98,7 +98,9 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
             if settings.get("base_config"):  # a Moshi-format base, then what the run installed on it
                 model = M.install(M.load_moshi(adapter_of, os.path.join(here, settings["base_config"]))[0], settings)
             else:  # the run's model, with the weights of its base (which may hold TTT or LoRA already)
-                base = model_from_checkpoint(load_checkpoint(adapter_of), "cpu", adapter_of).state_dict()
+                base = load_checkpoint(adapter_of)  # its weights as stored; an adapter's rebuilt on its own base
+                base = (model_from_checkpoint(base, "cpu", adapter_of).state_dict() if base.get("adapter_of")
+                        else base["model"])
                 model = M.install(M.build_model(settings["model"]), settings)
                 match_dtypes(model, base)
                 missing, unexpected = model.load_state_dict(base, strict=False)
