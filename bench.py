@@ -243,6 +243,18 @@ def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_s
                     g.conv.weight.normal_(std=0.02)
 
 
+def compile_layers(lm, on: bool) -> None:
+    """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
+    eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
+    change (reconfigure), within its recompile limit, raised here."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in [*lm.transformer.layers, *lm.depformer.layers]:
+        if on and layer._compiled_call_impl is None:
+            layer.compile()
+        elif not on:
+            layer._compiled_call_impl = None
+
+
 def attention_pairs(T: int, window) -> int:
     """Query-key pairs of a causal attention over T steps that sees the last `window` steps (moshi's
     `context`: keys t - window < s <= t; None: all): sum over t of min(t + 1, window)."""
@@ -583,8 +595,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
     share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
     `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
-    only the rows whose name holds it. With moshi's torch.compile on (NO_TORCH_COMPILE empty), a row
-    runs `ttt_only` with moshi's kernels eager, and compares that step's loss and gradients."""
+    only the rows whose name holds it, with the rows they are compared against. With moshi's
+    torch.compile on (NO_TORCH_COMPILE empty), a row runs `ttt_only` with moshi's kernels eager, and
+    compares that step's loss and gradients; so do the rows with every layer compiled whole."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
@@ -606,7 +619,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
     ttt_layer_ids = ttt.default_layers(len(layers))
 
-    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False):
+    def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
+                  compiled_layers=False):
+        compile_layers(lm, compiled_layers)
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
@@ -635,13 +650,16 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         codes[:, 0] = torch.randint(0, lm.text_card, (B, T), device=device, generator=g)
         return codes
 
-    def compiled_against_eager(T):
+    def compiled_against_eager(T, layers=False):
         """The loss and the trained gradients on one batch with moshi's compiled kernels (its norms,
-        RoPE and gating) against the same step eager: the loss's difference, the gradients' largest
-        relative difference (norm of the difference over norm, per parameter)."""
+        RoPE and gating; `layers`: every layer compiled whole) against the same step eager: the loss's
+        difference, the gradients' largest relative difference (norm of the difference over norm, per
+        parameter)."""
         params, codes, out = [p for p in lm.parameters() if p.requires_grad], batch(T, 1), []
-        for context in (no_compile(), contextlib.nullcontext()):
-            with context:
+        for compiled_now in (False, True):
+            if layers:
+                compile_layers(lm, compiled_now)
+            with contextlib.nullcontext() if compiled_now or layers else no_compile():
                 loss = M.multistream_loss(lm, codes, 0.5, 100.0)
                 loss.backward()
             out.append((loss.item(), [p.grad.float().clone() for p in params]))
@@ -698,7 +716,15 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
              dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
              "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
             ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
-    runs = [r for r in runs if (rows_named is None or rows_named in r[0]) and (compiled or not r[2].get("eager"))]
+    # every layer compiled whole (torch.compile; norms, RoPE, casts and the gating fused), against the same
+    # row with moshi's kernels alone; LoRA rows come last (their Linears stay wrapped), so these go before
+    by_name = {r[0]: r for r in runs}
+    runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
+                   for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
+                                f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
+    wanted = {r[0] for r in runs if rows_named is None or rows_named in r[0]}
+    wanted |= {r[3] for r in runs if r[0] in wanted and r[3]}  # a row's reference runs with it
+    runs = [r for r in runs if r[0] in wanted and (compiled or not r[2].get("eager"))]
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
@@ -708,6 +734,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
             row = rows[name] = dict(step(T, config.get("batch", 1), config.get("eager", False)), T=T, **config)
             if config.get("eager") and compiled:
                 row["compiled_against_eager"] = compiled_against_eager(T)
+            if config.get("compiled_layers") and T == T1:
+                row["compiled_against_eager"] = compiled_against_eager(T, layers=True)
         except torch.OutOfMemoryError:
             rows[name] = dict(T=T, **config, error="out of memory")
             print(f"  {name:<50} out of memory", flush=True)
@@ -971,7 +999,8 @@ def main():
                    "random weights, per freeze mode and sequence length, against a control (CUDA, ~60 GB)")
     p.add_argument("--profile-step", action="store_true", help="only: where one --scale step of ttt_only "
                    "(window, T 4 L0) spends its GPU time, by part of the model and phase (CUDA)")
-    p.add_argument("--rows", default=None, metavar="TEXT", help="--scale: only the rows whose name holds TEXT")
+    p.add_argument("--rows", default=None, metavar="TEXT", help="--scale: only the rows whose name holds TEXT "
+                   "(and those they are compared against)")
     p.add_argument("--steps", type=int, default=500, help="timed LMGen steps per configuration (--realtime)")
     p.add_argument("--drift", type=int, default=None, metavar="STEPS", help="only: the compact TTT state's drift "
                    "over a stream of STEPS tokens (45000: an hour of Moshi) of --checkpoint, against float32")
