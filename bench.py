@@ -248,6 +248,9 @@ def compile_layers(lm, on: bool) -> None:
     eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
     change (reconfigure), within its recompile limit, raised here."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for name in ("ttt_scan", "ttt_delta_scan"):  # their products write in place in float32: left eager
+        if not hasattr(getattr(ttt, name), "_torchdynamo_disable"):
+            setattr(ttt, name, torch.compiler.disable(getattr(ttt, name)))
     for layer in [*lm.transformer.layers, *lm.depformer.layers]:
         if on and layer._compiled_call_impl is None:
             layer.compile()
