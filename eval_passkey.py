@@ -14,6 +14,7 @@ is where greedy decoding would leave the key), so one forward pass per document 
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -40,24 +41,29 @@ EVAL_SEED = 2 ** 40 + 10_007
 @torch.no_grad()
 def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int = 256) -> torch.Tensor:
     """Greedy decoding the way Moshi runs: inside `model.streaming(B)`, the prompt fed in steps of
-    up to `piece` tokens, then one token per step. prompts: [B, T] -> [B, digits].
+    up to `piece` tokens, then one token per step, each single-token step a replay of one CUDA
+    graph on a GPU, as moshi's LMGen steps (moshi's `CUDAGraphed`; NO_CUDA_GRAPH=1: eager).
+    prompts: [B, T] -> [B, digits].
 
     moshi's KV cache is a ring of exactly `context` keys: a step of n tokens at offset t is exact
     only while t + n <= context (before the ring is full) or n == 1 (after, a longer step would
-    overwrite keys still inside the window), so the steps shrink to single tokens there."""
+    overwrite keys still inside the window), so the steps shrink to single tokens there, and every
+    step after the first single one is single."""
+    from moshi.utils.compile import CUDAGraphed
     contexts = [layer.self_attn.context for layer in model.transformer.layers]
     if any(c is None for c in contexts):
         raise ValueError("streaming needs a finite attention context (the KV cache's capacity)")
     context = min(contexts)
-    with model.streaming(prompts.shape[0]):
+    with model.streaming(prompts.shape[0]):  # a graph holds this stream's state: one per stream
+        one_token = CUDAGraphed(lambda tokens: M.logits(model, tokens), disable=not prompts.is_cuda)
         t = 0
         while t < prompts.shape[1]:
             n = min(piece, prompts.shape[1] - t, max(1, context - t))
-            out = M.logits(model, prompts[:, t:t + n])
+            out = (one_token if n == 1 else functools.partial(M.logits, model))(prompts[:, t:t + n])
             t += n
         decoded = [out[:, -1].argmax(-1)]
         for _ in range(digits - 1):
-            decoded.append(M.logits(model, decoded[-1][:, None])[:, -1].argmax(-1))
+            decoded.append(one_token(decoded[-1][:, None])[:, -1].argmax(-1))
     return torch.stack(decoded, dim=1)
 
 

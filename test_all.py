@@ -2966,6 +2966,47 @@ def test_cuda_streaming_under_autocast_with_float32_ttt_layers(delta):
 
 
 @CUDA
+@pytest.mark.parametrize("delta,mixed", [(0.0, False), (1.0, False), (1.0, True)])
+def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_parallel(delta, mixed, monkeypatch):
+    """eval_passkey --streaming on a GPU: its single-token steps replay one CUDA graph per stream.
+    A document four windows long (the ring KV cache wraps while the prompt is fed; 12 chunk
+    boundaries), batch 3: a graph is captured and replayed, and the decoded digits equal eager
+    streaming's (NO_CUDA_GRAPH); in float32 also greedy decoding on the parallel form. `mixed`: a
+    bf16 base with float32 TTT layers (a trained run's checkpoint), so each step runs under bf16
+    autocast inside the graph."""
+    import moshi.utils.compile as moshi_compile
+    made = []
+
+    class Spy(moshi_compile.CUDAGraphed):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    device = torch.device("cuda")
+    m = small_streaming_model(torch.float32, device, delta=delta)
+    with torch.no_grad():
+        m.text_linear.weight[48:58] += 0.5  # digits likely, as in the CPU test
+    if mixed:
+        m.to(torch.bfloat16)
+        for g in freeze.ttt_modules(m):
+            g.float()
+        assert M.low_precision(m)
+    tokens, _ = data.passkey_batch(data.load_corpus().val, 256, 3, torch.Generator().manual_seed(1))
+    prompt = tokens[:, :-5].to(device)
+    monkeypatch.setattr(moshi_compile, "CUDAGraphed", Spy)
+    graphed = eval_passkey.streaming_greedy(m, prompt, 5)
+    assert made and all(g._graph is not None for g in made)
+    with moshi_compile.no_cuda_graph():
+        eager = eval_passkey.streaming_greedy(m, prompt, 5)
+    assert torch.equal(graphed, eager)
+    if not mixed:
+        with torch.no_grad():
+            for _ in range(5):
+                prompt = torch.cat([prompt, M.logits(m, prompt)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(graphed, prompt[:, -5:])
+
+
+@CUDA
 def test_cuda_window_attention_equals_moshis_masked_attention():
     """flex_attention's window against moshi's masked attention, float32, YaRN, head dim 128: the
     logits and every gradient within 1e-4 relative (2.3e-6 seen on an H100)."""
