@@ -166,6 +166,12 @@ def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
             for seed in range(bases) if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
+def drop_idle_pretraining(todo: list[dict]) -> list[dict]:
+    """The jobs without the pretrainings of bases no other job runs on (their rows are all done)."""
+    used = {j["name"].split("/")[0] for j in todo if "/" in j["name"]}
+    return [j for j in todo if "/" in j["name"] or j["name"] in used]
+
+
 def long_budget(c: dict, steps: int, longest: int) -> tuple[int, int]:
     """Steps per stage and batch for stages at 2 L0, 4 L0, ... `longest` L0 that see about the tokens
     of `steps` steps of c["batch"] at L0: batch / longest sequences (the stage lengths sum to
@@ -494,6 +500,8 @@ def study(args, p) -> None:
             todo.append(dict(name=f"{b}/{row.name}", after=b if b in waits else None, commands=commands,
                              log=os.path.join(work, "logs", f"{b}_{row.name}.log"), base=b, row=row,
                              folder=folder, checkpoint=checkpoint, evals=evals))
+    todo = drop_idle_pretraining(todo)
+    waits = {j["name"] for j in todo if "/" not in j["name"]}
     cores = len(os.sched_getaffinity(0))
     print(f"study: {len(todo)} jobs ({len(waits)} bases to pretrain), {jobs} at once on {cores} cores "
           f"({max(1, cores // jobs)} each); logs in {os.path.join(work, 'logs')}", flush=True)
@@ -670,7 +678,7 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
                                      [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
                                      + (["--streaming"] if way == "streaming" else []) for way in outs]))
     kind = lambda j: 0 if "/" not in j["name"] else 1 if j.get("trained") else 3 if "outs" in j else 2
-    return sorted(todo, key=kind)
+    return sorted(drop_idle_pretraining(todo), key=kind)
 
 
 def horizon(args, p) -> None:
