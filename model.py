@@ -228,29 +228,7 @@ def _fsdp_class_for(cls: type) -> None:
                           {"_apply": FSDPModule._apply, "__deepcopy__": _fully_shard._unimplemented_deepcopy})
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def new_settings(model_settings: dict, original_len: int, base_path: str, **extra) -> dict:
     """The settings of a model nothing has been applied to yet (trained at `original_len`)."""
     return dict(model=model_settings, original_len=original_len, trained_len=original_len, yarn=None,
                 ttt=None, ttt_rope_modulo=False, window=None, mode="full", base_path=base_path, **extra)
-
-
-
-
-
-
-
-

@@ -1027,7 +1027,6 @@ def test_freeze_exact_sets_and_frozen_weights_unchanged(mode):
     assert "freeze mode" in freeze.format_summary(summary)
 
 
-
 def names_of_mode(names, mode, layers):
     """The parameters each mode trains, enumerated from the names alone (an independent reference)."""
     in_ttt_layer = lambda n: any(n.startswith(f"transformer.layers.{i}.") for i in layers)
