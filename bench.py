@@ -600,7 +600,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
     only the rows whose name holds it, with the rows they are compared against. With moshi's
     torch.compile on (NO_TORCH_COMPILE empty), a row runs `ttt_only` with moshi's kernels eager, and
-    compares that step's loss and gradients; so do the rows with every layer compiled whole."""
+    compares that step's loss and gradients; so do the rows with every layer compiled whole, which
+    run only when `rows_named` picks them ("layers compiled")."""
     import depformer_steps
     import window_attention
     from moshi.models import loaders
@@ -725,7 +726,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
                    for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
                                 f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
-    wanted = {r[0] for r in runs if rows_named is None or rows_named in r[0]}
+    wanted = {r[0] for r in runs if (rows_named is None and not r[2].get("compiled_layers"))  # asked by name only:
+              or (rows_named is not None and rows_named in r[0])}  # their compiling at 7B was not seen to end
     wanted |= {r[3] for r in runs if r[0] in wanted and r[3]}  # a row's reference runs with it
     runs = [r for r in runs if r[0] in wanted and (compiled or not r[2].get("eager"))]
     if profile:
