@@ -693,43 +693,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
                     recompute_tflop=flops["recompute"] / 1e12, mfu=flops["model"] / seconds / rate,
                     frames_per_s=B * T / seconds, flops=flops)
 
-    T1, T2 = 4 * L0, 8 * L0  # Moshi 7B: 12000 and 24000 steps, 16 and 32 minutes of audio
-    yarn4, window = dict(context=4 * L0, yarn_scale=4), dict(context=L0)
-    runs = [(f"YaRN x4, T {T1}: control", T1, dict(yarn4, trains="control"), None),
-            (f"YaRN x4, T {T1}: ttt_only", T1, dict(yarn4, trains="ttt_only", chunk=256), f"YaRN x4, T {T1}: control"),
-            (f"YaRN x4, T {T1}: TTT layers, no TTT", T1, dict(yarn4, trains="layers"), None),
-            (f"YaRN x4, T {T1}: ttt_layers", T1, dict(yarn4, trains="ttt_layers", chunk=256),
-             f"YaRN x4, T {T1}: TTT layers, no TTT"),
-            (f"window {L0}, T {T1}: control", T1, dict(window, trains="control"), None),
-            (f"window {L0}, T {T1}: ttt_only", T1, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T1}: control"),
-            (f"window {L0}, T {T1}: ttt_only, moshi's kernels eager", T1,
-             dict(window, trains="ttt_only", chunk=256, eager=True), f"window {L0}, T {T1}: ttt_only"),
-            (f"window {L0}, T {T2}: control", T2, dict(window, trains="control"), None),
-            (f"window {L0}, T {T2}: ttt_only", T2, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T2}: control"),
-            (f"window {L0}, T {T1}: ttt_only, erase 1", T1, dict(window, trains="ttt_only", chunk=256, delta=1.0),
-             f"window {L0}, T {T1}: ttt_only"),  # train.py's default against the paper's sum
-            (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
-             f"window {L0}, T {T2}: ttt_only"),
-            (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
-             f"window {L0}, T {T1}: control"),
-            # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100); TTT
-            # first: the LoRA control wraps the MLPs TTT converts
-            ("moshi-finetune's example: lora_ttt, B 16 x T 1250", 1250,
-             dict(window, trains="lora_ttt", chunk=256, batch=16), "moshi-finetune's example: LoRA 128"),
-            ("moshi-finetune's example: lora_ttt, erase 1", 1250,
-             dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
-             "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
-            ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
-    # every layer compiled whole (torch.compile; norms, RoPE, casts and the gating fused), against the same
-    # row with moshi's kernels alone; LoRA rows come last (their Linears stay wrapped), so these go before
-    by_name = {r[0]: r for r in runs}
-    runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
-                   for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
-                                f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
-    wanted = {r[0] for r in runs if (rows_named is None and not r[2].get("compiled_layers"))  # asked by name only:
-              or (rows_named is not None and rows_named in r[0])}  # their compiling at 7B was not seen to end
-    wanted |= {r[3] for r in runs if r[0] in wanted and r[3]}  # a row's reference runs with it
-    runs = [r for r in runs if r[0] in wanted and (compiled or not r[2].get("eager"))]
+    T1, T2 = 4 * L0, 8 * L0
+    runs = scale_runs(L0, rows_named, compiled)
     if profile:
         runs = [r for r in runs if r[0] in (f"window {L0}, T {T1}: control", f"window {L0}, T {T1}: ttt_only")]
     rows = {}
@@ -780,6 +745,54 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         if "s_per_step" in a and "s_per_step" in b:
             print(f"  window {L0}, {mode}: T {T2} takes {b['s_per_step'] / a['s_per_step']:.2f}x T {T1}'s time", flush=True)
     return dict(weights_gib=weights_gib, matmul_tflops=rate / 1e12, rows=rows)
+
+
+def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
+    """`scale`'s rows, in the order they run: (name, T, configure's settings, the row it is compared
+    against or None), at T 4 L0 and 8 L0 (Moshi 7B: 12000 and 24000 steps, 16 and 32 minutes of
+    audio). `rows_named`: the rows whose name holds it, with the rows they are compared against;
+    the whole-layer compiled rows only so. The row with moshi's kernels eager only when `compiled`."""
+    T1, T2 = 4 * L0, 8 * L0
+    yarn4, window = dict(context=4 * L0, yarn_scale=4), dict(context=L0)
+    runs = [(f"YaRN x4, T {T1}: control", T1, dict(yarn4, trains="control"), None),
+            (f"YaRN x4, T {T1}: ttt_only", T1, dict(yarn4, trains="ttt_only", chunk=256), f"YaRN x4, T {T1}: control"),
+            (f"YaRN x4, T {T1}: TTT layers, no TTT", T1, dict(yarn4, trains="layers"), None),
+            (f"YaRN x4, T {T1}: ttt_layers", T1, dict(yarn4, trains="ttt_layers", chunk=256),
+             f"YaRN x4, T {T1}: TTT layers, no TTT"),
+            (f"window {L0}, T {T1}: control", T1, dict(window, trains="control"), None),
+            (f"window {L0}, T {T1}: ttt_only", T1, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T1}: control"),
+            (f"window {L0}, T {T1}: ttt_only, moshi's kernels eager", T1,
+             dict(window, trains="ttt_only", chunk=256, eager=True), f"window {L0}, T {T1}: ttt_only"),
+            (f"window {L0}, T {T2}: control", T2, dict(window, trains="control"), None),
+            (f"window {L0}, T {T2}: ttt_only", T2, dict(window, trains="ttt_only", chunk=256), f"window {L0}, T {T2}: control"),
+            (f"window {L0}, T {T1}: ttt_only, erase 1", T1, dict(window, trains="ttt_only", chunk=256, delta=1.0),
+             f"window {L0}, T {T1}: ttt_only"),  # train.py's default against the paper's sum
+            (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
+             f"window {L0}, T {T2}: ttt_only"),
+            (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
+             f"window {L0}, T {T1}: control"),
+            # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100); TTT
+            # first: the LoRA control wraps the MLPs TTT converts
+            ("moshi-finetune's example: lora_ttt, B 16 x T 1250", 1250,
+             dict(window, trains="lora_ttt", chunk=256, batch=16), "moshi-finetune's example: LoRA 128"),
+            ("moshi-finetune's example: lora_ttt, erase 1", 1250,
+             dict(window, trains="lora_ttt", chunk=256, delta=1.0, batch=16),
+             "moshi-finetune's example: lora_ttt, B 16 x T 1250"),
+            ("moshi-finetune's example: LoRA 128", 1250, dict(window, trains="lora", batch=16), None)]
+    # every layer compiled whole (torch.compile; norms, RoPE, casts and the gating fused), against the same
+    # row with moshi's kernels alone; LoRA rows come last (their Linears stay wrapped), so these go before
+    by_name = {r[0]: r for r in runs}
+    runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
+                   for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
+                                f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
+    wanted = {r[0] for r in runs if (rows_named is None and not r[2].get("compiled_layers"))  # asked by name only:
+              or (rows_named is not None and rows_named in r[0])}  # their compiling at 7B was not seen to end
+    while True:  # a row's reference runs with it, and that one's
+        more = {r[3] for r in runs if r[0] in wanted and r[3]} - wanted
+        if not more:
+            break
+        wanted |= more
+    return [r for r in runs if r[0] in wanted and (compiled or not r[2].get("eager"))]
 
 
 STEP_PARTS = ("attention", "MLP and TTT", "norms", "depformer", "logits and loss", "other")

@@ -2454,6 +2454,28 @@ def test_attention_pairs_count_the_causal_window(T, window):
                                                    if window is None or t - s < window)
 
 
+@FAST
+@given(st.sampled_from(["", "control", "ttt_only", "erase", "T 24000", "layers compiled", "eager", "LoRA", "x"]),
+       st.booleans())
+def test_scale_rows_bring_what_they_are_compared_against(text, compiled):
+    """bench --scale --rows TEXT: the rows whose name holds TEXT, every row any of them is compared
+    against (and so on), nothing else; the whole-layer compiled rows only when named, the row with
+    moshi's kernels eager only when they are compiled; LoRA's rows last (their Linears stay wrapped)."""
+    import bench
+    every = bench.scale_runs(3000, None, True) + bench.scale_runs(3000, "layers compiled", True)
+    against = {name: ref for name, _, _, ref in every}
+    runs = bench.scale_runs(3000, text or None, compiled)
+    names = [r[0] for r in runs]
+    expected = {n for n in against if (text in n if text else "layers compiled" not in n)}
+    while {against[n] for n in expected if against[n]} - expected:
+        expected |= {against[n] for n in expected if against[n]}
+    if not compiled:
+        expected = {n for n in expected if "eager" not in n}
+    assert set(names) == expected and len(names) == len(set(names))
+    lora = [i for i, r in enumerate(runs) if r[2]["trains"].startswith("lora")]
+    assert lora == list(range(len(runs) - len(lora), len(runs)))
+
+
 def test_profile_step_names_every_part_and_phase():
     """bench.profile_step on a Moshi-shaped model under gradient checkpointing (CPU time here):
     each part has forward and backward time, attention and the MLP their recomputation too (the
