@@ -247,10 +247,11 @@ def compile_layers(lm, on: bool) -> None:
     """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
     eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
     change (reconfigure), within its recompile limit, raised here."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for name in ("ttt_scan", "ttt_delta_scan"):  # their products write in place in float32: left eager
-        if not hasattr(getattr(ttt, name), "_torchdynamo_disable"):
-            setattr(ttt, name, torch.compiler.disable(getattr(ttt, name)))
+    if on:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for name in ("ttt_scan", "ttt_delta_scan"):  # their products write in place in float32: left eager
+            if not hasattr(getattr(ttt, name), "_torchdynamo_disable"):
+                setattr(ttt, name, torch.compiler.disable(getattr(ttt, name)))
     for layer in [*lm.transformer.layers, *lm.depformer.layers]:
         if on and layer._compiled_call_impl is None:
             layer.compile()
@@ -785,6 +786,7 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
     runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
                    for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
                                 f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
+    runs = [r for r in runs if compiled or not r[2].get("eager")]
     wanted = {r[0] for r in runs if (rows_named is None and not r[2].get("compiled_layers"))  # asked by name only:
               or (rows_named is not None and rows_named in r[0])}  # their compiling at 7B was not seen to end
     while True:  # a row's reference runs with it, and that one's
@@ -792,7 +794,7 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
         if not more:
             break
         wanted |= more
-    return [r for r in runs if r[0] in wanted and (compiled or not r[2].get("eager"))]
+    return [r for r in runs if r[0] in wanted]
 
 
 STEP_PARTS = ("attention", "MLP and TTT", "norms", "depformer", "logits and loss", "other")

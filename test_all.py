@@ -2466,11 +2466,10 @@ def test_scale_rows_bring_what_they_are_compared_against(text, compiled):
     against = {name: ref for name, _, _, ref in every}
     runs = bench.scale_runs(3000, text or None, compiled)
     names = [r[0] for r in runs]
-    expected = {n for n in against if (text in n if text else "layers compiled" not in n)}
+    runnable = {n for n in against if compiled or "eager" not in n}
+    expected = {n for n in runnable if (text in n if text else "layers compiled" not in n)}
     while {against[n] for n in expected if against[n]} - expected:
         expected |= {against[n] for n in expected if against[n]}
-    if not compiled:
-        expected = {n for n in expected if "eager" not in n}
     assert set(names) == expected and len(names) == len(set(names))
     lora = [i for i, r in enumerate(runs) if r[2]["trains"].startswith("lora")]
     assert lora == list(range(len(runs) - len(lora), len(runs)))
@@ -2988,11 +2987,13 @@ def test_cuda_streaming_under_autocast_with_float32_ttt_layers(delta):
 
 
 @CUDA
-@pytest.mark.parametrize("delta,mixed", [(0.0, False), (1.0, False), (1.0, True)])
-def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_parallel(delta, mixed, monkeypatch):
+@pytest.mark.parametrize("delta,mixed,window", [(0.0, False, 64), (1.0, False, 64), (1.0, True, 64), (1.0, False, 256)])
+def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_parallel(delta, mixed, window,
+                                                                                     monkeypatch):
     """eval_passkey --streaming on a GPU: its single-token steps replay one CUDA graph per stream.
-    A document four windows long (the ring KV cache wraps while the prompt is fed; 12 chunk
-    boundaries), batch 3: a graph is captured and replayed, and the decoded digits equal eager
+    A document of 256 bytes, batch 3, with a window of 64 (the ring KV cache wraps while the prompt
+    is fed, the graph captured there; 12 chunk boundaries) or 256 (the prompt in one step, the graph
+    captured while decoding): a graph is captured and replayed, and the decoded digits equal eager
     streaming's (NO_CUDA_GRAPH); in float32 also greedy decoding on the parallel form. `mixed`: a
     bf16 base with float32 TTT layers (a trained run's checkpoint), so each step runs under bf16
     autocast inside the graph."""
@@ -3005,7 +3006,7 @@ def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_pa
             made.append(self)
 
     device = torch.device("cuda")
-    m = small_streaming_model(torch.float32, device, delta=delta)
+    m = small_streaming_model(torch.float32, device, window=window, delta=delta)
     with torch.no_grad():
         m.text_linear.weight[48:58] += 0.5  # digits likely, as in the CPU test
     if mixed:
