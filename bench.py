@@ -246,7 +246,9 @@ def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_s
 def compile_layers(lm, on: bool) -> None:
     """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
     eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
-    change (reconfigure), within its recompile limit, raised here."""
+    change (reconfigure), within its recompile limit, raised here. The fast-weight scans stay eager,
+    and that graph break inside moshi's layer (under its ExitStack) makes dynamo compile the
+    layers' parts rather than each layer whole (results/training_7b)."""
     if on:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for name in ("ttt_scan", "ttt_delta_scan"):  # their products write in place in float32: left eager
