@@ -243,20 +243,17 @@ def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_s
                     g.conv.weight.normal_(std=0.02)
 
 
-def compile_layers(lm, on: bool) -> None:
+def compile_layers(lm, on: bool, **compile_options) -> None:
     """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
     eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
-    change (reconfigure), within its recompile limit, raised here. The fast-weight scans stay eager,
-    and that graph break inside moshi's layer (under its ExitStack) makes dynamo compile the
-    layers' parts rather than each layer whole (results/training_7b)."""
+    change (reconfigure), within its recompile limit, raised here. Any graph break inside moshi's
+    layer (it runs under an ExitStack) makes dynamo compile the layer's parts instead of the layer
+    (results/training_7b); the fast-weight scans trace (ttt._accumulate)."""
     if on:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for name in ("ttt_scan", "ttt_delta_scan"):  # their products write in place in float32: left eager
-            if not hasattr(getattr(ttt, name), "_torchdynamo_disable"):
-                setattr(ttt, name, torch.compiler.disable(getattr(ttt, name)))
     for layer in [*lm.transformer.layers, *lm.depformer.layers]:
         if on and layer._compiled_call_impl is None:
-            layer.compile()
+            layer.compile(**compile_options)
         elif not on:
             layer._compiled_call_impl = None
 

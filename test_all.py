@@ -2475,6 +2475,44 @@ def test_scale_rows_bring_what_they_are_compared_against(text, compiled):
     assert lora == list(range(len(runs) - len(lora), len(runs)))
 
 
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_moshi_layers_with_ttt_compile_whole_and_equal_eager(delta):
+    """bench.compile_layers' premise: every layer of a Moshi-shaped model (its depformer, TTT in
+    two of four layers, the fast-weight scan with the paper's sum or the erase, gradient
+    checkpointing as at 7B) traces into one graph (fullgraph: a graph break fails; dynamo and AOT
+    autograd, eager kernels) and gives eager's loss and trained gradients (within 1e-5 relative)."""
+    import bench
+    import depformer_steps
+    from moshi.models import loaders
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=4), dtype=torch.float32)
+    lm.transformer.checkpointing = lm.depformer.checkpointing = True
+    depformer_steps.apply_contiguous_steps(lm)
+    ttt.apply_ttt(lm, [0, 2], 8, 0.3, delta=delta)
+    randomise_ttt(lm)
+    freeze.apply_freeze(lm, "ttt_only")
+    codes = torch.randint(0, 16, (2, 17, 40), generator=torch.Generator().manual_seed(1))
+    codes[:, 0] = torch.randint(0, 48, (2, 40), generator=torch.Generator().manual_seed(2))
+    params = [p for p in lm.parameters() if p.requires_grad]
+
+    def loss_and_gradients():
+        loss = M.multistream_loss(lm, codes, 0.5, 100.0)
+        gradients = torch.autograd.grad(loss, params)
+        return loss.detach(), gradients
+
+    eager = loss_and_gradients()
+    torch._dynamo.reset()
+    try:
+        bench.compile_layers(lm, True, backend="aot_eager", fullgraph=True)
+        compiled = loss_and_gradients()
+    finally:
+        bench.compile_layers(lm, False)
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=0)
+    for got, want in zip(compiled[1], eager[1]):
+        assert (got - want).norm() <= 1e-5 * want.norm() + 1e-12
+
+
 def test_profile_step_names_every_part_and_phase():
     """bench.profile_step on a Moshi-shaped model under gradient checkpointing (CPU time here):
     each part has forward and backward time, attention and the MLP their recomputation too (the
@@ -3027,6 +3065,35 @@ def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_pa
             for _ in range(5):
                 prompt = torch.cat([prompt, M.logits(m, prompt)[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(graphed, prompt[:, -5:])
+
+
+@CUDA
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_cuda_compiled_scan_equals_eager(delta):
+    """Under torch.compile on a GPU the scans' float32 sums take their traceable form (a product
+    with float32 output, then the add; eager fuses them in one baddbmm): with bf16 inputs, 16 chunks
+    in groups of 4, the compiled output and gradients are within 1e-2 of eager's (relative norm;
+    bf16's step is 3.9e-3) and the graph has no break (fullgraph)."""
+    device, B, T, h, d, C = torch.device("cuda"), 2, 512, 64, 32, 32
+    g = torch.Generator(device).manual_seed(0)
+    Z, V = (torch.randn(B, T, n, device=device, generator=g, dtype=torch.bfloat16) for n in (h, d))
+    W = torch.randn(d, h, device=device, generator=g, dtype=torch.bfloat16) * 0.1
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_(True) for t in (Z, V, W)]
+        if delta:  # the fast part alone
+            out = fn(inputs[0], inputs[1], 0.3, C, delta, 4).float()
+        else:
+            out = fn(inputs[0], inputs[1], inputs[2], 0.3, C, 4 * C).float()
+        out.square().mean().backward()
+        return [out.detach()] + [t.grad.float() for t in inputs if t.grad is not None]
+
+    scan = ttt.ttt_delta_scan if delta else ttt.ttt_scan
+    torch._dynamo.reset()
+    eager, compiled = run(scan), run(torch.compile(scan, fullgraph=True))
+    torch._dynamo.reset()
+    for got, want in zip(compiled, eager):
+        assert (got - want).norm() <= 1e-2 * want.norm(), ((got - want).norm() / want.norm()).item()
 
 
 @CUDA

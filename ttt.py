@@ -520,11 +520,14 @@ def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor]
 
 def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
     """S += alpha * A @ B in place, S float32 (or float64), A and B maybe bf16: one kernel on a
-    GPU (float32 output from bf16 operands), a product then an add elsewhere."""
+    GPU (float32 output from bf16 operands), a product then an add elsewhere. Under torch.compile
+    on a GPU the product then the add, as torch's tracing of baddbmm's out_dtype fails (2.11-2.13)."""
     if A.dtype == S.dtype:
         S.baddbmm_(A, B, alpha=alpha)
-    elif S.is_cuda:
+    elif S.is_cuda and not torch.compiler.is_compiling():
         torch.baddbmm(S, A, B, alpha=alpha, out_dtype=S.dtype, out=S)
+    elif S.is_cuda:
+        S.add_(torch.bmm(A, B, out_dtype=S.dtype), alpha=alpha)
     else:
         S.add_(torch.bmm(A, B).to(S.dtype), alpha=alpha)
 
