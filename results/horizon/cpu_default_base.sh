@@ -63,6 +63,12 @@ wait
     > "$OUT/lora_in8_delta1.log" 2>&1
 python eval_passkey.py "$OUT/lora_in8_delta1/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
     --windows 16 --out "$OUT/lora_in8_delta1/horizon.json" >> "$OUT/lora_in8_delta1.log" 2>&1
+# The same without memory (eta 0: the same trainable set, nothing written): what the memory adds to it.
+[ -f "$OUT/lora_in8_delta1_eta0/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_lora_in \
+    --lora-rank 8 --ttt-layers 0,1,2,3 --steps 200 --eval-trials 1 --log-every 50 --ttt-delta 1 --ttt-eta 0 \
+    --out "$OUT/lora_in8_delta1_eta0" > "$OUT/lora_in8_delta1_eta0.log" 2>&1
+python eval_passkey.py "$OUT/lora_in8_delta1_eta0/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
+    --windows 16 --out "$OUT/lora_in8_delta1_eta0/horizon.json" >> "$OUT/lora_in8_delta1_eta0.log" 2>&1
 # To 128 W (32768 = 64 times the trained length): a CPU now evaluates only the window's pairs
 # (window_attention.py's blocked path), the control, the erase trained, the erase at inference only on
 # the plain sum's model, and the plain sum.
