@@ -14,7 +14,6 @@ is where greedy decoding would leave the key), so one forward pass per document 
 """
 import argparse
 import copy
-import functools
 import math
 import os
 import sys
@@ -59,7 +58,8 @@ def streaming_greedy(model, prompts: torch.Tensor, digits: int, piece: int = 256
         t = 0
         while t < prompts.shape[1]:
             n = min(piece, prompts.shape[1] - t, max(1, context - t))
-            out = (one_token if n == 1 else functools.partial(M.logits, model))(prompts[:, t:t + n])
+            tokens = prompts[:, t:t + n]
+            out = one_token(tokens) if n == 1 else M.logits(model, tokens)
             t += n
         decoded = [out[:, -1].argmax(-1)]
         for _ in range(digits - 1):
