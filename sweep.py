@@ -616,13 +616,15 @@ def horizon_lengths(c: dict) -> list[int]:
 
 
 def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, bases: int,
-                 seed: int) -> list[dict]:
+                 seed: int, asked: list[str] | None = None) -> list[dict]:
     """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
     training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
     A training and its evaluation are two jobs: a row that starts from, or evaluates, another's
     checkpoint waits for that training only, which runs again where its row is evaluated already but
     its checkpoint is not in `work` (a fresh machine). In the order run_jobs takes them when free:
-    the pretrainings, the trainings, the evaluations, then the streaming checks (the slowest)."""
+    the pretrainings, the trainings, the evaluations, then the streaming checks (the slowest); among
+    the evaluations and among the checks, the `asked` rows' (default: all) before those of the rows
+    they are compared against, so that a run cut short answers the question it was started for first."""
     todo = pretrain_jobs(c, bases, work)
     lengths = horizon_lengths(c)
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
@@ -678,16 +680,17 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
                                      [sys.executable, "eval_passkey.py", checkpoint, "--out", outs[way]] + longest
                                      + (["--streaming"] if way == "streaming" else []) for way in outs]))
     kind = lambda j: 0 if "/" not in j["name"] else 1 if j.get("trained") else 3 if "outs" in j else 2
-    return sorted(drop_idle_pretraining(todo), key=kind)
+    other = lambda j: kind(j) >= 2 and j["name"].split("/")[1] not in (wanted if asked is None else asked)
+    return sorted(drop_idle_pretraining(todo), key=lambda j: (kind(j), other(j)))
 
 
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
-    wanted = wanted_rows(rows, args, p)
-    wanted += [n for r in rows if r.name in wanted  # what a row reads, and a TTT row's control
+    asked = wanted_rows(rows, args, p)
+    wanted = asked + [n for r in rows if r.name in asked  # what a row reads, and a TTT row's control
                for n in (r.same_training, r.init_row, r.control if r.name.startswith("ttt") else "")
-               if n and n not in wanted]
+               if n and n not in asked]
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
@@ -705,7 +708,7 @@ def horizon(args, p) -> None:
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    todo = horizon_jobs(c, rows, wanted, results, args.work, args.bases, args.seed)
+    todo = horizon_jobs(c, rows, wanted, results, args.work, args.bases, args.seed, asked)
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
 

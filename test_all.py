@@ -1424,8 +1424,8 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     """The horizon's job graph: every job waits for a job listed before it (or for nothing), an
     evaluation for its own training, a row starting from or evaluating another's checkpoint for that
     training only (not its evaluation); trainings come before evaluations and the streaming checks
-    last; every command parses; a row already in the results is not run again on that base, and a
-    base is pretrained only where a job runs on it."""
+    last, the asked rows' before their references'; every command parses; a row already in the
+    results is not run again on that base, and a base is pretrained only where a job runs on it."""
     c = sweep.PRESETS_HORIZON["cpu"]
     rows = {r.name: r for r in sweep.horizon_rows(c)}
     # base1's control and base0's delta row evaluated, their checkpoints not here (a fresh machine)
@@ -1455,6 +1455,12 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     kinds = [0 if "/" not in n else 1 if n.endswith("/train") else 3 if n.endswith("/streaming") else 2 for n in names]
     assert kinds == sorted(kinds) and {"base0/ttt_mlp_in_delta1_then_long4/probe",
                                        "base0/ttt_mlp_in_delta1_then_long4/streaming"} <= set(names)
+    asked = ["ttt_mlp_in_delta1_then_long4"]  # with its references, as horizon() adds them
+    wanted = asked + ["ttt_mlp_in_delta1", "control_then_long4", "control"]
+    cut = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), wanted, results, str(tmp_path), 2, 0, asked)
+           if j["name"].split("/")[-1] in rows]  # the evaluations
+    mine = [i for i, n in enumerate(cut) if n.endswith("/ttt_mlp_in_delta1_then_long4")]
+    assert len(mine) == 2 and mine == list(range(2)) and len(cut) > 2
 
 
 def synthetic_study(by_depth: dict) -> dict:
