@@ -273,8 +273,9 @@ def step_flops(lm, T: int) -> dict:
       main transformer's, the text head's, every depformer step's own); attention 4 d P per layer,
       P = attention_pairs(T, its window) (the depformer: 4 D' T attention_pairs(dep_q, its context));
       each TTT layer's fast weight 4 T d h (the read Z S^T and the write V^T Z), the conv 2 T k d,
-      the target V = conv(X) W_target 2 T d d, and with the erase 2 T d h + 2 T C h (the erase's
-      product and the C x C Gram matrix per chunk);
+      the target V = conv(X) W_target 2 T d d, and with the erase 2 T C h (the C x C Gram matrix
+      per chunk whose norm scales it; the erase itself reuses the read Z S^T and joins the write;
+      the scans' work within a group of chunks on a GPU, a way of computing the same, is not counted);
     - backward: each product's input gradient where its input depends on a trained parameter (every
       main layer from the first that holds one outside TTT's conv and W_target, the TTT path of every
       TTT layer from the first trained one, the text head, the depformer), counted as its forward,
@@ -315,7 +316,7 @@ def step_flops(lm, T: int) -> dict:
         if isinstance(g, ttt.TTTGating):
             h, C = g.linear_out.in_features, g.chunk_size
             fast = 4 * T * d * h + 2 * T * g.conv.kernel_size[0] * d + (2 * T * d * d if g.W_target is not None else 0)
-            fast += (2 * T * d * h + 2 * T * C * h) if g.delta else 0
+            fast += 2 * T * C * h if g.delta else 0
             out["ttt_forward"] += fast
             out["ttt_backward"] += 2 * fast if i >= backward_from else 0
         if lm.transformer.checkpointing and i >= backward_from:
@@ -884,9 +885,10 @@ def profile_step(lm, forward_backward, optimizer_step, device) -> dict:
     total = sum(table.values())
     rows = {}
     for part in STEP_PARTS + ("optimizer",):
-        row = {phase: round(table.get((part, phase), 0.0), 2) for phase in ("forward", "backward", "recompute", "optimizer")}
-        row["total"] = round(sum(row.values()), 2)
-        row["share"] = round(row["total"] / total, 4) if total else 0.0
+        times = {phase: table.get((part, phase), 0.0) for phase in ("forward", "backward", "recompute", "optimizer")}
+        row = {phase: round(t, 2) for phase, t in times.items()}
+        row["total"] = round(sum(times.values()), 2)
+        row["share"] = round(sum(times.values()) / total, 4) if total else 0.0  # from the unrounded times
         rows[part] = row
     return dict(total_ms=round(total, 2), parts=rows,
                 top_ops=[(k.key, round(own(k) / 1e3, 2)) for k in sorted(

@@ -323,11 +323,11 @@ def test_ttt_chunked_equals_naive_loop(B, T, C, h, d, eta, decay, clip, average,
 
 @FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 40), C=st.integers(1, 12), h=st.integers(1, 8), d=st.integers(1, 6),
-       eta=st.floats(0.01, 1.0), delta=st.floats(0.05, 1.0), clip=CLIPS, group=st.one_of(st.none(), st.integers(1, 5)))
+       eta=st.floats(0.01, 1.0), delta=st.floats(0.05, 1.0), clip=CLIPS, group=st.one_of(st.none(), st.integers(1, 60)))
 def test_delta_scan_gives_the_reference_and_its_gradients(B, T, C, h, d, eta, delta, clip, group):
     """What TTTGating runs for the delta rule (ttt_delta_scan, plus the base product apart, the
     clipping as scaled targets) gives ttt_chunked's output and gradients, in float64, with any
-    group of checkpointed chunks."""
+    group of tokens per step (the dual form within a group)."""
     g = torch.Generator().manual_seed(T * 100 + C * 7 + d)
     inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, h), (B, T, d), (d, h))]
     dO = torch.randn(B, T, d, generator=g, dtype=torch.float64)
@@ -2610,6 +2610,29 @@ def test_step_flops_count_the_products_torch_counts(trains):
     assert counted == flops["linear_forward"] + flops["linear_backward"] - excess > 0
 
 
+def test_step_flops_count_the_erases_products_torch_counts():
+    """bench.step_flops' forward with the erase in two TTT layers (its fast path: the read, the
+    write, the C x C Gram matrix per chunk, the conv and W_target; the rest as above) against torch's
+    FlopCounterMode on a forward of a Moshi-shaped model, chunk by chunk as on a CPU: equal but for
+    each TTT layer's last chunk's write, which the scan skips (no chunk reads it)."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    from moshi.models import loaders
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=4), dtype=torch.float32)
+    C, T = 8, 40
+    ttt.apply_ttt(lm, [0, 2], C, 0.3, delta=1.0)
+    lm.requires_grad_(False)
+    codes = torch.randint(0, 16, (1, 17, T))
+    codes[:, 0] = torch.randint(0, 48, (1, T))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        M.multistream_loss(lm, codes, 0.5, 100.0)
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
+    flops = bench.step_flops(lm, T)
+    d, h = lm.transformer.layers[0].gating.linear_out.weight.shape
+    assert counted == flops["linear_forward"] + flops["ttt_forward"] - 2 * (2 * C * d * h) > 0
+
+
 # ============================================================================================
 # encode_dataset.py: moshi-finetune's audio dataset into token arrays
 # ============================================================================================
@@ -3088,7 +3111,7 @@ def test_cuda_compiled_scan_equals_eager(delta):
     def run(fn):
         inputs = [t.clone().requires_grad_(True) for t in (Z, V, W)]
         if delta:  # the fast part alone
-            out = fn(inputs[0], inputs[1], 0.3, C, delta, 4).float()
+            out = fn(inputs[0], inputs[1], 0.3, C, delta, 4 * C).float()
         else:
             out = fn(inputs[0], inputs[1], inputs[2], 0.3, C, 4 * C).float()
         out.square().mean().backward()

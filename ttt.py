@@ -76,7 +76,6 @@ import typing as tp
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 from torch.nn import functional as F
@@ -371,7 +370,7 @@ class TTTGating(StreamingModule[_TTTState]):
         V = self.targets(source, self.chunk_size).to(Zf.dtype)  # [B, T, d]
         if self.update_clip > 0:  # each chunk's update clipped: its V scaled
             V = (V * clip_factors(Zf, V, self.eta, self.chunk_size, self.update_clip)).to(Zf.dtype)
-        if self.delta:  # the erase makes each chunk's update depend on S: chunk by chunk
+        if self.delta:  # the erase makes each chunk's update depend on S: a scan of its own
             return F.linear(Z, W) + ttt_delta_scan(Zf, V, self.eta, self.chunk_size, self.delta).to(Zf.dtype)
         if self.z_transform is None and not self.average_after:  # O_i = Z_i (Wd_0 + eta sum_(j<i) V_j^T Z_j)^T
             return ttt_scan(Z, V, W, self.eta, self.chunk_size, decay=self.decay)
@@ -484,14 +483,16 @@ def load_official_mlp(gating: TTTGating, state_dict: dict) -> TTTGating:
 
 
 # ---------------------------------------------------------------------------------------------
-# The memory-bounded scan: ttt_chunked's output with memory independent of the number of
-# chunks, which is what TTTGating's parallel forward runs (tested against ttt_chunked, outputs and gradients).
+# The scans TTTGating's parallel forward runs: ttt_chunked's output with memory independent of
+# the number of chunks (the sum), and the erase's in groups (tested against ttt_chunked, outputs
+# and gradients).
 # ---------------------------------------------------------------------------------------------
 
-# Tokens per group of the scan on a GPU, where each sequential step costs launches more than
-# arithmetic. Chosen from 1024 / 2048 / 4096 on an H100 at d 1024, h 2816, chunk 256: 2048 was the
-# fastest at T 32768; 4096 was faster at T <= 16384 but its L x L scores took 1.6-2.3x the plain
-# MLP's memory. A CPU is bound by arithmetic instead and scans chunk by chunk.
+# Tokens per group of the scans on a GPU, where each sequential step costs launches and a pass over
+# the [B, d, h] sum more than arithmetic. Chosen for the sum from 1024 / 2048 / 4096 on an H100 at
+# d 1024, h 2816, chunk 256: 2048 was the fastest at T 32768; 4096 was faster at T <= 16384 but its
+# L x L scores took 1.6-2.3x the plain MLP's memory. A CPU is bound by arithmetic instead and scans
+# chunk by chunk.
 GPU_GROUP_TOKENS = 2048
 
 
@@ -674,42 +675,81 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
 def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
                    group: tp.Optional[int] = None) -> torch.Tensor:
     """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), chunk by chunk:
-        P_i = Z_i S_i^T,    S_(i+1) = S_i + (eta V_i - (rho / |Z_i^T Z_i|_F) P_i)^T Z_i,    S_0 = 0
-    returning P [B, T, d]. The erase makes each step depend on S, so there is no prefix sum and no
-    undoing in a backward pass. Where a gradient is needed, the chunks run in groups of `group`
-    (default about sqrt(n) of the n chunks) under activation checkpointing: the backward keeps S at
-    each group's start and recomputes one group at a time, about 2 sqrt(n) [B, d, h] float32 sums
-    instead of n. S accumulates in float32 (float64 for float64 inputs); the products run in Z's
-    dtype (bf16: each update rounded once)."""
+        P_i = Z_i S_i^T,    S_(i+1) = S_i + E_i^T Z_i,    E_i = eta V_i - (rho / |Z_i^T Z_i|_F) P_i,    S_0 = 0
+    returning P [B, T, d]. The erase makes each step depend on S: there is no prefix sum. As in
+    ttt_scan, the chunks run in groups of `group` tokens (whole chunks; default GPU_GROUP_TOKENS on a
+    GPU, one chunk elsewhere), S read and written once per group (`_delta_group`). S accumulates in
+    float32 (float64 for float64 inputs), as does the work within a group; the products with S and
+    the keys' Gram matrix run in Z's dtype. For the gradient, autograd keeps per group S in Z's dtype,
+    three L x L and two L x d float32 tensors (L = group) and the errors in Z's dtype: at Moshi 7B's
+    sizes (d 4096, h 11264, L 2048) about 110 KB per token and TTT layer, Z itself 22 KB."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if group is None:
+        group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
+    if group <= 0:
+        raise ValueError(f"group must be > 0 tokens, got {group}")
     B, T, h = Z.shape
-    n = -(-T // chunk_size)
-    group = max(1, group or round(n ** 0.5))
+    group = chunk_size * max(1, group // chunk_size)
     S = Z.new_zeros(B, V.shape[-1], h, dtype=torch.promote_types(Z.dtype, torch.float32))
     outputs = []
-    for start in range(0, T, group * chunk_size):
-        g = slice(start, start + group * chunk_size)
-        args = (S, Z[:, g], V[:, g], eta, chunk_size, delta, start + group * chunk_size >= T)
-        if torch.is_grad_enabled() and (Z.requires_grad or V.requires_grad):
-            P_g, S = torch.utils.checkpoint.checkpoint(_delta_group, *args, use_reentrant=False)
-        else:
-            P_g, S = _delta_group(*args)
-        outputs.append(P_g)
+    with torch.autocast(Z.device.type, enabled=False):  # the float32 work stays float32 under bf16 autocast
+        for start in range(0, T, group):
+            g = slice(start, start + group)
+            P_g, S = _delta_group(S, Z[:, g], V[:, g], eta, chunk_size, delta, last=start + group >= T)
+            outputs.append(P_g)
     return torch.cat(outputs, dim=1)
 
 
 def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
                  last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """ttt_delta_scan's chunks of one group from S: (their reads P, S after them). `last`: the
-    group ends the sequence, and its last chunk's update is never used."""
-    T, wide, outputs = Z.shape[1], S.dtype, []
-    for start in range(0, T, chunk_size):
-        Z_i, V_i = Z[:, start:start + chunk_size], V[:, start:start + chunk_size]
-        P_i = torch.bmm(Z_i, S.to(Z.dtype).transpose(1, 2))  # [B, C, d]: what the chunk reads
-        outputs.append(P_i)
-        if not (last and start + chunk_size >= T):
-            error = eta * V_i.to(wide) - erase_factors(Z_i, delta).to(wide)[:, None, None] * P_i.to(wide)
-            S = S + torch.bmm(error.to(Z.dtype).transpose(1, 2), Z_i).to(wide)  # differentiable
-    return torch.cat(outputs, dim=1), S
+    """ttt_delta_scan's chunks of one group from S: (their reads P, S after them). With R = Z S^T,
+    what each token reads of S as the group finds it, A[t, u] = z_t . z_u where chunk(t) > chunk(u)
+    (else 0) and c the erase factor of each token's chunk, chunk i reads S_i = S + sum_(j<i) E_j^T Z_j:
+        P = R + A E,    E = eta V - c P    =>    (I + c A) E = eta V - c R,
+    a unit lower-triangular system for the group's errors E, solved at once; then S + E^T Z.
+    `last`: the group ends the sequence, and its update is never used."""
+    L, wide, dtype = Z.shape[1], S.dtype, Z.dtype
+    chunk = torch.arange(L, device=Z.device) // chunk_size  # [L]
+    same, later = _chunk_masks(L, chunk_size, Z.device)
+    gram = _Gram.apply(Z)  # [B, L, L] float32: z_t . z_u
+    square = (gram.square() * same).sum(2)  # [B, L]: row t of its chunk's block
+    square = square.new_zeros(square.shape[0], -(-L // chunk_size)).index_add(1, chunk, square)  # |Z_i^T Z_i|_F^2
+    c = _erase_factor(square, delta)[:, chunk, None]  # [B, L, 1]
+    R = torch.bmm(Z, S.to(dtype).transpose(1, 2)).to(wide)  # [B, L, d]
+    if L <= chunk_size:  # one chunk (A = 0): it reads S alone
+        P, E = R, eta * V.to(wide) - c * R
+    else:
+        A = gram * later
+        E = torch.linalg.solve_triangular(c * A, eta * V.to(wide) - c * R, upper=False, unitriangular=True)
+        P = R + torch.bmm(A, E)
+    if not last:
+        S = S + torch.bmm(E.to(dtype).transpose(1, 2), Z).to(wide)  # differentiable
+    return P.to(dtype), S
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_masks(L: int, chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, L] bool each: where positions t and u share a chunk, and where t's chunk comes after u's.
+    Made once per size (every group of a scan keeps the same two for its gradient)."""
+    chunk = torch.arange(L, device=device) // chunk_size
+    return chunk[:, None] == chunk[None, :], chunk[:, None] > chunk[None, :]
+
+
+class _Gram(torch.autograd.Function):
+    """Z Z^T [B, L, L] in float32 (float64 for float64 Z) from Z [B, L, h] in any dtype: products in
+    Z's dtype with float32 sums (`_product_f32`). Only Z is kept for the gradient, dZ = (dG + dG^T) Z,
+    where autograd through a float32 copy of Z would keep that copy."""
+
+    @staticmethod
+    def forward(ctx, Z):
+        ctx.save_for_backward(Z)
+        return _product_f32(Z, Z.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dG):
+        Z, = ctx.saved_tensors
+        return torch.bmm((dG + dG.transpose(1, 2)).to(Z.dtype), Z)
 
 
 # ---------------------------------------------------------------------------------------------
