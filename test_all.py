@@ -382,6 +382,29 @@ def test_a_chunk_of_zero_keys_erases_nothing_and_keeps_gradients_finite():
 
 
 @FAST
+@given(scale=st.floats(-90, 0), dtype=st.sampled_from([torch.float32, torch.float64]), group=st.sampled_from([4, 12]))
+def test_nearly_vanishing_keys_keep_the_erases_gradients_finite(scale, dtype, group):
+    """A chunk of keys scaled by 10^scale, from ordinary down to zero in float32 (|Z^T Z|_F^2 passes
+    the smallest normal float, and the window above it where rsqrt's gradient overflowed): the
+    erase's output and gradients are finite and equal ttt_chunked's in the same dtype."""
+    g = torch.Generator().manual_seed(0)
+    Z, V, W = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((2, 16, 6), (2, 16, 3), (3, 6)))
+    Z[:, 4:8] *= 10.0 ** scale
+    inputs = [t.to(dtype) for t in (Z, V, W)]
+    runs = (lambda Z, V, W: ttt.ttt_chunked(Z, V, W, 0.5, 4, delta=1.0),
+            lambda Z, V, W: Z @ W.T + ttt.ttt_delta_scan(Z, V, 0.5, 4, 1.0, group))
+    results = []
+    for fn in runs:
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.square().sum().backward()
+        results.append([out] + [x.grad for x in xs[:2]])
+    for ref, got in zip(*results):
+        assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+        torch.testing.assert_close(got, ref, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-5)
+
+
+@FAST
 @given(B=st.integers(1, 2), T=st.integers(1, 40), C=st.integers(1, 12), h=st.integers(1, 8), d=st.integers(1, 6),
        eta=st.floats(0.01, 1.0), group=st.integers(1, 40), decay=DECAYS, clip=st.floats(0.05, 5.0))
 def test_clipped_updates_as_scaled_targets_give_the_reference_and_its_gradients(B, T, C, h, d, eta, group, decay,

@@ -58,6 +58,8 @@ directions the chunk barely touches. So what any text writes stops growing, and 
 wrote where others rarely write (a needle) stays. I - rho Z^T Z / |Z^T Z|_F has eigenvalues in
 [1 - rho, 1]: the erase never amplifies what S holds, for any input. Z_i S_i^T is what chunk i
 reads anyway; |Z_i^T Z_i|_F comes from the C x C Gram matrix, |Z_i^T Z_i|_F = |Z_i Z_i^T|_F.
+TTTGating runs it as `ttt_delta_scan`: groups of chunks, S read and written once per group, the
+group's erases from one triangular solve (the dual form of the same steps).
 train.py runs rho = 1 by default (on a GPU it held far needles to 16x the trained length, where the
 sum holds them to 4x; results/horizon); the functions here default to the paper's rho = 0.
 With `update_clip`, the paper's clipping applies to the write alone, not to the erase. Not
@@ -113,10 +115,10 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
         if update_clip > 0:  # times min(1, tau / |update|_F), written to stay finite where the update is 0
             square = (update * update).sum(dim=(1, 2), keepdim=True)
             update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
-        if delta > 0:  # the erase along the chunk's keys; vanishing keys (|Z^T Z|_F^2 not a normal float) erase nothing
+        if delta > 0:  # the erase along the chunk's keys; vanishing keys (see _erase_factor) erase nothing
             second = torch.einsum("bch,bcg->bhg", Z_i, Z_i)  # Z_i^T Z_i, [B, h, h]
             square = (second * second).sum(dim=(1, 2))  # |Z_i^T Z_i|_F^2
-            normal = square >= torch.finfo(square.dtype).tiny
+            normal = square >= torch.finfo(square.dtype).max ** -0.5
             factor = torch.where(normal, delta / torch.where(normal, square, 1.0).sqrt(), 0.0)[:, None, None]
             read_fast = torch.einsum("bch,bdh->bcd", Z_i, W - W_down)  # Z_i S_i^T
             update = update - factor * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
@@ -177,8 +179,8 @@ def _clip_factor(Z: torch.Tensor, V: torch.Tensor, eta: float, update_clip: floa
 def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
     """[N] rho / |Z^T Z|_F for chunks Z [N, C, h], |Z^T Z|_F from the C x C Gram matrix (|Z^T Z|_F =
     |Z Z^T|_F), in float32 at least (without a gradient: products in Z's dtype, float32 sums).
-    0 where |Z^T Z|_F^2 is below the smallest normal float (float32: |Z^T Z|_F below about 1e-19):
-    keys that vanish erase nothing, rather than divide by a norm rounded towards zero."""
+    0 where |Z^T Z|_F is below about 2e-10 (float32; see _erase_factor): keys that vanish erase
+    nothing, rather than divide by a norm rounded towards zero."""
     if torch.is_grad_enabled() and Z.requires_grad:  # differentiable; in float32 under bf16 autocast too
         with torch.autocast(Z.device.type, enabled=False):
             return _erase_factor(_gram_square(Z.to(torch.promote_types(Z.dtype, torch.float32))), delta)
@@ -186,8 +188,10 @@ def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def _erase_factor(square: torch.Tensor, delta: float) -> torch.Tensor:
-    """rho / sqrt(square), 0 where square is below the smallest normal float; finite gradients."""
-    normal = square >= torch.finfo(square.dtype).tiny
+    """rho / sqrt(square), 0 where square is below 1 / sqrt(its dtype's largest float) (float32:
+    5e-20, |Z^T Z|_F below 2e-10): there the gradient, -rho / (2 square^1.5), would overflow; above
+    it, it stays finite with room for the gradient it is multiplied by (float32: 8e9)."""
+    normal = square >= torch.finfo(square.dtype).max ** -0.5
     return torch.where(normal, delta * torch.where(normal, square, 1.0).rsqrt(), 0.0)
 
 
@@ -679,8 +683,8 @@ def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int
     returning P [B, T, d]. The erase makes each step depend on S: there is no prefix sum. As in
     ttt_scan, the chunks run in groups of `group` tokens (whole chunks; default GPU_GROUP_TOKENS on a
     GPU, one chunk elsewhere), S read and written once per group (`_delta_group`). S accumulates in
-    float32 (float64 for float64 inputs), as does the work within a group; the products with S and
-    the keys' Gram matrix run in Z's dtype. For the gradient, autograd keeps per group S in Z's dtype,
+    float32 (float64 for float64 inputs), as does the work within a group; the products with S
+    (each group's update rounded to Z's dtype once) and the keys' Gram matrix run in Z's dtype. For the gradient, autograd keeps per group S in Z's dtype,
     three L x L and two L x d float32 tensors (L = group) and the errors in Z's dtype: at Moshi 7B's
     sizes (d 4096, h 11264, L 2048) about 110 KB per token and TTT layer, Z itself 22 KB."""
     if chunk_size <= 0:
