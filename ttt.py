@@ -189,8 +189,9 @@ def erase_factors(Z: torch.Tensor, delta: float) -> torch.Tensor:
 
 def _erase_factor(square: torch.Tensor, delta: float) -> torch.Tensor:
     """rho / sqrt(square), 0 where square is below 1 / sqrt(its dtype's largest float) (float32:
-    5e-20, |Z^T Z|_F below 2e-10): there the gradient, -rho / (2 square^1.5), would overflow; above
-    it, it stays finite with room for the gradient it is multiplied by (float32: 8e9)."""
+    5e-20, |Z^T Z|_F below 2e-10). Above it the gradient, -rho / (2 square^1.5), stays finite with
+    room for the gradient it is multiplied by (float32: 8e9); below it that room shrinks, and under
+    about 1e-26 the gradient overflows on its own."""
     normal = square >= torch.finfo(square.dtype).max ** -0.5
     return torch.where(normal, delta * torch.where(normal, square, 1.0).rsqrt(), 0.0)
 
@@ -678,15 +679,16 @@ def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype
 
 def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
                    group: tp.Optional[int] = None) -> torch.Tensor:
-    """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), chunk by chunk:
+    """The fast part of ttt_chunked with `delta` rho (W_down = 0 without its product), per chunk:
         P_i = Z_i S_i^T,    S_(i+1) = S_i + E_i^T Z_i,    E_i = eta V_i - (rho / |Z_i^T Z_i|_F) P_i,    S_0 = 0
     returning P [B, T, d]. The erase makes each step depend on S: there is no prefix sum. As in
     ttt_scan, the chunks run in groups of `group` tokens (whole chunks; default GPU_GROUP_TOKENS on a
     GPU, one chunk elsewhere), S read and written once per group (`_delta_group`). S accumulates in
     float32 (float64 for float64 inputs), as does the work within a group; the products with S
-    (each group's update rounded to Z's dtype once) and the keys' Gram matrix run in Z's dtype. For the gradient, autograd keeps per group S in Z's dtype,
-    three L x L and two L x d float32 tensors (L = group) and the errors in Z's dtype: at Moshi 7B's
-    sizes (d 4096, h 11264, L 2048) about 110 KB per token and TTT layer, Z itself 22 KB."""
+    (each group's update rounded to Z's dtype once) and the keys' Gram matrix run in Z's dtype.
+    For the gradient, autograd keeps per group S in Z's dtype, three L x L and two L x d float32
+    tensors (L = group) and the errors in Z's dtype: at Moshi 7B's sizes (d 4096, h 11264, L 2048)
+    about 110 KB per token and TTT layer, Z itself 22 KB."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if group is None:
