@@ -243,6 +243,36 @@ def reconfigure(lm, gatings: list, rope, original_len: int, context: int, yarn_s
                     g.conv.weight.normal_(std=0.02)
 
 
+def train_only(lm, trains: str) -> None:
+    """What a --scale row trains, on a model `reconfigure` has just set up (every parameter frozen):
+    with TTT installed, train.py's freeze mode `trains` (`ttt_lora_in`: the TTT layers' linear_in
+    wrapped first in a LoRA of train.py's default rank 8, scaling 2; `lora_ttt`: every Linear in
+    moshi-finetune's rank 128, scaling 2); without, moshi-finetune's LoRA factors alone (`lora`), one
+    norm for the control (`control`: the backward still crosses every layer), or the whole layers that
+    would hold TTT (`layers`). The trained parameters become float32 master weights."""
+    import depformer_steps
+    layers = lm.transformer.layers
+    if trains in ("lora", "lora_ttt"):  # after TTT, as in train.py; the Linears stay wrapped (TTT
+        freeze.apply_lora(lm, 128, 2.0)  # needs plain ones): these rows come last
+        depformer_steps.apply_contiguous_steps(lm)
+    elif trains == "ttt_lora_in":  # the TTT modules are new at every reconfigure: no wrap is left over
+        freeze.apply_lora(lm, 8, 2.0, scope="ttt_mlp_in")
+    if freeze.ttt_modules(lm):
+        freeze.apply_freeze(lm, trains)
+    elif trains == "lora":  # moshi-finetune: the LoRA factors alone
+        for m in freeze.lora_modules(lm):
+            m.lora_A.weight.requires_grad_(True)
+            m.lora_B.weight.requires_grad_(True)
+    elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
+        layers[0].norm1.alpha.requires_grad_(True)
+    elif trains == "layers":  # the layers TTT would convert, whole, without TTT
+        for i in ttt.default_layers(len(layers)):
+            layers[i].requires_grad_(True)
+    else:
+        raise ValueError(f"--scale row trains {trains!r} without TTT installed")
+    freeze.upcast_trainable(lm)
+
+
 def compile_layers(lm, on: bool, **compile_options) -> None:
     """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
     eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
@@ -622,7 +652,6 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     weights_gib = torch.cuda.memory_allocated() / 2 ** 30
     rate = matmul_rate(device)  # MFU's denominator, measured in this run
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
-    ttt_layer_ids = ttt.default_layers(len(layers))
 
     def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
                   compiled_layers=False):
@@ -633,21 +662,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         for layer in layers:
             layer.self_attn.__class__ = window_attention.WindowAttention if flex else StreamingMultiheadAttention
         reconfigure(lm, gatings, rope, L0, context, yarn_scale, chunk, delta)
-        if trains in ("lora", "lora_ttt"):  # moshi-finetune's rank and scaling, after TTT as in train.py; the
-            freeze.apply_lora(lm, 128, 2.0)  # Linears stay wrapped (TTT needs plain ones): these rows come last
-            depformer_steps.apply_contiguous_steps(lm)
-        if chunk:
-            freeze.apply_freeze(lm, trains)
-        elif trains == "lora":  # moshi-finetune: the LoRA factors alone
-            for m in freeze.lora_modules(lm):
-                m.lora_A.weight.requires_grad_(True)
-                m.lora_B.weight.requires_grad_(True)
-        elif trains == "control":  # a backward through every layer, as ttt_only's, nothing else
-            layers[0].norm1.alpha.requires_grad_(True)
-        else:  # "ttt_layers" without TTT: the same whole layers train
-            for i in ttt_layer_ids:
-                layers[i].requires_grad_(True)
-        freeze.upcast_trainable(lm)
+        train_only(lm, trains)
 
     def batch(T, B):  # random codes, the text stream within the text vocabulary
         g = torch.Generator(device).manual_seed(0)
@@ -770,6 +785,12 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
              f"window {L0}, T {T1}: ttt_only"),  # train.py's default against the paper's sum
             (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
              f"window {L0}, T {T2}: ttt_only"),
+            # the smallest trainable set that learns far memory (results/horizon): a LoRA of rank 8 on the TTT
+            # layers' linear_in, with the erase, against ttt_only with the erase
+            (f"window {L0}, T {T1}: ttt_lora_in, erase 1", T1,
+             dict(window, trains="ttt_lora_in", chunk=256, delta=1.0), f"window {L0}, T {T1}: ttt_only, erase 1"),
+            (f"window {L0}, T {T2}: ttt_lora_in, erase 1", T2,
+             dict(window, trains="ttt_lora_in", chunk=256, delta=1.0), f"window {L0}, T {T2}: ttt_only, erase 1"),
             (f"window {L0}, T {T1}: control, moshi's attention", T1, dict(window, trains="control", flex=False),
              f"window {L0}, T {T1}: control"),
             # moshi-finetune's 7B example (its README: about 12k tokens/s, 1,330 frames/s, on one H100); TTT

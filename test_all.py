@@ -2647,6 +2647,40 @@ def test_step_flops_count_the_products_torch_counts(trains):
     assert counted == flops["linear_forward"] + flops["linear_backward"] - excess > 0
 
 
+def test_scale_rows_train_what_they_name():
+    """bench.train_only after bench.reconfigure, row after row on one Moshi-shaped bf16 model as
+    --scale runs them: each trains exactly its set (ttt_lora_in: TTT's conv and W_target and a rank-8
+    LoRA on each TTT layer's linear_in, nothing else), in float32 with the rest bf16, and a LoRA on
+    linear_in does not outlive its row."""
+    import bench
+    from moshi.models import loaders
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=4), dtype=torch.bfloat16)
+    layers = lm.transformer.layers
+    gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
+
+    def run(trains, chunk=None):
+        for p in lm.parameters():
+            p.requires_grad_(False)
+            p.data = p.data.to(torch.bfloat16)
+        bench.reconfigure(lm, gatings, rope, 64, 64, chunk=chunk, delta=1.0 if chunk else 0.0)
+        bench.train_only(lm, trains)
+        trained = {id(p) for p in lm.parameters() if p.requires_grad}
+        assert all((p.dtype == torch.float32) == (id(p) in trained) for p in lm.parameters())
+        return trained
+
+    ttt_params = lambda: {id(p) for m in freeze.ttt_modules(lm) for p in m.ttt_parameters()}
+    assert run("control") == {id(layers[0].norm1.alpha)}
+    assert run("ttt_only", 8) == ttt_params()
+    got = run("ttt_lora_in", 8)
+    loras = freeze.lora_modules(lm)
+    assert len(loras) == len(ttt.default_layers(4)) and all(m is g.linear_in for m, g in zip(loras, freeze.ttt_modules(lm)))
+    assert got == ttt_params() | {id(p) for m in loras for p in (m.lora_A.weight, m.lora_B.weight)}
+    assert all(m.lora_A.out_features == 8 for m in loras)
+    assert run("ttt_only", 8) == ttt_params() and not freeze.lora_modules(lm)
+    assert run("layers") == {id(p) for i in ttt.default_layers(4) for p in layers[i].parameters()}
+
+
 def test_step_flops_count_the_erases_products_torch_counts():
     """bench.step_flops' forward with the erase in two TTT layers (its fast path: the read, the
     write, the C x C Gram matrix per chunk, the conv and W_target; the rest as above) against torch's
