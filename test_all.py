@@ -395,6 +395,19 @@ def test_the_erases_groups_cost_no_precision_in_bf16(seed, shift, groups):
     assert error(groups * 16) <= 1.25 * error(16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_erases_scan_under_bf16_autocast_keeps_its_float32_work(dtype):
+    """Under bf16 autocast (as train.py runs), keys and targets of any dtype: the erase's scan runs
+    (fp16 tensors meeting autocast's casts raised in torch.cat) and stays within its inputs'
+    rounding of float64, its work within groups in float32, not autocast's bf16."""
+    g = torch.Generator().manual_seed(0)
+    Z, V = (torch.randn(2, 40, n, generator=g).to(dtype) for n in (6, 3))
+    exact = ttt.ttt_delta_scan(Z.double(), V.double(), 0.3, 8, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ttt.ttt_delta_scan(Z, V, 0.3, 8, 1.0, 40).double()
+    assert (got - exact).norm() <= {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype] * exact.norm()
+
+
 @FAST
 @given(scale=st.floats(-90, 0), dtype=st.sampled_from([torch.float32, torch.float64]), group=st.sampled_from([4, 12]))
 def test_nearly_vanishing_keys_keep_the_erases_gradients_finite(scale, dtype, group):

@@ -704,7 +704,7 @@ def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int
             g = slice(start, start + group)
             P_g, S = _delta_group(S, Z[:, g], V[:, g], eta, chunk_size, delta, last=start + group >= T)
             outputs.append(P_g)
-    return torch.cat(outputs, dim=1)
+        return torch.cat(outputs, dim=1)
 
 
 def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int, delta: float,
