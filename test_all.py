@@ -3181,6 +3181,32 @@ def test_cuda_streaming_passkey_decoding_replays_a_graph_and_equals_eager_and_pa
 
 
 @CUDA
+def test_cuda_erase_scan_in_groups_gives_the_chunk_loop():
+    """The erase's scan as a GPU runs it (groups of GPU_GROUP_TOKENS, its Gram matrix in float32 from
+    bf16 keys, the triangular solve) against the chunk loop in float64 on the same bf16 inputs: the
+    output and the gradients of Z and V within 1e-2 relative (bf16's step is 3.9e-3), over 3 groups
+    with a ragged last chunk, under bf16 autocast as train.py runs it."""
+    device, C = torch.device("cuda"), 64
+    T = 2 * ttt.GPU_GROUP_TOKENS + 3 * C + 17
+    g = torch.Generator().manual_seed(0)
+    Z = (torch.randn(2, T, 48, generator=g) + torch.randn(48, generator=g)).bfloat16()
+    V = torch.randn(2, T, 24, generator=g).bfloat16()
+    dO = torch.randn(2, T, 24, generator=g, dtype=torch.float64)
+
+    def run(Z, V, precision, device, **autocast):
+        Z, V = Z.to(device, precision).requires_grad_(), V.to(device, precision).requires_grad_()
+        with torch.autocast(device.type, **autocast):
+            out = ttt.ttt_delta_scan(Z, V, 0.3, C, 1.0)
+        out.double().backward(dO.to(device))
+        return [t.double().cpu() for t in (out, Z.grad, V.grad)]
+
+    exact = run(Z, V, torch.float64, torch.device("cpu"), enabled=False)
+    got = run(Z, V, torch.bfloat16, device, dtype=torch.bfloat16)
+    for value, want in zip(got, exact):
+        assert (value - want).norm() <= 1e-2 * want.norm(), ((value - want).norm() / want.norm()).item()
+
+
+@CUDA
 @pytest.mark.parametrize("delta", [0.0, 1.0])
 def test_cuda_compiled_scan_equals_eager(delta):
     """Under torch.compile on a GPU the scans' float32 sums take their traceable form (a product
