@@ -512,16 +512,22 @@ def ttt_scan(Z: torch.Tensor, V: torch.Tensor, W_down: tp.Optional[torch.Tensor]
     GPU_GROUP_TOKENS on a GPU and one chunk elsewhere. It changes the speed, not the result.
     `decay` < 1 forgets per chunk as ttt_chunked does; the backward then keeps the sum at the start of
     every group (one [B, d, h] float32 each) instead of recovering it by undoing the updates."""
+    group = _group_tokens(Z, chunk_size, group)
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group), float(decay))
+
+
+def _group_tokens(Z: torch.Tensor, chunk_size: int, group: tp.Optional[int]) -> int:
+    """A scan's tokens per sequential step: `group` (default GPU_GROUP_TOKENS on a GPU, one chunk
+    elsewhere) rounded down to whole chunks, at least one; ValueError for a size <= 0."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if group is None:
         group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
     if group <= 0:
         raise ValueError(f"group must be > 0 tokens, got {group}")
-    group = chunk_size * max(1, group // chunk_size)
-    if not 0 < decay <= 1:
-        raise ValueError(f"decay must be in (0, 1], got {decay}")
-    return _FastWeightScan.apply(Z, V, W_down, float(eta), int(chunk_size), int(group), float(decay))
+    return chunk_size * max(1, group // chunk_size)
 
 
 def _accumulate(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
@@ -689,14 +695,8 @@ def ttt_delta_scan(Z: torch.Tensor, V: torch.Tensor, eta: float, chunk_size: int
     For the gradient, autograd keeps per group S in Z's dtype, three L x L and two L x d float32
     tensors (L = group) and the errors in Z's dtype: at Moshi 7B's sizes (d 4096, h 11264, L 2048)
     about 110 KB per token and TTT layer, Z itself 22 KB."""
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if group is None:
-        group = GPU_GROUP_TOKENS if Z.is_cuda else chunk_size
-    if group <= 0:
-        raise ValueError(f"group must be > 0 tokens, got {group}")
+    group = _group_tokens(Z, chunk_size, group)
     B, T, h = Z.shape
-    group = chunk_size * max(1, group // chunk_size)
     S = Z.new_zeros(B, V.shape[-1], h, dtype=torch.promote_types(Z.dtype, torch.float32))
     outputs = []
     with torch.autocast(Z.device.type, enabled=False):  # the float32 work stays float32 under bf16 autocast
