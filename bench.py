@@ -624,7 +624,8 @@ def serving(device, steps=60, lm_kwargs=None, chunks=(256, 1024), batches=(1, 8,
 def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     """One training step (forward, backward, AdamW) of moshi's own 7B configuration with random
     weights: frozen weights bf16, trained ones float32, bf16 autocast, batch 1, gradient
-    checkpointing, moshi-finetune's loss (first codebook x100); each mode against a control with
+    checkpointing, moshi-finetune's loss (first codebook x100), float32 products in TF32 as train.py
+    allows them (one row without); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
     warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
     share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
@@ -654,8 +655,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
 
     def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
-                  compiled_layers=False):
+                  compiled_layers=False, tf32=True):
         compile_layers(lm, compiled_layers)
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # as train.py: the erase's float32 products in TF32
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
             p.data, p.grad = p.data.to(torch.bfloat16), None
@@ -785,6 +787,8 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
              f"window {L0}, T {T1}: ttt_only"),  # train.py's default against the paper's sum
             (f"window {L0}, T {T2}: ttt_only, erase 1", T2, dict(window, trains="ttt_only", chunk=256, delta=1.0),
              f"window {L0}, T {T2}: ttt_only"),
+            (f"window {L0}, T {T1}: ttt_only, erase 1, float32 products", T1,  # without train.py's TF32
+             dict(window, trains="ttt_only", chunk=256, delta=1.0, tf32=False), f"window {L0}, T {T1}: ttt_only, erase 1"),
             # the smallest trainable set that learns far memory (results/horizon): a LoRA of rank 8 on the TTT
             # layers' linear_in, with the erase, against ttt_only with the erase
             (f"window {L0}, T {T1}: ttt_lora_in, erase 1", T1,

@@ -187,6 +187,9 @@ def main(argv=None):
     model.to(device)
     if device.type == "cuda":  # the window's pairs only (flex_attention); equal to moshi's masked attention
         window_attention.apply_window_attention(model)
+        # float32 products in TF32: under bf16 autocast only the erase's (ttt_delta_scan) are float32,
+        # 1.3x faster so, with bf16's error unchanged (test_all)
+        torch.backends.cuda.matmul.allow_tf32 = True
     for transformer in (model.transformer, model.depformer):  # the depformer runs over B x T sequences
         if transformer is not None:
             transformer.checkpointing = config.grad_checkpointing
