@@ -608,6 +608,10 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     rows.append(StudyRow(f"ttt_mlp_in_delta1_then_long{k}", f"ttt_mlp_in, the delta rule's erase 1, trained at "
                          f"{c['L0'] // c['window']} W, {then}", mlp_in + ["--ttt-delta", "1"], longest=k,
                          init_row="ttt_mlp_in_delta1", control=f"control_then_long{k}"))
+    rows.append(StudyRow(f"ttt_lora_in_delta1_then_long{k}", f"ttt_lora_in (rank 8), the delta rule's erase 1, "
+                         f"trained at {c['L0'] // c['window']} W, {then}",
+                         ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"], longest=k,
+                         init_row="ttt_lora_in_delta1", control=f"control_then_long{k}"))
     return rows
 
 

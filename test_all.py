@@ -1447,7 +1447,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
         assert (args.method, args.scale) == (("none", 4) if "long4" in name else ("yarn", 1))
         assert abs(tokens / (c["steps"] * c["batch"] * c["L0"]) - 1) < 0.01
         if name.startswith("ttt"):  # compared with the no-TTT row trained the same way, from the same start
-            assert row.control == (name.replace("ttt_mlp_in_delta1", "control") if "long4" in name else "control")
+            assert row.control == ("control_then_long4" if "then_long4" in name else "control_long4"
+                                   if "long4" in name else "control")
             control = rows[row.control]
             assert control.longest == row.longest
             assert control.init_row == (rows[row.init_row].control if row.init_row else "")
