@@ -655,8 +655,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
 
     def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
-                  compiled_layers=False, tf32=True):
+                  compiled_layers=False, tf32=True, checkpointed=True):
         compile_layers(lm, compiled_layers)
+        lm.transformer.checkpointing = checkpointed  # the depformer's stays on
         torch.backends.cuda.matmul.allow_tf32 = tf32  # as train.py: the erase's float32 products in TF32
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
@@ -789,6 +790,13 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
              f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: ttt_only, erase 1, float32 products", T1,  # without train.py's TF32
              dict(window, trains="ttt_only", chunk=256, delta=1.0, tf32=False), f"window {L0}, T {T1}: ttt_only, erase 1"),
+            # the transformer without gradient checkpointing (the depformer keeps it): the time its
+            # recomputation costs at T 4 L0, against the memory it saves
+            (f"window {L0}, T {T1}: control, transformer not checkpointed", T1,
+             dict(window, trains="control", checkpointed=False), f"window {L0}, T {T1}: control"),
+            (f"window {L0}, T {T1}: ttt_only, erase 1, transformer not checkpointed", T1,
+             dict(window, trains="ttt_only", chunk=256, delta=1.0, checkpointed=False),
+             f"window {L0}, T {T1}: ttt_only, erase 1"),
             # the smallest trainable set that learns far memory (results/horizon): a LoRA of rank 8 on the TTT
             # layers' linear_in, with the erase, against ttt_only with the erase
             (f"window {L0}, T {T1}: ttt_lora_in, erase 1", T1,

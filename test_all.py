@@ -2512,7 +2512,8 @@ def test_attention_pairs_count_the_causal_window(T, window):
 
 
 @FAST
-@given(st.sampled_from(["", "control", "ttt_only", "erase", "T 24000", "layers compiled", "eager", "LoRA", "x"]),
+@given(st.sampled_from(["", "control", "ttt_only", "erase", "T 24000", "layers compiled", "eager", "LoRA",
+                        "not checkpointed", "x"]),
        st.booleans())
 def test_scale_rows_bring_what_they_are_compared_against(text, compiled):
     """bench --scale --rows TEXT: the rows whose name holds TEXT, every row any of them is compared
