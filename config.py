@@ -101,6 +101,8 @@ class Config:
     grad_clip: float = flag(1.0, "the gradient norm's bound (see --clip)")
     clip: str = flag("per-group", "TTT and base apart, or together", choices=("per-group", "global"))
     grad_checkpointing: bool = flag(False)
+    moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms, RoPE and gating (1.2x at Moshi 7B in "
+                               "bench.py --scale; compiling dominates small runs); not where norms train")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
     log_every: int = flag(25)
@@ -206,6 +208,13 @@ def check(c: Config) -> None:
         raise ValueError("--init-config goes with a .safetensors --init, and only with one")
     if c.fsdp and ("RANK" not in os.environ or not (c.init or c.resume)):
         raise ValueError("--fsdp needs torchrun and --init (it shards the model being extended, not pretraining)")
+    if c.moshi_compile and os.environ.get("NO_TORCH_COMPILE"):
+        raise ValueError(f"--moshi-compile needs moshi's torch.compile, which NO_TORCH_COMPILE="
+                         f"{os.environ['NO_TORCH_COMPILE']} in the environment turns off")
+    if c.moshi_compile and (c.mode in ("full", "ttt_layers") or not (c.init or c.resume)):
+        raise ValueError(f"--moshi-compile with {'--mode ' + c.mode if c.init or c.resume else 'pretraining'}: "
+                         f"moshi's norms train there, and a compiled norm's backward failed on a GPU "
+                         f"(results/training_7b/gpu_preset_compile_failure_h100.log); use a mode that keeps them frozen")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {c.device} but CUDA is not available")
 

@@ -1844,18 +1844,53 @@ ALONE = {  # each concept file in a folder of its own, its usage as its docstrin
 
 
 def test_scripts_keep_moshis_compile_off():
-    """Each script turns moshi's torch.compile off (NO_TORCH_COMPILE, unless set) before moshi loads,
-    whatever the order of its imports: compiling dominates small runs, and on torch 2.11 with CUDA
-    the compiled RMSNorm's backward fails on the GPU preset (results/training_7b/gpu_preset_compile_failure_h100.log),
-    which a new import of a moshi-importing file ahead of model.py once let through."""
+    """Each script but train.py (next test) turns moshi's torch.compile off (NO_TORCH_COMPILE, unless
+    set) before moshi loads, whatever the order of its imports: compiling dominates small runs, and on
+    torch 2.11 with CUDA the compiled RMSNorm's backward fails on the GPU preset
+    (results/training_7b/gpu_preset_compile_failure_h100.log), which a new import of a moshi-importing
+    file ahead of model.py once let through."""
     env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
-    for script in ("train", "eval_passkey", "sweep", "bench"):
+    for script in ("eval_passkey", "sweep", "bench"):
         code = f"import {script}, moshi.modules.transformer as t; print(hasattr(t._rms_norm, '__wrapped__'))"
         r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0 and r.stdout.split() == ["False"], (script, r.stdout, r.stderr[-1000:])
     code = "import freeze, moshi.modules.transformer as t; print(hasattr(t._rms_norm, '__wrapped__'))"
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
     assert r.stdout.split() == ["True"], r.stderr[-1000:]  # the check sees moshi's compile when it is on
+
+
+def test_moshi_compile_only_with_its_flag(tmp_path):
+    """train.py loads moshi able to compile (NO_TORCH_COMPILE unset), and a run compiles nothing
+    unless --moshi-compile: then moshi's kernels compile and the first step's loss is eager's (1e-5
+    relative). Refused in one line, before any work: with NO_TORCH_COMPILE=1 in the environment,
+    and where norms train (pretraining, --mode full, --mode ttt_layers)."""
+    r = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
+    assert r.returncode == 0, r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
+    base = ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "1", "--eval-trials", "1", "--scale", "2",
+            "--ttt-chunk", "32", "--batch", "4", "--log-every", "1"]
+    code = ("import sys, train, moshi.modules.transformer as t\nfrom torch._dynamo.utils import counters\n"
+            "train.main(sys.argv[1:])\nprint('wrapped', hasattr(t._rms_norm, '__wrapped__'), 'frames', "
+            "sum(counters['frames'].values()))")
+    losses = {}
+    for flag in ([], ["--moshi-compile"]):
+        r = subprocess.run([sys.executable, "-c", code] + base + flag + ["--out", str(tmp_path / f"run{len(flag)}")],
+                           cwd=HERE, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        words = r.stdout.split()
+        assert words[-4:-2] == ["wrapped", "True"] and (int(words[-1]) > 0) == bool(flag), r.stdout[-500:]
+        line = next(s for s in r.stdout.splitlines() if s.startswith("step 1/1 | stage 0"))
+        losses[bool(flag)] = float(line.split("| loss ")[1].split()[0])
+    assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses
+    for extra, environment in (([], dict(os.environ, NO_TORCH_COMPILE="1")), (["--mode", "full"], env),
+                               (["--mode", "ttt_layers"], env), (None, env)):
+        args = QUICK + ["--moshi-compile", "--out", str(tmp_path / "bad")]
+        args = args if extra is None else base + extra + ["--moshi-compile", "--out", str(tmp_path / "bad")]
+        r = subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + args, cwd=HERE, capture_output=True,
+                           text=True, env=environment, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "--moshi-compile" in lines[0], r.stderr[-1000:]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("name", sorted(ALONE))

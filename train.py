@@ -17,10 +17,13 @@ import sys
 import time
 import typing as tp
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi loads: compiling dominates small runs
+# moshi compiles its norms, RoPE and gating only if NO_TORCH_COMPILE is empty when it loads: loaded so,
+# and a run keeps them eager (compiling dominates small runs) unless --moshi-compile
+os.environ.setdefault("NO_TORCH_COMPILE", "")
 
 import torch
 import torch.distributed as dist
+from moshi.utils.compile import no_compile
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
@@ -173,6 +176,11 @@ def describe(model, corpus, settings: dict, config: Config, stages: list[dict], 
 
 def main(argv=None):
     config, given = parse_args(argv)
+    with contextlib.nullcontext() if config.moshi_compile else no_compile():
+        train(config, given)
+
+
+def train(config: Config, given: dict):
     fail = eval_passkey.OneLineParser(prog="train.py").error  # one line on stderr, exit 2, nothing written
     try:  # the configuration completed from the starting point, the data, the stages: all checked
         run = start(config, given)
