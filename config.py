@@ -101,8 +101,9 @@ class Config:
     grad_clip: float = flag(1.0, "the gradient norm's bound (see --clip)")
     clip: str = flag("per-group", "TTT and base apart, or together", choices=("per-group", "global"))
     grad_checkpointing: bool = flag(False)
-    moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms, RoPE and gating (1.2x at Moshi 7B in "
-                               "bench.py --scale; compiling dominates small runs); not where norms train")
+    moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms and RoPE (its gating kernel only "
+                               "outside training; 1.2x at Moshi 7B in bench.py --scale; compiling dominates "
+                               "small runs); not where norms train")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
     log_every: int = flag(25)

@@ -17,8 +17,9 @@ import sys
 import time
 import typing as tp
 
-# moshi compiles its norms, RoPE and gating only if NO_TORCH_COMPILE is empty when it loads: loaded so,
-# and a run keeps them eager (compiling dominates small runs) unless --moshi-compile
+# moshi compiles its norms and RoPE (its gating kernel only outside training) only if NO_TORCH_COMPILE
+# is empty when it loads: loaded so, and a run keeps them eager (compiling dominates small runs)
+# unless --moshi-compile
 os.environ.setdefault("NO_TORCH_COMPILE", "")
 
 import torch
