@@ -919,9 +919,9 @@ def profile_step(lm, forward_backward, optimizer_step, device) -> dict:
     rows = {}
     for part in STEP_PARTS + ("optimizer",):
         times = {phase: table.get((part, phase), 0.0) for phase in ("forward", "backward", "recompute", "optimizer")}
-        row = {phase: round(t, 2) for phase, t in times.items()}
-        row["total"] = round(sum(times.values()), 2)
-        row["share"] = round(sum(times.values()) / total, 4) if total else 0.0  # from the unrounded times
+        row, part_total = {phase: round(t, 2) for phase, t in times.items()}, sum(times.values())
+        row["total"] = round(part_total, 2)
+        row["share"] = round(part_total / total, 4) if total else 0.0  # from the unrounded times
         rows[part] = row
     return dict(total_ms=round(total, 2), parts=rows,
                 top_ops=[(k.key, round(own(k) / 1e3, 2)) for k in sorted(

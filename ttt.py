@@ -117,9 +117,7 @@ def ttt_chunked(Z: torch.Tensor, V: torch.Tensor, W_down: torch.Tensor, eta: flo
             update = update * (square / update_clip ** 2).clamp(min=1.0).rsqrt()
         if delta > 0:  # the erase along the chunk's keys; vanishing keys (see _erase_factor) erase nothing
             second = torch.einsum("bch,bcg->bhg", Z_i, Z_i)  # Z_i^T Z_i, [B, h, h]
-            square = (second * second).sum(dim=(1, 2))  # |Z_i^T Z_i|_F^2
-            normal = square >= torch.finfo(square.dtype).max ** -0.5
-            factor = torch.where(normal, delta / torch.where(normal, square, 1.0).sqrt(), 0.0)[:, None, None]
+            factor = _erase_factor((second * second).sum(dim=(1, 2)), delta)[:, None, None]  # rho / |Z_i^T Z_i|_F
             read_fast = torch.einsum("bch,bdh->bcd", Z_i, W - W_down)  # Z_i S_i^T
             update = update - factor * torch.einsum("bcd,bch->bdh", read_fast, Z_i)
         W = W_down + decay * (W - W_down) + update
@@ -719,8 +717,7 @@ def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, 
     a unit lower-triangular system for the group's errors E, solved at once; then S + E^T Z.
     `last`: the group ends the sequence, and its update is never used."""
     L, wide, dtype = Z.shape[1], S.dtype, Z.dtype
-    chunk = torch.arange(L, device=Z.device) // chunk_size  # [L]
-    same, later = _chunk_masks(L, chunk_size, Z.device)
+    chunk, same, later = _chunk_masks(L, chunk_size, Z.device)
     gram = _Gram.apply(Z)  # [B, L, L] float32: z_t . z_u
     square = (gram.square() * same).sum(2)  # [B, L]: row t of its chunk's block
     square = square.new_zeros(square.shape[0], -(-L // chunk_size)).index_add(1, chunk, square)  # |Z_i^T Z_i|_F^2
@@ -738,11 +735,11 @@ def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, 
 
 
 @functools.lru_cache(maxsize=8)
-def _chunk_masks(L: int, chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L, L] bool each: where positions t and u share a chunk, and where t's chunk comes after u's.
-    Made once per size (every group of a scan keeps the same two for its gradient)."""
+def _chunk_masks(L: int, chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each position's chunk [L], and [L, L] bool: where positions t and u share a chunk, and where
+    t's chunk comes after u's. Made once per size (every group of a scan keeps them for its gradient)."""
     chunk = torch.arange(L, device=device) // chunk_size
-    return chunk[:, None] == chunk[None, :], chunk[:, None] > chunk[None, :]
+    return chunk, chunk[:, None] == chunk[None, :], chunk[:, None] > chunk[None, :]
 
 
 class _Gram(torch.autograd.Function):
