@@ -39,6 +39,10 @@ RECIPES = {"project": {},
                             ttt_delta=0.0)}
 
 
+# What gradient checkpointing recomputes in the backward (train.py applies it to moshi's transformers).
+CHECKPOINTING = ("none", "depformer", "all")
+
+
 def flag(default, help=None, **argparse_kwargs):
     return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
@@ -100,7 +104,10 @@ class Config:
     warmup: float = flag(0.1, "warmup, a fraction of each stage's steps")
     grad_clip: float = flag(1.0, "the gradient norm's bound (see --clip)")
     clip: str = flag("per-group", "TTT and base apart, or together", choices=("per-group", "global"))
-    grad_checkpointing: bool = flag(False)
+    grad_checkpointing: str = flag("none", "what recomputes its activations in the backward: the transformer and "
+                                   "the depformer (the flag alone), the depformer only (at Moshi 7B 0.8x the "
+                                   "time of all, 45-53 GiB more at T 12000), or none",
+                                   choices=CHECKPOINTING, nargs="?", const="all")
     moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms and RoPE (its gating kernel only "
                                "outside training; 1.2x at Moshi 7B in bench.py --scale; compiling dominates "
                                "small runs); not where norms train")
@@ -127,6 +134,8 @@ TTT_SETTING_BEFORE = dict(decay=1.0, update_clip=0.0, average_after=0, delta=0.0
 # field's default is not what those runs did: runs before --ttt-delta trained the plain sum, runs
 # before --yarn-beta-fast the paper's 32.
 CONFIG_BEFORE = dict(ttt_delta=0.0, yarn_beta_fast=32.0)
+# --grad-checkpointing was on or off, for both transformers, before it could name the depformer alone.
+CHECKPOINTING_BEFORE = {True: "all", False: "none"}
 
 
 def option(name: str) -> str:
@@ -237,7 +246,10 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
     if not isinstance(checkpoint.get("config"), dict):
         raise ValueError(f"{path} holds no run configuration (written before runs stored theirs): "
                          f"start the run again")
-    stored = Config(**{**CONFIG_BEFORE, **checkpoint["config"]})
+    stored = {**CONFIG_BEFORE, **checkpoint["config"]}
+    if isinstance(stored.get("grad_checkpointing"), bool):
+        stored["grad_checkpointing"] = CHECKPOINTING_BEFORE[stored["grad_checkpointing"]]
+    stored = Config(**stored)
     model = checkpoint["settings"]["model"]
     layers = model.get("num_layers") or model.get("lm_kwargs", {}).get("num_layers", 0)
     given = dict(given, ttt_layers=resolve_layers(given["ttt_layers"], layers)) if "ttt_layers" in given else given
@@ -337,6 +349,8 @@ def start(c: Config, given: dict) -> Start:
                                   os.path.join(c.out, "base.pt"))
         torch.manual_seed(c.seed)
         model = M.build_model(settings["model"])
+    if c.grad_checkpointing == "depformer" and model.depformer is None:
+        raise ValueError("--grad-checkpointing depformer: this model has no depformer (all or none)")
     if c.yarn_beta_fast is None:  # from the model's RoPE geometry, then stored with the run
         attention = model.transformer.layers[0].self_attn
         c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,
