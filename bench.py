@@ -790,8 +790,8 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
              f"window {L0}, T {T2}: ttt_only"),
             (f"window {L0}, T {T1}: ttt_only, erase 1, float32 products", T1,  # without train.py's TF32
              dict(window, trains="ttt_only", chunk=256, delta=1.0, tf32=False), f"window {L0}, T {T1}: ttt_only, erase 1"),
-            # the transformer without gradient checkpointing (the depformer keeps it): the time its
-            # recomputation costs at T 4 L0, against the memory it saves
+            # the transformer without gradient checkpointing, the depformer with it (train.py's
+            # --grad-checkpointing depformer): the time its recomputation costs at T 4 L0, and the memory it saves
             (f"window {L0}, T {T1}: control, transformer not checkpointed", T1,
              dict(window, trains="control", checkpointed=False), f"window {L0}, T {T1}: control"),
             (f"window {L0}, T {T1}: ttt_only, erase 1, transformer not checkpointed", T1,
