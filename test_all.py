@@ -2635,6 +2635,8 @@ def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
         gradients[what] = torch.autograd.grad(M.multistream_loss(lm, codes, 0.5, 100.0), params)
         assert calls == {"transformer": 2 if what == "all" else 1,
                          "depformer": 1 if what == "none" else 2}, (what, calls)
+    with pytest.raises(ValueError, match="one of none, depformer, all"):  # a Config of the bool's days, built in code
+        train.set_checkpointing(lm, True)
     for what in ("depformer", "all"):
         for got, want in zip(gradients[what], gradients["none"]):
             assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, what
@@ -2662,6 +2664,7 @@ def test_grad_checkpointing_flag_and_runs_stored_before_it_named_the_depformer(t
         checkpoints.save_checkpoint(str(folder / "ckpt.pt"), checkpoint)
         resumed = config.resumed_config(dict(resume=True, out=str(folder)))[0]
         assert resumed.grad_checkpointing == setting
+        assert config.resumed_config(dict(resume=True, out=str(folder), grad_checkpointing=setting))[0] == resumed
         given = dict(resume=True, out=str(folder), grad_checkpointing="depformer")  # another setting: refused
         with pytest.raises(ValueError, match="--grad-checkpointing"):
             config.resumed_config(given)

@@ -35,7 +35,7 @@ import freeze
 import model as M
 import window_attention
 import yarn
-from config import Config, parse_args, start
+from config import CHECKPOINTING, Config, parse_args, start
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
@@ -160,6 +160,8 @@ def set_checkpointing(model, what: str) -> None:
     """--grad-checkpointing: which of moshi's transformers recompute their layers in the backward.
     The depformer runs over B x T sequences of a few steps each: its activations are large for its
     arithmetic, so it is the first to recompute (results/training_7b)."""
+    if what not in CHECKPOINTING:
+        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}")
     model.transformer.checkpointing = what == "all"
     if model.depformer is not None:
         model.depformer.checkpointing = what in ("depformer", "all")
