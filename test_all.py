@@ -2611,8 +2611,8 @@ def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
     """--grad-checkpointing none / depformer / all (train.set_checkpointing) on a Moshi-shaped model
     with TTT (the erase) in the last of two layers: in one forward and backward the last layer of each
     transformer (the first needs no backward) runs twice exactly where its transformer recomputes,
-    once elsewhere, and the trained gradients are the
-    same as without recomputation (float32, CPU: within 1e-6 relative)."""
+    once elsewhere, and the trained gradients are the same as without recomputation (float32, CPU:
+    within 1e-6 relative)."""
     import depformer_steps
     from moshi.models import loaders
     torch.manual_seed(0)
