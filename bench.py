@@ -349,7 +349,7 @@ def step_flops(lm, T: int) -> dict:
             fast += 2 * T * C * h if g.delta else 0
             out["ttt_forward"] += fast
             out["ttt_backward"] += 2 * fast if i >= backward_from else 0
-        if lm.transformer.checkpointing and i >= backward_from:
+        if M.recomputes(lm, layer) and i >= backward_from:
             out["recompute"] += lin + att + (fast if isinstance(g, ttt.TTTGating) else 0)
     heads = [lm.text_linear, lm.depformer_in, lm.linears]
     out["linear_forward"] += sum(linear_flops(m) for m in heads)
@@ -646,7 +646,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
-    lm.transformer.checkpointing = lm.depformer.checkpointing = True  # the depformer runs over T sequences
+    M.set_checkpointing(lm, "all")  # as train.py --grad-checkpointing: the depformer runs over T sequences
     depformer_steps.apply_contiguous_steps(lm)  # as train.py: its per-step products as matrix products
     layers, L0 = lm.transformer.layers, lm_kwargs["context"]
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
@@ -655,9 +655,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     print(f"  bf16 matrix products: {rate / 1e12:.0f} TFLOP/s measured (8192 x 8192 x 8192)", flush=True)
 
     def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
-                  compiled_layers=False, tf32=True, checkpointed=True):
+                  compiled_layers=False, tf32=True, checkpointing="all"):
         compile_layers(lm, compiled_layers)
-        lm.transformer.checkpointing = checkpointed  # the depformer's stays on
+        M.set_checkpointing(lm, checkpointing)  # train.py --grad-checkpointing
         torch.backends.cuda.matmul.allow_tf32 = tf32  # as train.py: the erase's float32 products in TF32
         for p in lm.parameters():  # back to the frozen bf16 model
             p.requires_grad_(False)
@@ -793,9 +793,13 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
             # the transformer without gradient checkpointing, the depformer with it (train.py's
             # --grad-checkpointing depformer): the time its recomputation costs at T 4 L0, and the memory it saves
             (f"window {L0}, T {T1}: control, transformer not checkpointed", T1,
-             dict(window, trains="control", checkpointed=False), f"window {L0}, T {T1}: control"),
+             dict(window, trains="control", checkpointing="depformer"), f"window {L0}, T {T1}: control"),
             (f"window {L0}, T {T1}: ttt_only, erase 1, transformer not checkpointed", T1,
-             dict(window, trains="ttt_only", chunk=256, delta=1.0, checkpointed=False),
+             dict(window, trains="ttt_only", chunk=256, delta=1.0, checkpointing="depformer"),
+             f"window {L0}, T {T1}: ttt_only, erase 1"),
+            # --grad-checkpointing 16: the first 16 of Moshi 7B's 32 layers recompute, the rest keep theirs
+            (f"window {L0}, T {T1}: ttt_only, erase 1, the last 16 layers not checkpointed", T1,
+             dict(window, trains="ttt_only", chunk=256, delta=1.0, checkpointing="16"),
              f"window {L0}, T {T1}: ttt_only, erase 1"),
             # the smallest trainable set that learns far memory (results/horizon): a LoRA of rank 8 on the TTT
             # layers' linear_in, with the erase, against ttt_only with the erase

@@ -39,10 +39,6 @@ RECIPES = {"project": {},
                             ttt_delta=0.0)}
 
 
-# What gradient checkpointing recomputes in the backward (train.py applies it to moshi's transformers).
-CHECKPOINTING = ("none", "depformer", "all")
-
-
 def flag(default, help=None, **argparse_kwargs):
     return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
@@ -104,10 +100,10 @@ class Config:
     warmup: float = flag(0.1, "warmup, a fraction of each stage's steps")
     grad_clip: float = flag(1.0, "the gradient norm's bound (see --clip)")
     clip: str = flag("per-group", "TTT and base apart, or together", choices=("per-group", "global"))
-    grad_checkpointing: str = flag("none", "what recomputes its activations in the backward: the transformer and "
-                                   "the depformer (the flag alone), the depformer only (at Moshi 7B 0.8x the "
-                                   "time of all, 45-53 GiB more at T 12000), or none",
-                                   choices=CHECKPOINTING, nargs="?", const="all")
+    grad_checkpointing: str = flag("none", "what recomputes its activations in the backward: all (the flag alone: "
+                                   "the transformer and the depformer), depformer (at Moshi 7B 0.8x the time of "
+                                   "all, 45-53 GiB more at T 12000), a number N (the depformer and the "
+                                   "transformer's first N layers), or none", nargs="?", const="all")
     moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms and RoPE (its gating kernel only "
                                "outside training; 1.2x at Moshi 7B in bench.py --scale; compiling dominates "
                                "small runs); not where norms train")
@@ -185,6 +181,9 @@ def check(c: Config) -> None:
     for name in ("passkey_share", "passkey_max_depth"):
         if not 0 <= getattr(c, name) <= 1:
             raise ValueError(f"{option(name)} must be in [0, 1], got {getattr(c, name)}")
+    if c.grad_checkpointing not in M.CHECKPOINTING and not c.grad_checkpointing.isdigit():
+        raise ValueError(f"--grad-checkpointing must be one of {', '.join(M.CHECKPOINTING)} or a number of "
+                         f"layers, got {c.grad_checkpointing!r}")
     if not 0 < c.ttt_decay <= 1:
         raise ValueError(f"--ttt-decay must be in (0, 1], got {c.ttt_decay}")
     if not 0 <= c.ttt_delta <= 1:
@@ -351,6 +350,10 @@ def start(c: Config, given: dict) -> Start:
         model = M.build_model(settings["model"])
     if c.grad_checkpointing == "depformer" and model.depformer is None:
         raise ValueError("--grad-checkpointing depformer: this model has no depformer (all or none)")
+    if c.grad_checkpointing.isdigit() and not 0 < int(c.grad_checkpointing) < len(model.transformer.layers):
+        raise ValueError(f"--grad-checkpointing {c.grad_checkpointing}: the transformer has "
+                         f"{len(model.transformer.layers)} layers; a number from 1 to "
+                         f"{len(model.transformer.layers) - 1} (none or all for the ends)")
     if c.yarn_beta_fast is None:  # from the model's RoPE geometry, then stored with the run
         attention = model.transformer.layers[0].self_attn
         c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,

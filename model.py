@@ -9,6 +9,7 @@ with a finite `context`; or a Moshi-format model through moshi's own loader. A m
 """
 import abc
 import contextlib
+import functools
 import json
 import os
 import typing as tp
@@ -17,6 +18,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi: compilation domi
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from moshi.models.lm import LMModel
 
@@ -190,6 +192,39 @@ def logits(model: LMModel, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [B, T] long -> next-byte logits [B, T, 256] float32."""
     with autocast_for(model):
         return model.forward_text(tokens[:, None])[1][:, 0].float()
+
+
+# What gradient checkpointing recomputes in the backward: nothing, the depformer, both transformers,
+# or (a number N, as a string) the depformer and the transformer's first N layers.
+CHECKPOINTING = ("none", "depformer", "all")
+
+
+def set_checkpointing(model: LMModel, what: str) -> None:
+    """--grad-checkpointing: what recomputes its activations in the backward instead of keeping them.
+    The depformer runs over B x T sequences of a few steps each: its activations are large for its
+    arithmetic, so it is the first to recompute (results/training_7b). moshi's transformers have one
+    switch for all their layers (`checkpointing`); the first N layers alone recompute as that switch
+    recomputes each one, non-reentrant and without the RNG state: their `forward` is wrapped in
+    PyTorch's checkpoint, so parameter names, checkpoints and FSDP2's hooks (which gather a layer's
+    weights again before its backward, and so before the recomputation) are as they were."""
+    layers = model.transformer.layers
+    first = int(what) if isinstance(what, str) and what.isdigit() else 0
+    if what not in CHECKPOINTING and not 0 < first < len(layers):
+        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or a number of the "
+                         f"transformer's layers from 1 to {len(layers) - 1}")
+    model.transformer.checkpointing = what == "all"
+    for i, layer in enumerate(layers):
+        layer.__dict__.pop("forward", None)  # the class's forward again
+        if i < first:
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(layer).forward.__get__(layer),
+                                              use_reentrant=False, determinism_check="none", preserve_rng_state=False)
+    if model.depformer is not None:
+        model.depformer.checkpointing = what != "none"
+
+
+def recomputes(model: LMModel, layer: nn.Module) -> bool:
+    """Whether set_checkpointing has this transformer layer recompute its activations in the backward."""
+    return model.transformer.checkpointing or "forward" in layer.__dict__
 
 
 def shard(model: LMModel, bf16: bool, multistream: bool) -> LMModel:

@@ -2608,36 +2608,42 @@ def test_moshi_layers_with_ttt_compile_whole_and_equal_eager(delta):
 
 
 def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
-    """--grad-checkpointing none / depformer / all (train.set_checkpointing) on a Moshi-shaped model
-    with TTT (the erase) in the last of two layers: in one forward and backward the last layer of each
-    transformer (the first needs no backward) runs twice exactly where its transformer recomputes,
-    once elsewhere, and the trained gradients are the same as without recomputation (float32, CPU:
-    within 1e-6 relative)."""
+    """--grad-checkpointing none / depformer / all / N (model.set_checkpointing) on a Moshi-shaped
+    model of three layers with TTT (the erase) in all of them, so that each runs backward: in one
+    forward and backward each transformer layer's attention runs twice exactly where it recomputes
+    (all; N: the first N layers), once elsewhere, the depformer's layer twice unless none; the trained
+    gradients are the same as without recomputation (float32, CPU: within 1e-6 relative); and
+    parameter names are unchanged."""
     import depformer_steps
     from moshi.models import loaders
     torch.manual_seed(0)
-    lm = loaders.get_moshi_lm(None, lm_kwargs=moshi_7b_kwargs_small(), dtype=torch.float32)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(moshi_7b_kwargs_small(), num_layers=3), dtype=torch.float32)
     depformer_steps.apply_contiguous_steps(lm)
-    ttt.apply_ttt(lm, [1], 8, 0.3, delta=1.0)
+    ttt.apply_ttt(lm, [0, 1, 2], 8, 0.3, delta=1.0)
     randomise_ttt(lm)
     freeze.apply_freeze(lm, "ttt_only")
+    names = [n for n, _ in lm.named_parameters()]
     codes = torch.randint(0, 16, (2, 17, 24), generator=torch.Generator().manual_seed(1))
     codes[:, 0] = torch.randint(0, 48, (2, 24), generator=torch.Generator().manual_seed(2))
     params = [p for p in lm.parameters() if p.requires_grad]
-    calls = {"transformer": 0, "depformer": 0}
-    for name in calls:
-        # a pre-hook: a recomputation stops once it has what the backward needs, before a forward hook
-        getattr(lm, name).layers[-1].register_forward_pre_hook(lambda *_, name=name: calls.update({name: calls[name] + 1}))
-    gradients = {}
-    for what in config.CHECKPOINTING:
-        train.set_checkpointing(lm, what)
-        calls.update(transformer=0, depformer=0)
+    calls = [0, 0, 0, 0]  # the transformer's three layers, the depformer's last
+    # pre-hooks on a submodule: a recomputation calls the layer's forward (a wrapped one does not go
+    # through the layer's own hooks) and stops once it has what the backward needs, before forward hooks
+    for i, attention in enumerate([layer.self_attn for layer in lm.transformer.layers] + [lm.depformer.layers[-1]]):
+        attention.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    gradients, expected = {}, dict(none=[1, 1, 1, 1], depformer=[1, 1, 1, 2], all=[2, 2, 2, 2])
+    expected.update({"1": [2, 1, 1, 2], "2": [2, 2, 1, 2]})
+    for what in expected:
+        M.set_checkpointing(lm, what)
+        calls[:] = [0, 0, 0, 0]
         gradients[what] = torch.autograd.grad(M.multistream_loss(lm, codes, 0.5, 100.0), params)
-        assert calls == {"transformer": 2 if what == "all" else 1,
-                         "depformer": 1 if what == "none" else 2}, (what, calls)
-    with pytest.raises(ValueError, match="one of none, depformer, all"):  # a Config of the bool's days, built in code
-        train.set_checkpointing(lm, True)
-    for what in ("depformer", "all"):
+        assert calls == expected[what], (what, calls)
+        assert [n for n, _ in lm.named_parameters()] == names
+    for bad in (True, "0", "3", "transformer"):  # a Config of the bool's days, built in code; N out of range
+        with pytest.raises(ValueError, match="one of none, depformer, all, or a number of the transformer's layers "
+                                             "from 1 to 2"):
+            M.set_checkpointing(lm, bad)
+    for what in expected:
         for got, want in zip(gradients[what], gradients["none"]):
             assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, what
 

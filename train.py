@@ -35,7 +35,7 @@ import freeze
 import model as M
 import window_attention
 import yarn
-from config import CHECKPOINTING, Config, parse_args, start
+from config import Config, parse_args, start
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
@@ -156,17 +156,6 @@ def clip_gradients(clip_groups: list, ttt_params: list, config: Config) -> tuple
     return norms, norms.get("ttt", getattr(ttt_norm, "full_tensor", lambda: ttt_norm)())
 
 
-def set_checkpointing(model, what: str) -> None:
-    """--grad-checkpointing: which of moshi's transformers recompute their layers in the backward.
-    The depformer runs over B x T sequences of a few steps each: its activations are large for its
-    arithmetic, so it is the first to recompute (results/training_7b)."""
-    if what not in CHECKPOINTING:
-        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}")
-    model.transformer.checkpointing = what == "all"
-    if model.depformer is not None:
-        model.depformer.checkpointing = what in ("depformer", "all")
-
-
 def describe(model, corpus, settings: dict, config: Config, stages: list[dict], where: str,
              multistream: bool) -> str:
     """The run's opening lines: the corpus, the model and its stages, and how YaRN splits its RoPE
@@ -223,7 +212,7 @@ def train(config: Config, given: dict):
     model.to(device)
     if device.type == "cuda":  # the window's pairs only (flex_attention); equal to moshi's masked attention
         window_attention.apply_window_attention(model)
-    set_checkpointing(model, config.grad_checkpointing)
+    M.set_checkpointing(model, config.grad_checkpointing)
     # bf16 autocast on a GPU and wherever weights are stored in bf16 (a Moshi checkpoint): frozen
     # weights stay bf16, trained ones are float32 (freeze.upcast_trainable)
     low_precision = M.low_precision(model)
