@@ -349,7 +349,7 @@ def start(c: Config, given: dict) -> Start:
         torch.manual_seed(c.seed)
         model = M.build_model(settings["model"])
     if c.grad_checkpointing == "depformer" and model.depformer is None:
-        raise ValueError("--grad-checkpointing depformer: this model has no depformer (all or none)")
+        raise ValueError("--grad-checkpointing depformer: this model has no depformer (all, none or a number of layers)")
     if c.grad_checkpointing.isdigit() and not 0 < int(c.grad_checkpointing) < len(model.transformer.layers):
         raise ValueError(f"--grad-checkpointing {c.grad_checkpointing}: the transformer has "
                          f"{len(model.transformer.layers)} layers; a number from 1 to "

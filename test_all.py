@@ -2298,19 +2298,22 @@ def test_fsdp_root_hooks_run_once_per_forward(tmp_path, monkeypatch):
 def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
     """FSDP2 (fully_shard) on 2 gloo processes against 1 process without it, `ttt_layers` from a
     base: the weights after the stage within 1e-4 of the update (float32 sums in another order;
-    7e-6 seen), and a run killed after a sharded checkpoint resumes to the same weights."""
+    7e-6 seen), and a run killed after a sharded checkpoint resumes to the same weights. The sharded
+    runs recompute their first two layers (--grad-checkpointing 2; the first trains): a layer's
+    recomputation must find its weights gathered again."""
     base = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
     assert base.returncode == 0, base.stderr
     args = QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--mode", "ttt_layers", "--save-every", "1"]
     one = run_train(args + ["--out", str(tmp_path / "one")])
-    two = run_train(args + ["--fsdp", "--out", str(tmp_path / "two")], nproc=2)
+    two = run_train(args + ["--fsdp", "--grad-checkpointing", "2", "--out", str(tmp_path / "two")], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     start, a, b = (checkpoints.load_checkpoint(str(tmp_path / p))["model"] for p in ("base/base.pt", "one/ckpt.pt", "two/ckpt.pt"))
-    assert a.keys() == b.keys() and checkpoints.load_checkpoint(str(tmp_path / "two/ckpt.pt"))["settings"]["fsdp"]
+    stored = checkpoints.load_checkpoint(str(tmp_path / "two/ckpt.pt"))
+    assert a.keys() == b.keys() and stored["settings"]["fsdp"] and stored["config"]["grad_checkpointing"] == "2"
     change = torch.cat([(a[k] - start[k]).flatten() for k in start])
     assert torch.cat([(b[k] - a[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
     out, cmd = tmp_path / "killed", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                     os.path.join(HERE, "train.py")] + args + ["--fsdp"]
+                                     os.path.join(HERE, "train.py")] + args + ["--fsdp", "--grad-checkpointing", "2"]
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline = time.time() + 300
@@ -2649,14 +2652,22 @@ def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
 
 
 def test_grad_checkpointing_flag_and_runs_stored_before_it_named_the_depformer(tmp_path):
-    """The flag alone is "all" (as it was); a value outside the three is refused in one line; a
-    configuration stored when it was a bool resumes as the same setting; "depformer" on a model
-    without one is refused in one line, nothing written."""
+    """The flag alone is "all" (as it was); a value that is none of the three nor a number of layers,
+    and a number that is not between 1 and the model's layers less one, are refused in one line,
+    nothing written; a configuration stored when it was a bool resumes as the same setting;
+    "depformer" on a model without one is refused in one line, nothing written."""
     assert config.parse_args(["--grad-checkpointing"])[0].grad_checkpointing == "all"
     assert config.parse_args([])[0].grad_checkpointing == "none"
     assert config.parse_args(["--grad-checkpointing", "depformer"])[0].grad_checkpointing == "depformer"
-    r = run_train(["--grad-checkpointing", "transformer", "--out", str(tmp_path / "bad")])
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "transformer" in r.stderr, r.stderr
+    assert config.parse_args(["--grad-checkpointing", "3"])[0].grad_checkpointing == "3"
+    for bad in ("transformer", "-1", "2.5"):
+        r = run_train(["--grad-checkpointing", bad, "--out", str(tmp_path / "bad")])
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and bad in r.stderr, r.stderr
+    for layers in ("0", "4"):  # the default model has 4 layers: none and all are the ends' names
+        r = run_train(QUICK + ["--grad-checkpointing", layers, "--out", str(tmp_path / "n")])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "from 1 to 3" in lines[0], r.stderr
+    assert not (tmp_path / "n").exists() or not os.listdir(tmp_path / "n")
     r = run_train(QUICK + ["--grad-checkpointing", "depformer", "--out", str(tmp_path / "text")])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "no depformer" in lines[0], r.stderr
