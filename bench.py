@@ -311,8 +311,8 @@ def step_flops(lm, T: int) -> dict:
       TTT layer from the first trained one, the text head, the depformer), counted as its forward,
       and the same again for a weight that trains; TTT's fast-weight path twice its forward (a run
       that trains only the heads or the depformer gets no input gradients counted there);
-    - recompute (gradient checkpointing, `checkpointing` on the transformers): the forward of every
-      layer that runs backward, again; not part of the model FLOPs (MFU), listed apart.
+    - recompute (gradient checkpointing, model.set_checkpointing): the forward of every layer that
+      recomputes and runs backward, again; not part of the model FLOPs (MFU), listed apart.
     Exact for the products counted (test_all.py compares them with torch's FlopCounterMode), except
     that a layer whose first product's weight trains is counted with that product's input gradient."""
     def trains(module):

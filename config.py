@@ -181,9 +181,9 @@ def check(c: Config) -> None:
     for name in ("passkey_share", "passkey_max_depth"):
         if not 0 <= getattr(c, name) <= 1:
             raise ValueError(f"{option(name)} must be in [0, 1], got {getattr(c, name)}")
-    if c.grad_checkpointing not in M.CHECKPOINTING and not c.grad_checkpointing.isdigit():
+    if c.grad_checkpointing not in M.CHECKPOINTING and not M.recomputed_layers(c.grad_checkpointing):
         raise ValueError(f"--grad-checkpointing must be one of {', '.join(M.CHECKPOINTING)} or a number of "
-                         f"layers, got {c.grad_checkpointing!r}")
+                         f"layers from 1, got {c.grad_checkpointing!r}")
     if not 0 < c.ttt_decay <= 1:
         raise ValueError(f"--ttt-decay must be in (0, 1], got {c.ttt_decay}")
     if not 0 <= c.ttt_delta <= 1:
@@ -350,7 +350,7 @@ def start(c: Config, given: dict) -> Start:
         model = M.build_model(settings["model"])
     if c.grad_checkpointing == "depformer" and model.depformer is None:
         raise ValueError("--grad-checkpointing depformer: this model has no depformer (all, none or a number of layers)")
-    if c.grad_checkpointing.isdigit() and not 0 < int(c.grad_checkpointing) < len(model.transformer.layers):
+    if M.recomputed_layers(c.grad_checkpointing) >= len(model.transformer.layers):
         raise ValueError(f"--grad-checkpointing {c.grad_checkpointing}: the transformer has "
                          f"{len(model.transformer.layers)} layers; a number from 1 to "
                          f"{len(model.transformer.layers) - 1} (none or all for the ends)")

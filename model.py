@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import typing as tp
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi: compilation dominates small runs
@@ -206,9 +207,10 @@ def set_checkpointing(model: LMModel, what: str) -> None:
     switch for all their layers (`checkpointing`); the first N layers alone recompute as that switch
     recomputes each one, non-reentrant and without the RNG state: their `forward` is wrapped in
     PyTorch's checkpoint, so parameter names, checkpoints and FSDP2's hooks (which gather a layer's
-    weights again before its backward, and so before the recomputation) are as they were."""
+    weights again before its backward, and so before the recomputation) are as they were. The first N
+    count from layer 0: layers before the first one that trains keep nothing for the backward anyway."""
     layers = model.transformer.layers
-    first = int(what) if isinstance(what, str) and what.isdigit() else 0
+    first = recomputed_layers(what)
     if what not in CHECKPOINTING and not 0 < first < len(layers):
         raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or a number of the "
                          f"transformer's layers from 1 to {len(layers) - 1}")
@@ -220,6 +222,11 @@ def set_checkpointing(model: LMModel, what: str) -> None:
                                               use_reentrant=False, determinism_check="none", preserve_rng_state=False)
     if model.depformer is not None:
         model.depformer.checkpointing = what != "none"
+
+
+def recomputed_layers(what) -> int:
+    """N of --grad-checkpointing N, written as a plain number from 1 (1, 16; not 016, +1, 1e3); else 0."""
+    return int(what) if isinstance(what, str) and re.fullmatch(r"[1-9][0-9]*", what) else 0
 
 
 def recomputes(model: LMModel, layer: nn.Module) -> bool:

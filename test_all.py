@@ -2610,13 +2610,15 @@ def test_moshi_layers_with_ttt_compile_whole_and_equal_eager(delta):
         assert (got - want).norm() <= 1e-5 * want.norm() + 1e-12
 
 
-def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
+def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient(tmp_path):
     """--grad-checkpointing none / depformer / all / N (model.set_checkpointing) on a Moshi-shaped
     model of three layers with TTT (the erase) in all of them, so that each runs backward: in one
     forward and backward each transformer layer's attention runs twice exactly where it recomputes
-    (all; N: the first N layers), once elsewhere, the depformer's layer twice unless none; the trained
-    gradients are the same as without recomputation (float32, CPU: within 1e-6 relative); and
-    parameter names are unchanged."""
+    (all; N: the first N layers), once elsewhere, the depformer's layer twice unless none, whatever
+    was set before; the trained gradients are the same as without recomputation (float32, CPU: within
+    1e-6 relative); parameter names are unchanged; bench counts each recomputed layer once; and
+    sharded by FSDP2 (one gloo process) the chosen layers recompute to the same gradients."""
+    import bench
     import depformer_steps
     from moshi.models import loaders
     torch.manual_seed(0)
@@ -2636,12 +2638,16 @@ def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
         attention.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     gradients, expected = {}, dict(none=[1, 1, 1, 1], depformer=[1, 1, 1, 2], all=[2, 2, 2, 2])
     expected.update({"1": [2, 1, 1, 2], "2": [2, 2, 1, 2]})
-    for what in expected:
+    recomputed = {}  # bench's count of the recomputation: each layer (all alike here) adds the same
+    for what in ("2", "none", "1", "all", "depformer", "2", "all", "none"):  # each setting replaces the last
         M.set_checkpointing(lm, what)
         calls[:] = [0, 0, 0, 0]
         gradients[what] = torch.autograd.grad(M.multistream_loss(lm, codes, 0.5, 100.0), params)
         assert calls == expected[what], (what, calls)
         assert [n for n, _ in lm.named_parameters()] == names
+        recomputed[what] = bench.step_flops(lm, 24)["recompute"]
+    steps = [recomputed[w] for w in ("depformer", "1", "2", "all")]
+    assert recomputed["none"] == 0 < steps[0] and steps[1] - steps[0] == steps[2] - steps[1] == steps[3] - steps[2] > 0
     for bad in (True, "0", "3", "transformer"):  # a Config of the bool's days, built in code; N out of range
         with pytest.raises(ValueError, match="one of none, depformer, all, or a number of the transformer's layers "
                                              "from 1 to 2"):
@@ -2649,6 +2655,21 @@ def test_grad_checkpointing_recomputes_what_it_names_and_changes_no_gradient():
     for what in expected:
         for got, want in zip(gradients[what], gradients["none"]):
             assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, what
+    # sharded (FSDP2, one gloo process): the first two layers recompute, with their weights gathered again
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        M.shard(lm, bf16=False, multistream=True)
+        M.set_checkpointing(lm, "2")
+        calls[:] = [0, 0, 0, 0]
+        M.multistream_loss(lm, codes, 0.5, 100.0).backward()
+        assert calls == expected["2"], calls
+        sharded = [p for p in lm.parameters() if p.requires_grad]  # fully_shard's own, in the same order
+        for p, want in zip(sharded, gradients["none"], strict=True):
+            got = p.grad.full_tensor()
+            assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12
+    finally:
+        dist.destroy_process_group()
 
 
 def test_grad_checkpointing_flag_and_runs_stored_before_it_named_the_depformer(tmp_path):
@@ -2663,10 +2684,11 @@ def test_grad_checkpointing_flag_and_runs_stored_before_it_named_the_depformer(t
     for bad in ("transformer", "-1", "2.5"):
         r = run_train(["--grad-checkpointing", bad, "--out", str(tmp_path / "bad")])
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and bad in r.stderr, r.stderr
-    for layers in ("0", "4"):  # the default model has 4 layers: none and all are the ends' names
+    for layers in ("0", "03", "4"):  # the default model has 4 layers: none and all are the ends' names
         r = run_train(QUICK + ["--grad-checkpointing", layers, "--out", str(tmp_path / "n")])
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and "from 1 to 3" in lines[0], r.stderr
+        assert r.returncode == 2 and len(lines) == 1 and "from 1" in lines[0] and layers in lines[0], r.stderr
+        assert layers != "4" or "from 1 to 3" in lines[0]
     assert not (tmp_path / "n").exists() or not os.listdir(tmp_path / "n")
     r = run_train(QUICK + ["--grad-checkpointing", "depformer", "--out", str(tmp_path / "text")])
     lines = r.stderr.strip().splitlines()
