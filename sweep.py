@@ -13,6 +13,8 @@ norms of the fast weights along a long document and one-token-per-step streaming
                                        # GPU; no job starts after 7 min: the same command resumes
     python sweep.py --setting horizon                      # results/horizon/horizon.{json,md,png}
     python sweep.py --setting horizon --tables             # the table and plot again from the JSON
+    python sweep.py --setting horizon --base 1             # only the base of seed 1: one machine's call
+                                       # each; the JSON gathers the bases (the same --out)
 
 Results are written to the JSON after each row, so an interrupted sweep resumes where it stopped; a
 row whose training finished (its folder holds results.json) is evaluated again, not retrained. The
@@ -149,21 +151,27 @@ def pretrain_command(c: dict, seed: int, folder: str) -> list[str]:
 
 
 def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
-    """The rows --rows names (default: all), with --bases and --jobs checked: one line, exit 2."""
+    """The rows --rows names (default: all), with --bases, --base and --jobs checked (one line, exit 2);
+    sets args.seeds, the bases' seeds this run works on."""
     known = [r.name for r in rows]
     wanted = known if args.rows is None else args.rows.split(",")
     if any(r not in known for r in wanted):
         p.error(f"--rows must be among {known}, got {args.rows}")
-    if args.bases < 1 or args.jobs is not None and args.jobs < 1:
+    if args.base is not None and args.bases is not None:
+        p.error(f"--base {args.base} names one base, --bases {args.bases} a count from seed 0: give one of them")
+    if args.base is not None and args.base < 0:
+        p.error(f"--base must be a seed >= 0, got {args.base}")
+    if args.bases is not None and args.bases < 1 or args.jobs is not None and args.jobs < 1:
         p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
+    args.seeds = [args.base] if args.base is not None else list(range(args.bases or 3))
     return wanted
 
 
-def pretrain_jobs(c: dict, bases: int, work: str) -> list[dict]:
+def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
     """run_jobs' jobs that pretrain the bases not pretrained yet (work/base<seed>/base.pt)."""
     return [dict(name=f"base{seed}", after=None, log=os.path.join(work, "logs", f"base{seed}.log"),
                  commands=[pretrain_command(c, seed, os.path.join(work, f"base{seed}"))])
-            for seed in range(bases) if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
+            for seed in seeds if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
 def drop_idle_pretraining(todo: list[dict]) -> list[dict]:
@@ -481,10 +489,10 @@ def study(args, p) -> None:
         return save_json(results, json_path)
     # --- the jobs: each base's pretraining, then every row on every base (row by row, so that a
     # study stopped early has each finished row on every base)
-    work, todo = args.work, pretrain_jobs(c, args.bases, args.work)
+    work, todo = args.work, pretrain_jobs(c, args.seeds, args.work)
     waits = {j["name"] for j in todo}
     for row in rows:
-        for seed in range(args.bases):
+        for seed in args.seeds:
             b = f"base{seed}"
             if row.name not in wanted or row.name in results["rows"].get(b, {}):
                 continue
@@ -619,7 +627,7 @@ def horizon_lengths(c: dict) -> list[int]:
     return [m * c["window"] for m in c["multiples"]]
 
 
-def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, bases: int,
+def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, seeds: list[int],
                  seed: int, asked: list[str] | None = None) -> list[dict]:
     """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
     training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
@@ -629,7 +637,7 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     the pretrainings, the trainings, the evaluations, then the streaming checks (the slowest); among
     the evaluations and among the checks, the `asked` rows' (default: all) before those of the rows
     they are compared against, so that a run cut short answers the question it was started for first."""
-    todo = pretrain_jobs(c, bases, work)
+    todo = pretrain_jobs(c, seeds, work)
     lengths = horizon_lengths(c)
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
                    ",".join(str(d) for d in c["horizon_depths"])]
@@ -639,12 +647,12 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     def pending(*names):  # the first of these jobs still to run (None: what they make is there)
         return next((n for n in names if any(j["name"] == n for j in todo)), None)
 
-    to_evaluate = {(f"base{s}", r.name) for r in rows for s in range(bases)
+    to_evaluate = {(f"base{s}", r.name) for r in rows for s in seeds
                    if r.name in wanted and r.name not in results["rows"].get(f"base{s}", {})}
     sources = {(b, r.same_training or r.init_row) for r in rows for b, name in to_evaluate
                if name == r.name and (r.same_training or r.init_row)}  # trainings other rows read
     for row in rows:
-        for base_seed in range(bases):
+        for base_seed in seeds:
             b = f"base{base_seed}"
             evaluate = (b, row.name) in to_evaluate
             if not evaluate and (b, row.name) not in sources:
@@ -712,7 +720,7 @@ def horizon(args, p) -> None:
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    todo = horizon_jobs(c, rows, wanted, results, args.work, args.bases, args.seed, asked)
+    todo = horizon_jobs(c, rows, wanted, results, args.work, args.seeds, args.seed, asked)
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
 
@@ -916,7 +924,10 @@ def main():
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED})")
-    p.add_argument("--bases", type=int, default=3, help="windowed bases, pretrained from seeds 0, 1, ...")
+    p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
+                   "(default 3)")
+    p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "
+                   "seed (a run that fits one machine's call; its rows join the JSON beside the other bases')")
     p.add_argument("--jobs", type=int, default=None, help="processes at once, spread over the GPUs (default: "
                    f"{PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU)")
     p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "

@@ -3,6 +3,7 @@ transformers' numbers kept in testdata/, a float64 formula, a naive loop), never
 
     python -m pytest -q test_all.py
 """
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -1482,13 +1483,16 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     rows = {r.name: r for r in sweep.horizon_rows(c)}
     # base1's control and base0's delta row evaluated, their checkpoints not here (a fresh machine)
     results = dict(rows={"base1": {"control": []}, "base0": {"ttt_mlp_in_delta1": []}}, probe={}, streaming={})
-    jobs = sweep.horizon_jobs(c, list(rows.values()), list(rows), results, str(tmp_path), 2, 0)
+    jobs = sweep.horizon_jobs(c, list(rows.values()), list(rows), results, str(tmp_path), [0, 1], 0)
     names = [j["name"] for j in jobs]
     assert len(set(names)) == len(names) and "base1/control" not in names and "base0/control" in names
     assert {"base1/control/train", "base0/ttt_mlp_in_delta1/train"} <= set(names)  # read by the "then" rows
     assert "base0/ttt_mlp_in_delta1" not in names
-    only = sweep.horizon_jobs(c, list(rows.values()), ["control"], results, str(tmp_path), 2, 0)
+    only = sweep.horizon_jobs(c, list(rows.values()), ["control"], results, str(tmp_path), [0, 1], 0)
     assert [j["name"] for j in only] == ["base0", "base0/control/train", "base0/control"]  # base1: nothing to run
+    alone = sweep.horizon_jobs(c, list(rows.values()), ["control"], results, str(tmp_path), [2], 0)
+    assert [j["name"] for j in alone] == ["base2", "base2/control/train", "base2/control"]  # --base 2: no other base
+    assert config.parse_args(alone[0]["commands"][0][2:])[0].seed == 2  # pretrained from its own seed
     for i, job in enumerate(jobs):
         assert job["after"] is None or job["after"] in names[:i]
         *_, tail = job["name"].split("/")
@@ -1509,10 +1513,30 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
                                        "base0/ttt_mlp_in_delta1_then_long4/streaming"} <= set(names)
     asked = ["ttt_mlp_in_delta1_then_long4"]  # with its references, as horizon() adds them
     wanted = asked + ["ttt_mlp_in_delta1", "control_then_long4", "control"]
-    cut = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), wanted, results, str(tmp_path), 2, 0, asked)
+    cut = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), wanted, results, str(tmp_path), [0, 1], 0, asked)
            if j["name"].split("/")[-1] in rows]  # the evaluations
     mine = [i for i, n in enumerate(cut) if n.endswith("/ttt_mlp_in_delta1_then_long4")]
     assert len(mine) == 2 and mine == list(range(2)) and len(cut) > 2
+
+
+def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
+    """--base S runs the base of seed S alone; with --bases, a negative seed, or --bases 0: one line,
+    exit 2; without either, the three bases of seeds 0, 1, 2."""
+    rows = sweep.horizon_rows(sweep.PRESETS_HORIZON["cpu"])
+    p = eval_passkey.OneLineParser(prog="sweep.py")
+
+    def pick(**flags):
+        args = argparse.Namespace(**dict(dict(rows=None, bases=None, base=None, jobs=None), **flags))
+        sweep.wanted_rows(rows, args, p)
+        return args.seeds
+
+    for flags, seeds in ((dict(), [0, 1, 2]), (dict(bases=2), [0, 1]), (dict(base=2), [2]), (dict(base=0), [0])):
+        assert pick(**flags) == seeds, flags
+    for kw in (dict(base=1, bases=3), dict(base=-1), dict(bases=0)):
+        with pytest.raises(SystemExit) as e:
+            pick(**kw)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and "--base" in lines[0], (kw, lines)
 
 
 def synthetic_study(by_depth: dict) -> dict:
