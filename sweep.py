@@ -151,8 +151,7 @@ def pretrain_command(c: dict, seed: int, folder: str) -> list[str]:
 
 
 def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
-    """The rows --rows names (default: all), with --bases, --base and --jobs checked (one line, exit 2);
-    sets args.seeds, the bases' seeds this run works on."""
+    """The rows --rows names (default: all), with --bases, --base and --jobs checked (one line, exit 2)."""
     known = [r.name for r in rows]
     wanted = known if args.rows is None else args.rows.split(",")
     if any(r not in known for r in wanted):
@@ -163,8 +162,12 @@ def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
         p.error(f"--base must be a seed >= 0, got {args.base}")
     if args.bases is not None and args.bases < 1 or args.jobs is not None and args.jobs < 1:
         p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
-    args.seeds = [args.base] if args.base is not None else list(range(args.bases or 3))
     return wanted
+
+
+def base_seeds(args) -> list[int]:
+    """The seeds of the bases this run works on: --base alone, or --bases from seed 0 (default 3)."""
+    return [args.base] if args.base is not None else list(range(args.bases or 3))
 
 
 def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
@@ -489,10 +492,11 @@ def study(args, p) -> None:
         return save_json(results, json_path)
     # --- the jobs: each base's pretraining, then every row on every base (row by row, so that a
     # study stopped early has each finished row on every base)
-    work, todo = args.work, pretrain_jobs(c, args.seeds, args.work)
+    work, seeds = args.work, base_seeds(args)
+    todo = pretrain_jobs(c, seeds, work)
     waits = {j["name"] for j in todo}
     for row in rows:
-        for seed in args.seeds:
+        for seed in seeds:
             b = f"base{seed}"
             if row.name not in wanted or row.name in results["rows"].get(b, {}):
                 continue
@@ -720,7 +724,7 @@ def horizon(args, p) -> None:
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    todo = horizon_jobs(c, rows, wanted, results, args.work, args.seeds, args.seed, asked)
+    todo = horizon_jobs(c, rows, wanted, results, args.work, base_seeds(args), args.seed, asked)
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
 

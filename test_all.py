@@ -1528,7 +1528,7 @@ def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
     def pick(**flags):
         args = argparse.Namespace(**dict(dict(rows=None, bases=None, base=None, jobs=None), **flags))
         sweep.wanted_rows(rows, args, p)
-        return args.seeds
+        return sweep.base_seeds(args)
 
     for flags, seeds in ((dict(), [0, 1, 2]), (dict(bases=2), [0, 1]), (dict(base=2), [2]), (dict(base=0), [0])):
         assert pick(**flags) == seeds, flags
