@@ -646,7 +646,6 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     torch.manual_seed(0)
     lm_kwargs = lm_kwargs or loaders._lm_kwargs
     lm = LMModel(**lm_kwargs, device=device, dtype=torch.bfloat16)
-    M.set_checkpointing(lm, "all")  # as train.py --grad-checkpointing: the depformer runs over T sequences
     depformer_steps.apply_contiguous_steps(lm)  # as train.py: its per-step products as matrix products
     layers, L0 = lm.transformer.layers, lm_kwargs["context"]
     gatings, rope = [layer.gating for layer in layers], lm.transformer.rope
