@@ -632,7 +632,7 @@ def horizon_lengths(c: dict) -> list[int]:
 
 
 def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, seeds: list[int],
-                 seed: int, asked: list[str] | None = None) -> list[dict]:
+                 seed: int, asked: list[str] | None = None, eval_seed: int = eval_passkey.EVAL_SEED) -> list[dict]:
     """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
     training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
     A training and its evaluation are two jobs: a row that starts from, or evaluates, another's
@@ -640,13 +640,14 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     its checkpoint is not in `work` (a fresh machine). In the order run_jobs takes them when free:
     the pretrainings, the trainings, the evaluations, then the streaming checks (the slowest); among
     the evaluations and among the checks, the `asked` rows' (default: all) before those of the rows
-    they are compared against, so that a run cut short answers the question it was started for first."""
+    they are compared against, so that a run cut short answers the question it was started for first.
+    Every evaluation draws its documents and validation windows with `eval_seed`."""
     todo = pretrain_jobs(c, seeds, work)
     lengths = horizon_lengths(c)
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
-                   ",".join(str(d) for d in c["horizon_depths"])]
+                   ",".join(str(d) for d in c["horizon_depths"]), "--seed", str(eval_seed)]
     longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
-               "--windows", "1"]
+               "--windows", "1", "--seed", str(eval_seed)]
 
     def pending(*names):  # the first of these jobs still to run (None: what they make is there)
         return next((n for n in names if any(j["name"] == n for j in todo)), None)
@@ -710,21 +711,25 @@ def horizon(args, p) -> None:
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
+    eval_seed = eval_passkey.EVAL_SEED if args.eval_seed is None else args.eval_seed
+    if eval_seed < 2 ** 40:  # eval_passkey's seeds stay apart from training's (seed * 1e6 + ...)
+        p.error(f"--eval-seed must be at least 2**40 ({2 ** 40}), apart from training's seeds; got {eval_seed}")
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
     if args.tables:
         if results is None or not results["rows"]:
             p.error(f"no horizon rows at {json_path}")
         return tables_horizon(results, args.out)
-    config = dict(c, jobs=args.jobs or c["jobs"], seed=args.seed, eval_seed=eval_passkey.EVAL_SEED, lengths=lengths,
+    config = dict(c, jobs=args.jobs or c["jobs"], seed=args.seed, eval_seed=eval_seed, lengths=lengths,
                   torch=torch.__version__,
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={}, streaming={}, probe={})
     elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
-                                                             "batch", "lr", "chunk", "eta", "seed", "lengths")):
+                                                             "batch", "lr", "chunk", "eta", "seed", "lengths",
+                                                             "eval_seed")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
-    todo = horizon_jobs(c, rows, wanted, results, args.work, base_seeds(args), args.seed, asked)
+    todo = horizon_jobs(c, rows, wanted, results, args.work, base_seeds(args), args.seed, asked, eval_seed)
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
 
@@ -831,10 +836,12 @@ def tables_horizon(results: dict, path: str) -> None:
     lengths, W = c["lengths"], c["window"]
     head = "| row | " + " | ".join(f"{L // W} W" for L in lengths) + " |"
     rule = "|---" * (len(lengths) + 1) + "|"
+    drawn = "" if c.get("eval_seed", eval_passkey.EVAL_SEED) == eval_passkey.EVAL_SEED else \
+        f", drawn with --eval-seed {c['eval_seed']} (other documents and windows than the default's)"
     lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, trained "
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
-             f"per depth and length, {c['windows']} validation windows for bits per byte. Each cell lists the "
+             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. Each cell lists the "
              f"bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, "
              f"torch {c['torch']}.", "",
              "### Far retrieval", "", head, rule]
@@ -927,7 +934,9 @@ def main():
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED})")
+    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED}); "
+                   f"horizon: the evaluations' documents and validation windows (default {eval_passkey.EVAL_SEED}; "
+                   "the probe's one document stays the default's)")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
     p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "

@@ -1519,6 +1519,33 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     assert len(mine) == 2 and mine == list(range(2)) and len(cut) > 2
 
 
+def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configuration(tmp_path):
+    """--eval-seed S (horizon): every evaluation and streaming check draws its documents and
+    validation windows with S (default eval_passkey's), it is stored in the JSON's configuration, so
+    resuming a JSON of another seed is refused, and a seed below 2**40 (training's range) is refused;
+    each refusal one line, exit 2."""
+    c = sweep.PRESETS_HORIZON["cpu"]
+    rows = sweep.horizon_rows(c)
+    results = dict(rows={}, probe={}, streaming={})
+    other = eval_passkey.EVAL_SEED + 1
+    for kw, seed in ((dict(), eval_passkey.EVAL_SEED), (dict(eval_seed=other), other)):
+        jobs = sweep.horizon_jobs(c, rows, ["ttt_mlp_in_delta1"], results, str(tmp_path), [0], 0, **kw)
+        commands = [cmd for j in jobs if "/" in j["name"] and not j["name"].endswith(("/train", "/probe"))
+                    for cmd in j["commands"]]
+        assert len(commands) == 3  # the evaluation, and the streaming check's two ways
+        assert all(eval_passkey.parse_args(cmd[2:])[0].seed == seed for cmd in commands), kw
+    stored = dict(config=dict(c, seed=0, eval_seed=eval_passkey.EVAL_SEED, lengths=sweep.horizon_lengths(c)),
+                  rows={}, probe={}, streaming={})
+    (tmp_path / "h.json").write_text(json.dumps(stored))
+    for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "another configuration")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--out",
+                            str(tmp_path / "h"), "--work", str(tmp_path / "w")] + flags,
+                           capture_output=True, text=True, cwd=HERE, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (flags, r.stderr)
+        assert not (tmp_path / "w" / "base0").exists()
+
+
 def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
     """--base S runs the base of seed S alone; with --bases, a negative seed, or --bases 0: one line,
     exit 2; without either, the three bases of seeds 0, 1, 2."""
