@@ -216,6 +216,12 @@ def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]
             "--seed", str(seed), "--out", out] + flags
 
 
+def stop_time(args, start: float) -> float:
+    """The time.time() past which run_jobs starts no job: --stop-after minutes from `start` (0: none
+    starts), or never."""
+    return math.inf if args.stop_after is None else start + 60 * args.stop_after
+
+
 def run_jobs(jobs: list[dict], at_once: int, on_done=lambda job, seconds: None, stop_at: float = math.inf) -> list[str]:
     """Runs jobs (dicts: name, commands, log, after: the name of a job that must end first, or None),
     up to `at_once` processes at a time (slot i on GPU i modulo the GPUs), each pinned to its own share
@@ -540,8 +546,7 @@ def study(args, p) -> None:
         print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: far at {c['L0']}/{2 * c['L0']} "
               f"dev {far('dev')}, report {far('report')} ({seconds:.0f} s)", flush=True)
 
-    stop_at = start + 60 * args.stop_after if args.stop_after else math.inf
-    failed = run_jobs(todo, jobs, record, stop_at)
+    failed = run_jobs(todo, jobs, record, stop_time(args, start))
     results["summary"] = study_summary(results)
     save_json(results, json_path)
     if results["rows"]:
@@ -755,13 +760,14 @@ def horizon(args, p) -> None:
                   f"{'trained' if job.get('trained') else 'pretrained'} in {seconds:.0f} s", flush=True)
         save_json(results, json_path)
 
-    failed = run_jobs(todo, args.jobs or c["jobs"], record,
-                      start + 60 * args.stop_after if args.stop_after else math.inf)
+    failed = run_jobs(todo, args.jobs or c["jobs"], record, stop_time(args, start))
     if results["rows"]:
         tables_horizon(results, args.out)
     print(f"horizon: {time.time() - start:.0f} s wall", flush=True)
     if failed:
         sys.exit(f"sweep: {len(failed)} step(s) failed (above); finished rows are in {json_path}, the same command resumes")
+    if done[0] < len(todo):
+        print(f"horizon: stopped by --stop-after with {len(todo) - done[0]} jobs left; the same command resumes")
 
 
 @torch.no_grad()
@@ -946,11 +952,13 @@ def main():
     p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="start no job after this "
-                   "many minutes; the running ones finish, the same command resumes")
+                   "many minutes (0: none); the running ones finish, the same command resumes")
     p.add_argument("--probe", default=None, metavar="CHECKPOINT", help="horizon: only measure the norms of "
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
+    if args.stop_after is not None and not args.stop_after >= 0:
+        p.error(f"--stop-after must be 0 or more minutes; got {args.stop_after}")
     if args.probe:
         if not args.probe_length or not args.out:
             p.error("--probe needs --probe-length and --out")

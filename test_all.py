@@ -1523,7 +1523,7 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
     """--eval-seed S (horizon): every evaluation and streaming check draws its documents and
     validation windows with S (default eval_passkey's), it is stored in the JSON's configuration, so
     resuming a JSON of another seed is refused, and a seed below 2**40 (training's range) is refused;
-    each refusal one line, exit 2."""
+    each refusal one line, exit 2 (as a negative --stop-after's)."""
     c = sweep.PRESETS_HORIZON["cpu"]
     rows = sweep.horizon_rows(c)
     results = dict(rows={}, probe={}, streaming={})
@@ -1537,9 +1537,11 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
     stored = dict(config=dict(c, seed=0, eval_seed=eval_passkey.EVAL_SEED, lengths=sweep.horizon_lengths(c)),
                   rows={}, probe={}, streaming={})
     (tmp_path / "h.json").write_text(json.dumps(stored))
-    for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "another configuration")):
+    for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "another configuration"),
+                        (["--stop-after", "-1"], "--stop-after")):
+        # --stop-after 0: were a refusal lost, no job would start (and the test fail on the exit code)
         r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--out",
-                            str(tmp_path / "h"), "--work", str(tmp_path / "w")] + flags,
+                            str(tmp_path / "h"), "--work", str(tmp_path / "w"), "--stop-after", "0"] + flags,
                            capture_output=True, text=True, cwd=HERE, timeout=300)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (flags, r.stderr)
@@ -1648,6 +1650,8 @@ def test_run_jobs_order_logs_affinity_and_failure(tmp_path):
     assert "never" not in open(log("x")).read()
     assert sweep.run_jobs(jobs[:1], 1, on_done=lambda job, seconds: order.append(job["name"]), stop_at=0) == []
     assert order == [] and "never" not in open(log("x")).read()  # past stop_at (--stop-after): nothing starts
+    at = lambda minutes: sweep.stop_time(argparse.Namespace(stop_after=minutes), 100.0)
+    assert (at(None), at(0), at(0.5)) == (math.inf, 100.0, 130.0)  # --stop-after 0: no job starts
 
 
 @FAST
