@@ -348,12 +348,7 @@ def start(c: Config, given: dict) -> Start:
                                   os.path.join(c.out, "base.pt"))
         torch.manual_seed(c.seed)
         model = M.build_model(settings["model"])
-    if c.grad_checkpointing == "depformer" and model.depformer is None:
-        raise ValueError("--grad-checkpointing depformer: this model has no depformer (all, none or a number of layers)")
-    if M.recomputed_layers(c.grad_checkpointing) >= len(model.transformer.layers):
-        raise ValueError(f"--grad-checkpointing {c.grad_checkpointing}: the transformer has "
-                         f"{len(model.transformer.layers)} layers; a number from 1 to "
-                         f"{len(model.transformer.layers) - 1} (none or all for the ends)")
+    M.check_checkpointing(model, c.grad_checkpointing)  # before any work
     if c.yarn_beta_fast is None:  # from the model's RoPE geometry, then stored with the run
         attention = model.transformer.layers[0].self_attn
         c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,

@@ -209,11 +209,8 @@ def set_checkpointing(model: LMModel, what: str) -> None:
     PyTorch's checkpoint, so parameter names, checkpoints and FSDP2's hooks (which gather a layer's
     weights again before its backward, and so before the recomputation) are as they were. The first N
     count from layer 0: layers before the first one that trains keep nothing for the backward anyway."""
-    layers = model.transformer.layers
-    first = recomputed_layers(what)
-    if what not in CHECKPOINTING and not 0 < first < len(layers):
-        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or a number of the "
-                         f"transformer's layers from 1 to {len(layers) - 1}")
+    check_checkpointing(model, what)
+    layers, first = model.transformer.layers, recomputed_layers(what)
     model.transformer.checkpointing = what == "all"
     for i, layer in enumerate(layers):
         layer.__dict__.pop("forward", None)  # the class's forward again
@@ -222,6 +219,17 @@ def set_checkpointing(model: LMModel, what: str) -> None:
                                               use_reentrant=False, determinism_check="none", preserve_rng_state=False)
     if model.depformer is not None:
         model.depformer.checkpointing = what != "none"
+
+
+def check_checkpointing(model: LMModel, what) -> None:
+    """Refuses a --grad-checkpointing this model cannot run, in one line that says what it can."""
+    layers = len(model.transformer.layers)
+    if what not in CHECKPOINTING and not 0 < recomputed_layers(what) < layers:
+        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or a number of the "
+                         f"transformer's layers from 1 to {layers - 1}")
+    if what == "depformer" and model.depformer is None:
+        raise ValueError("--grad-checkpointing 'depformer': this model has no depformer (none, all or a number of "
+                         "layers)")
 
 
 def recomputed_layers(what) -> int:
