@@ -470,6 +470,15 @@ def measure_parallel(c: dict, work: str, jobs: int) -> dict:
     return result
 
 
+def checked_eval_seed(args, p, default: int) -> int:
+    """--eval-seed, or `default`: the seed evaluations draw their documents and windows with, refused
+    below 2**40, where training's seeds (seed * 1e6 + ...) lie."""
+    seed = default if args.eval_seed is None else args.eval_seed
+    if seed < 2 ** 40:
+        p.error(f"--eval-seed must be at least 2**40 ({2 ** 40}), apart from training's seeds; got {seed}")
+    return seed
+
+
 def study(args, p) -> None:
     c = PRESETS_STUDY["cuda" if torch.cuda.is_available() else "cpu"]
     rows = study_rows(c)
@@ -481,8 +490,11 @@ def study(args, p) -> None:
             p.error(f"no study rows at {json_path}")
         results["summary"] = study_summary(results)
         return tables_study(results, args.out)
+    report_seed = checked_eval_seed(args, p, REPORT_SEED)
+    if report_seed == eval_passkey.EVAL_SEED:
+        p.error(f"--eval-seed {report_seed} draws the dev set (eval_passkey's seed); the report set needs another")
     config = dict(c, seed=args.seed, dev_seed=eval_passkey.EVAL_SEED, depths=DEPTHS, torch=torch.__version__,
-                  report_seed=REPORT_SEED if args.eval_seed is None else args.eval_seed,
+                  report_seed=report_seed,
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={})
@@ -716,9 +728,7 @@ def horizon(args, p) -> None:
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
-    eval_seed = eval_passkey.EVAL_SEED if args.eval_seed is None else args.eval_seed
-    if eval_seed < 2 ** 40:  # eval_passkey's seeds stay apart from training's (seed * 1e6 + ...)
-        p.error(f"--eval-seed must be at least 2**40 ({2 ** 40}), apart from training's seeds; got {eval_seed}")
+    eval_seed = checked_eval_seed(args, p, eval_passkey.EVAL_SEED)
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
     if args.tables:
@@ -940,9 +950,9 @@ def main():
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED}); "
+    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED}; not the dev set's); "
                    f"horizon: the evaluations' documents and validation windows (default {eval_passkey.EVAL_SEED}; "
-                   "the probe's one document stays the default's)")
+                   "the probe's one document stays the default's); at least 2**40, apart from training's seeds")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
     p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "

@@ -1548,6 +1548,18 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
         assert not (tmp_path / "w" / "base0").exists()
 
 
+def test_study_eval_seed_below_training_seeds_or_the_dev_sets_is_refused(tmp_path):
+    """--eval-seed (study: the report set's seed) below 2**40, where training's seeds lie, or equal to
+    the dev set's seed (eval_passkey's), is refused in one line, exit 2, before any work."""
+    for seed, says in ((5, "2**40"), (eval_passkey.EVAL_SEED, "dev set")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "study", "--out",
+                            str(tmp_path / "s"), "--work", str(tmp_path / "w"), "--stop-after", "0",
+                            "--eval-seed", str(seed)], capture_output=True, text=True, cwd=HERE, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (seed, r.stderr)
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "w" / "base0").exists()
+
+
 def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
     """--base S runs the base of seed S alone; with --bases, a negative seed, or --bases 0: one line,
     exit 2; without either, the three bases of seeds 0, 1, 2."""
