@@ -950,9 +950,10 @@ def main():
     p.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     p.add_argument("--tables", action="store_true", help="only rebuild the table and plot from the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default {REPORT_SEED}; not the dev set's); "
-                   f"horizon: the evaluations' documents and validation windows (default {eval_passkey.EVAL_SEED}; "
-                   "the probe's one document stays the default's); at least 2**40, apart from training's seeds")
+    p.add_argument("--eval-seed", type=int, default=None, help=f"study: the report set's seed (default "
+                   f"{REPORT_SEED}; not the dev set's); horizon: the evaluations' documents and validation windows "
+                   f"(default {eval_passkey.EVAL_SEED}; the probe's one document stays the default's); at least "
+                   "2**40, apart from training's seeds")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
     p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "
