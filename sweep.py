@@ -842,9 +842,21 @@ def bootstrap_over_bases(values: list[float], draws: int = 10000, seed: int = 0)
     return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
+def far_by_distance(rows: list[dict], depths: list[float], W: int) -> dict[float, dict[int, float]]:
+    """{d: {L: accuracy}}: far retrieval of the needles that lie about d = (1 - depth) L / W windows
+    before the question, at each length L where one of `depths` puts them there (rows: one row's
+    evaluations, each with its accuracy per depth, `by_depth`, in the order of `depths`)."""
+    out = {}
+    for r in rows:
+        for depth, accuracy in zip(depths, r["by_depth"], strict=True):
+            out.setdefault((1 - depth) * r["length"] / W, {})[r["length"]] = accuracy
+    return dict(sorted(out.items()))
+
+
 def tables_horizon(results: dict, path: str) -> None:
-    """<path>.md: far retrieval and bits per byte of every row against length, per base, and whether
-    each TTT row's bits per byte stay at or below the no-TTT control's on every base; <path>.png."""
+    """<path>.md: far retrieval and bits per byte of every row against length, per base, far retrieval
+    by how far back the needle lies, and whether each TTT row's bits per byte stay at or below the
+    no-TTT control's on every base; <path>.png."""
     c = results["config"]
     bases = sorted(results["rows"], key=lambda b: int(b.removeprefix("base")))
     labels = {r.name: r.label for r in horizon_rows(c)}
@@ -870,6 +882,18 @@ def tables_horizon(results: dict, path: str) -> None:
     for name in names:
         lines.append(f"| {labels[name]} | " + " | ".join(
             cell(name, i, lambda r: f"{r['bpb']:.2f}") for i in range(len(lengths))) + " |")
+    lines += ["", "### Far retrieval by how far back the needle lies", "", "A needle at depth p of a document of "
+              "length L lies about (1 - p) L before the question: each line, the needles that far back, at each "
+              "length where one of the depths puts them (rows by name).", "",
+              "| row | needle back | " + " | ".join(f"{L // W} W" for L in lengths) + " |", "|---" + rule]
+    for name in names:
+        far = {b: far_by_distance(results["rows"][b][name], c["horizon_depths"], W) for b in bases
+               if name in results["rows"][b]}
+        for d in sorted({d for by in far.values() for d in by}):
+            at = [[far[b][d].get(L) if b in far and d in far[b] else None for b in bases] for L in lengths]
+            lines.append(f"| {name} | {d:g} W | " + " | ".join(
+                "" if all(v is None for v in vs) else " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in vs)
+                for vs in at) + " |")
     everywhere = [n for n in names if all(n in results["rows"][b] for b in bases)]
     if len(bases) > 1 and everywhere:
         lines += ["", "### Pooled over the bases", "", "Far retrieval and bits per byte, the mean over the bases "

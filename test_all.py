@@ -1845,6 +1845,25 @@ def test_bootstrap_over_bases_spans_the_bases(values):
         assert (lo, hi) == (pytest.approx(min(values)), pytest.approx(max(values)))
 
 
+def test_far_retrieval_by_distance_groups_each_needle_by_how_far_back_it_lies(tmp_path):
+    """sweep.far_by_distance: a needle at depth p of L bytes lies (1 - p) L / W windows back; the
+    needles of two lengths that lie equally far back share a line (worked by hand); and the horizon's
+    markdown holds that table, a base's value "-" where the row did not run on it."""
+    rows = [dict(length=1024, by_depth=[1.0, 0.5, 0.25]), dict(length=2048, by_depth=[0.75, 0.5, 0.0])]
+    got = sweep.far_by_distance(rows, [0.0, 0.25, 0.5], 256)
+    assert got == {2: {1024: 0.25}, 3: {1024: 0.5}, 4: {1024: 1.0, 2048: 0.0}, 6: {2048: 0.5}, 8: {2048: 0.75}}
+    assert list(got) == sorted(got)
+    with pytest.raises(ValueError):  # a row with fewer depths than the configuration's
+        sweep.far_by_distance([dict(length=1024, by_depth=[1.0])], [0.0, 0.5], 256)
+    c = dict(sweep.PRESETS_HORIZON["cpu"], lengths=[1024, 2048], horizon_depths=[0.0, 0.25, 0.5], window=256,
+             hardware="CPU", torch="x", seed=0)
+    evaluated = [dict(r, passkey=sum(r["by_depth"]) / 3, bpb=1.0) for r in rows]
+    results = dict(config=c, rows=dict(base0=dict(control=evaluated), base1=dict()), streaming={}, probe={})
+    sweep.tables_horizon(results, str(tmp_path / "h"))
+    md = open(tmp_path / "h.md").read()
+    assert "| control | 4 W | 100% / - | 0% / - |" in md and "| control | 6 W |  | 50% / - |" in md
+
+
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
