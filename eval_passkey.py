@@ -33,8 +33,9 @@ import window_attention
 import yarn
 
 # Keys and filler for evaluation come from generators seeded at 2^40 and above; train.py's seeds
-# stay far below (seed * 1e6 + ...), so no evaluation key sequence is ever a training one.
-EVAL_SEED = 2 ** 40 + 10_007
+# stay far below (seed * 1_000_003 + ...), so no evaluation key sequence is ever a training one.
+SEED_FLOOR = 2 ** 40
+EVAL_SEED = SEED_FLOOR + 10_007
 
 
 @torch.no_grad()
@@ -116,6 +117,13 @@ def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, w
         if progress:
             progress(rows[-1])
     return rows
+
+
+def draw_seeds(seed: int, lengths: list[int], n_depths: int) -> set[int]:
+    """The generator seeds `evaluate` draws with: at each length L, its validation windows' (seed + L)
+    and each depth's documents' (seed + L + 1000 d). Two evaluations share documents or windows where
+    these sets meet."""
+    return {seed + L + 1000 * d for L in lengths for d in range(max(n_depths, 1))}
 
 
 @torch.no_grad()
@@ -370,6 +378,8 @@ def parse_args(argv):
         fail(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
     if not all(0 <= d <= 1 for d in args.depths):
         fail(f"--depths must be in [0, 1], got {args.depths}")
+    if not SEED_FLOOR <= args.seed < 2 ** 63:
+        fail(f"--seed must be in [2**40, 2**63), apart from training's seeds; got {args.seed}")
     if args.trials < 1 or args.windows < 1:
         fail(f"--trials and --windows must be >= 1, got {args.trials}, {args.windows}")
     if args.scale is not None and not args.scale >= 1:

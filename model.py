@@ -221,12 +221,13 @@ def set_checkpointing(model: LMModel, what: str) -> None:
         model.depformer.checkpointing = what != "none"
 
 
-def check_checkpointing(model: LMModel, what) -> None:
+def check_checkpointing(model: LMModel, what: str) -> None:
     """Refuses a --grad-checkpointing this model cannot run, in one line that says what it can."""
     layers = len(model.transformer.layers)
     if what not in CHECKPOINTING and not 0 < recomputed_layers(what) < layers:
-        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or a number of the "
-                         f"transformer's layers from 1 to {layers - 1}")
+        numbers = f"a number of the transformer's layers from 1 to {layers - 1}" if layers > 1 else \
+            "no number (the transformer has one layer)"
+        raise ValueError(f"--grad-checkpointing {what!r}: one of {', '.join(CHECKPOINTING)}, or {numbers}")
     if what == "depformer" and model.depformer is None:
         raise ValueError("--grad-checkpointing 'depformer': this model has no depformer (none, all or a number of "
                          "layers)")

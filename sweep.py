@@ -470,12 +470,18 @@ def measure_parallel(c: dict, work: str, jobs: int) -> dict:
     return result
 
 
-def checked_eval_seed(args, p, default: int) -> int:
-    """--eval-seed, or `default`: the seed evaluations draw their documents and windows with, refused
-    below 2**40, where training's seeds (seed * 1e6 + ...) lie."""
+def checked_eval_seed(args, p, default: int, apart_from: int, lengths: list[int], n_depths: int) -> int:
+    """--eval-seed, or `default`: the seed evaluations draw their documents and windows with. Refused
+    below 2**40, where training's seeds lie, from 2**63, and where it would draw any document or
+    window of the evaluation seeded `apart_from` at these lengths (eval_passkey.draw_seeds), unless it
+    is that seed and that is the default."""
     seed = default if args.eval_seed is None else args.eval_seed
-    if seed < 2 ** 40:
-        p.error(f"--eval-seed must be at least 2**40 ({2 ** 40}), apart from training's seeds; got {seed}")
+    if not eval_passkey.SEED_FLOOR <= seed < 2 ** 63:
+        p.error(f"--eval-seed must be in [2**40, 2**63), apart from training's seeds; got {seed}")
+    shared = eval_passkey.draw_seeds(seed, lengths, n_depths) & eval_passkey.draw_seeds(apart_from, lengths, n_depths)
+    if shared and not seed == apart_from == default:
+        p.error(f"--eval-seed {seed} draws some of the documents or windows of seed {apart_from} at lengths "
+                f"{lengths}; pick one at least {max(lengths) + 1000 * n_depths} away from it")
     return seed
 
 
@@ -490,9 +496,8 @@ def study(args, p) -> None:
             p.error(f"no study rows at {json_path}")
         results["summary"] = study_summary(results)
         return tables_study(results, args.out)
-    report_seed = checked_eval_seed(args, p, REPORT_SEED)
-    if report_seed == eval_passkey.EVAL_SEED:
-        p.error(f"--eval-seed {report_seed} draws the dev set (eval_passkey's seed); the report set needs another")
+    # the report set: other documents than the dev set's (eval_passkey's seed) at the study's lengths
+    report_seed = checked_eval_seed(args, p, REPORT_SEED, eval_passkey.EVAL_SEED, [c["L0"], 2 * c["L0"]], len(DEPTHS))
     config = dict(c, seed=args.seed, dev_seed=eval_passkey.EVAL_SEED, depths=DEPTHS, torch=torch.__version__,
                   report_seed=report_seed,
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
@@ -559,8 +564,9 @@ def study(args, p) -> None:
               f"dev {far('dev')}, report {far('report')} ({seconds:.0f} s)", flush=True)
 
     failed = run_jobs(todo, jobs, record, stop_time(args, start))
-    results["summary"] = study_summary(results)
-    save_json(results, json_path)
+    if done[0] or os.path.exists(json_path):  # a run that ran no job writes nothing
+        results["summary"] = study_summary(results)
+        save_json(results, json_path)
     if results["rows"]:
         tables_study(results, args.out)
     print(f"study: {time.time() - start:.0f} s wall", flush=True)
@@ -568,7 +574,8 @@ def study(args, p) -> None:
         sys.exit(f"sweep: {len(failed)} step(s) failed (above); finished rows are in {json_path}, "
                  f"the same command resumes")
     if done[0] < len(todo):
-        print(f"study: stopped by --stop-after with {len(todo) - done[0]} jobs left; the same command resumes")
+        print(f"study: stopped by --stop-after with {len(todo) - done[0]} jobs left; run it again (with a longer "
+              f"--stop-after, or none) to resume")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,12 +735,20 @@ def horizon(args, p) -> None:
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
-    eval_seed = checked_eval_seed(args, p, eval_passkey.EVAL_SEED)
+    eval_seed = checked_eval_seed(args, p, eval_passkey.EVAL_SEED, eval_passkey.EVAL_SEED, lengths,
+                                  len(c["horizon_depths"]))  # the default draw, or one apart from it
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
     if args.tables:
         if results is None or not results["rows"]:
             p.error(f"no horizon rows at {json_path}")
+        depths = results["config"]["horizon_depths"]
+        for base_name, rows_of_base in results["rows"].items():
+            for name, evaluations in rows_of_base.items():
+                for r in evaluations:
+                    if len(r.get("by_depth", [])) != len(depths):
+                        p.error(f"{json_path}: {base_name} {name} at {r['length']} has no accuracy per depth for each of "
+                                f"the configuration's depths {depths}")
         return tables_horizon(results, args.out)
     config = dict(c, jobs=args.jobs or c["jobs"], seed=args.seed, eval_seed=eval_seed, lengths=lengths,
                   torch=torch.__version__,
@@ -777,7 +792,8 @@ def horizon(args, p) -> None:
     if failed:
         sys.exit(f"sweep: {len(failed)} step(s) failed (above); finished rows are in {json_path}, the same command resumes")
     if done[0] < len(todo):
-        print(f"horizon: stopped by --stop-after with {len(todo) - done[0]} jobs left; the same command resumes")
+        print(f"horizon: stopped by --stop-after with {len(todo) - done[0]} jobs left; run it again (with a longer "
+              f"--stop-after, or none) to resume")
 
 
 @torch.no_grad()
@@ -849,7 +865,8 @@ def far_by_distance(rows: list[dict], depths: list[float], W: int) -> dict[float
     out = {}
     for r in rows:
         for depth, accuracy in zip(depths, r["by_depth"], strict=True):
-            out.setdefault((1 - depth) * r["length"] / W, {})[r["length"]] = accuracy
+            back = round((1 - depth) * r["length"] / W, 6)  # equal distances, one key whatever the rounding
+            out.setdefault(back, {})[r["length"]] = accuracy
     return dict(sorted(out.items()))
 
 
@@ -992,6 +1009,10 @@ def main():
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
+    for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
+                                                      "stop_after", "probe", "probe_length") if getattr(args, k) is not None]
+    if args.tables and for_a_run:
+        p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
     if args.stop_after is not None and not args.stop_after >= 0:
         p.error(f"--stop-after must be 0 or more minutes; got {args.stop_after}")
     if args.probe:

@@ -1522,8 +1522,8 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
 def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configuration(tmp_path):
     """--eval-seed S (horizon): every evaluation and streaming check draws its documents and
     validation windows with S (default eval_passkey's), it is stored in the JSON's configuration, so
-    resuming a JSON of another seed is refused, and a seed below 2**40 (training's range) is refused;
-    each refusal one line, exit 2 (as a negative --stop-after's)."""
+    resuming a JSON of another seed is refused, and so are a seed below 2**40 (training's range) and
+    one that draws some of the default draw's documents; each refusal one line, exit 2."""
     c = sweep.PRESETS_HORIZON["cpu"]
     rows = sweep.horizon_rows(c)
     results = dict(rows={}, probe={}, streaming={})
@@ -1538,7 +1538,7 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
                   rows={}, probe={}, streaming={})
     (tmp_path / "h.json").write_text(json.dumps(stored))
     for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "another configuration"),
-                        (["--stop-after", "-1"], "--stop-after")):
+                        (["--eval-seed", str(eval_passkey.EVAL_SEED + 2000)], "draws some")):
         # --stop-after 0: were a refusal lost, no job would start (and the test fail on the exit code)
         r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--out",
                             str(tmp_path / "h"), "--work", str(tmp_path / "w"), "--stop-after", "0"] + flags,
@@ -1548,10 +1548,42 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
         assert not (tmp_path / "w" / "base0").exists()
 
 
+@pytest.mark.parametrize("minutes", ["-1", "nan", "-inf"])
+def test_sweep_stop_after_below_zero_or_not_a_number_is_refused(tmp_path, minutes):
+    """--stop-after below 0, or nan (no time is past it: run_jobs would never stop), is refused in one
+    line, exit 2, before any work."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--out",
+                        str(tmp_path / "h"), "--work", str(tmp_path / "w"), f"--stop-after={minutes}"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--stop-after" in lines[0] and minutes in lines[0], r.stderr
+    assert not (tmp_path / "w" / "base0").exists() and not (tmp_path / "h.json").exists()
+
+
+def test_sweep_tables_refuses_flags_of_a_run_and_a_json_without_each_depth(tmp_path):
+    """--tables rebuilds the tables from the JSON as it is: a flag that only a run reads is refused, not
+    ignored; a row without an accuracy for each of the configuration's depths is refused by name;
+    each in one line, exit 2, the tables not written."""
+    c = dict(sweep.PRESETS_HORIZON["cpu"], lengths=[512], horizon_depths=[0.0, 0.5], hardware="CPU", torch="x", seed=0)
+    row = dict(length=512, passkey=0.5, by_depth=[1.0], bpb=1.0)  # one depth of two
+    (tmp_path / "h.json").write_text(json.dumps(dict(config=c, rows=dict(base0=dict(control=[row])),
+                                                     streaming={}, probe={})))
+    for flags, says in ((["--rows", "control"], "--rows"), (["--eval-seed", str(eval_passkey.EVAL_SEED)], "--eval-seed"),
+                        ([], "base0 control at 512")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--tables",
+                            "--out", str(tmp_path / "h")] + flags, capture_output=True, text=True, cwd=HERE,
+                           timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (flags, r.stderr)
+    assert not (tmp_path / "h.md").exists()
+
+
 def test_study_eval_seed_below_training_seeds_or_the_dev_sets_is_refused(tmp_path):
-    """--eval-seed (study: the report set's seed) below 2**40, where training's seeds lie, or equal to
-    the dev set's seed (eval_passkey's), is refused in one line, exit 2, before any work."""
-    for seed, says in ((5, "2**40"), (eval_passkey.EVAL_SEED, "dev set")):
+    """--eval-seed (study: the report set's seed) below 2**40, where training's seeds lie, from 2**63,
+    or drawing any of the dev set's documents (its seed, or one 1000 on: the next depth's), is refused
+    in one line, exit 2, before any work."""
+    for seed, says in ((5, "2**40"), (2 ** 63, "2**63"), (eval_passkey.EVAL_SEED, "draws some"),
+                       (eval_passkey.EVAL_SEED + 1000, "draws some")):  # the dev set's documents, one depth on
         r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "study", "--out",
                             str(tmp_path / "s"), "--work", str(tmp_path / "w"), "--stop-after", "0",
                             "--eval-seed", str(seed)], capture_output=True, text=True, cwd=HERE, timeout=300)
@@ -1737,6 +1769,22 @@ def test_training_needles_stay_within_max_depth(max_depth, seed):
         assert at <= round(max_depth * span)
 
 
+def test_draw_seeds_are_the_seeds_evaluate_draws_with(monkeypatch):
+    """eval_passkey.draw_seeds lists exactly the generator seeds that evaluate seeds (recorded while it
+    runs), so sweep's refusal of an --eval-seed whose documents overlap another's sees what runs."""
+    seen = []
+
+    class Recorded(torch.Generator):
+        def manual_seed(self, seed):
+            seen.append(seed)
+            return super().manual_seed(seed)
+
+    monkeypatch.setattr(torch, "Generator", Recorded)
+    corpus = data.load_corpus()
+    eval_passkey.evaluate(tiny_model(), corpus.val, [128, 256], [0.0, 0.5, 1.0], 1, 1, "cpu", seed=eval_passkey.EVAL_SEED)
+    assert set(seen) == eval_passkey.draw_seeds(eval_passkey.EVAL_SEED, [128, 256], 3) and len(seen) == 8
+
+
 def test_bits_per_byte_of_uniform_model_is_8():
     m = tiny_model()
     torch.nn.init.zeros_(m.text_linear.weight)  # constant logits: the uniform distribution
@@ -1853,6 +1901,12 @@ def test_far_retrieval_by_distance_groups_each_needle_by_how_far_back_it_lies(tm
     got = sweep.far_by_distance(rows, [0.0, 0.25, 0.5], 256)
     assert got == {2: {1024: 0.25}, 3: {1024: 0.5}, 4: {1024: 1.0, 2048: 0.0}, 6: {2048: 0.5}, 8: {2048: 0.75}}
     assert list(got) == sorted(got)
+    # (1 - 0.1) 1024 / 256 and (1 - 0.55) 2048 / 256 are both 3.6 windows, though not in floating point
+    got = sweep.far_by_distance([dict(length=1024, by_depth=[1.0]), dict(length=2048, by_depth=[0.0])], [0.1], 256)
+    assert got == {3.6: {1024: 1.0}, 7.2: {2048: 0.0}}
+    got = sweep.far_by_distance([dict(length=1024, by_depth=[1.0, 0.5]), dict(length=2048, by_depth=[0.5, 0.0])],
+                                [0.1, 0.55], 256)
+    assert got[3.6] == {1024: 1.0, 2048: 0.0}
     with pytest.raises(ValueError):  # a row with fewer depths than the configuration's
         sweep.far_by_distance([dict(length=1024, by_depth=[1.0])], [0.0, 0.5], 256)
     c = dict(sweep.PRESETS_HORIZON["cpu"], lengths=[1024, 2048], horizon_depths=[0.0, 0.25, 0.5], window=256,
@@ -1890,7 +1944,8 @@ def test_train_bad_flags_exit_2(argv, capsys):
                                   ["--method", "yarn", "--dynamic", "--streaming"], ["--ttt-decay", "0"],
                                   ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"],
                                   ["--ttt-delta", "2"], ["--beta-fast", "4"], ["--method", "pi", "--beta-fast", "4"],
-                                  ["--method", "yarn", "--beta-fast", "0.5"]])
+                                  ["--method", "yarn", "--beta-fast", "0.5"], ["--seed", "5"],
+                                  ["--seed", str(2 ** 63)]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
@@ -2780,6 +2835,8 @@ def test_grad_checkpointing_flag_and_runs_stored_before_it_named_the_depformer(t
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "no depformer" in lines[0], r.stderr
     assert not (tmp_path / "text" / "ckpt.pt").exists()
+    with pytest.raises(ValueError, match="no depformer"):  # model.set_checkpointing refuses it too
+        M.set_checkpointing(tiny_model(), "depformer")
     for stored, setting in ((True, "all"), (False, "none")):
         c = dataclasses.asdict(config.Config())
         c["grad_checkpointing"] = stored
