@@ -34,7 +34,7 @@ import yarn
 
 # Keys and filler for evaluation come from generators seeded at 2^40 and above; train.py's seeds
 # stay far below (seed * 1_000_003 + ...), so no evaluation key sequence is ever a training one.
-SEED_FLOOR = 2 ** 40
+SEED_FLOOR, SEED_CEILING = 2 ** 40, 2 ** 63  # the ceiling: seed + length + 1000 d stays within torch's 2**64
 EVAL_SEED = SEED_FLOOR + 10_007
 
 
@@ -378,7 +378,7 @@ def parse_args(argv):
         fail(f"--depths must be a comma list of numbers in [0, 1], got {args.depths!r}")
     if not all(0 <= d <= 1 for d in args.depths):
         fail(f"--depths must be in [0, 1], got {args.depths}")
-    if not SEED_FLOOR <= args.seed < 2 ** 63:
+    if not SEED_FLOOR <= args.seed < SEED_CEILING:
         fail(f"--seed must be in [2**40, 2**63), apart from training's seeds; got {args.seed}")
     if args.trials < 1 or args.windows < 1:
         fail(f"--trials and --windows must be >= 1, got {args.trials}, {args.windows}")

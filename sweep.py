@@ -476,7 +476,7 @@ def checked_eval_seed(args, p, default: int, apart_from: int, lengths: list[int]
     window of the evaluation seeded `apart_from` at these lengths (eval_passkey.draw_seeds), unless it
     is that seed and that is the default."""
     seed = default if args.eval_seed is None else args.eval_seed
-    if not eval_passkey.SEED_FLOOR <= seed < 2 ** 63:
+    if not eval_passkey.SEED_FLOOR <= seed < eval_passkey.SEED_CEILING:
         p.error(f"--eval-seed must be in [2**40, 2**63), apart from training's seeds; got {seed}")
     shared = eval_passkey.draw_seeds(seed, lengths, n_depths) & eval_passkey.draw_seeds(apart_from, lengths, n_depths)
     if shared and not seed == apart_from == default:
@@ -904,13 +904,14 @@ def tables_horizon(results: dict, path: str) -> None:
               "length where one of the depths puts them (rows by name).", "",
               "| row | needle back | " + " | ".join(f"{L // W} W" for L in lengths) + " |", "|---" + rule]
     for name in names:
-        far = {b: far_by_distance(results["rows"][b][name], c["horizon_depths"], W) for b in bases
-               if name in results["rows"][b]}
-        for d in sorted({d for by in far.values() for d in by}):
-            at = [[far[b][d].get(L) if b in far and d in far[b] else None for b in bases] for L in lengths]
+        by_base = {b: far_by_distance(results["rows"][b][name], c["horizon_depths"], W) for b in bases
+                   if name in results["rows"][b]}
+        for d in sorted({d for by in by_base.values() for d in by}):
+            per_length = [[by_base[b][d].get(L) if b in by_base and d in by_base[b] else None for b in bases]
+                          for L in lengths]
             lines.append(f"| {name} | {d:g} W | " + " | ".join(
                 "" if all(v is None for v in vs) else " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in vs)
-                for vs in at) + " |")
+                for vs in per_length) + " |")
     everywhere = [n for n in names if all(n in results["rows"][b] for b in bases)]
     if len(bases) > 1 and everywhere:
         lines += ["", "### Pooled over the bases", "", "Far retrieval and bits per byte, the mean over the bases "
@@ -1004,7 +1005,7 @@ def main():
     p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="start no job after this "
-                   "many minutes (0: none); the running ones finish, the same command resumes")
+                   "many minutes (0: none); the running ones finish, and running it again resumes")
     p.add_argument("--probe", default=None, metavar="CHECKPOINT", help="horizon: only measure the norms of "
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
