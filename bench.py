@@ -627,7 +627,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     checkpointing, moshi-finetune's loss (first codebook x100), float32 products in TF32 as train.py
     allows them (one row without); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
-    warm-up step), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
+    warm-up step, whose time is kept: compiling happens there), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
     share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
     `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
     only the rows whose name holds it, with the rows they are compared against. With moshi's
@@ -706,7 +706,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         flops, seconds = {k: B * v for k, v in step_flops(lm, T).items()}, statistics.median(times[1:])
-        return dict(s_per_step=seconds, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+        return dict(s_per_step=seconds, first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                     trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,
                     recompute_tflop=flops["recompute"] / 1e12, mfu=flops["model"] / seconds / rate,
                     frames_per_s=B * T / seconds, flops=flops)
@@ -734,7 +734,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
             row["time_ratio"] = row["s_per_step"] / rows[against]["s_per_step"]
         print(f"  {name:<50} {row['s_per_step']:6.2f} s/step, peak {row['peak_gib']:5.1f} GiB, "
               f"{row['trainable']:,} trained, {row['model_tflop']:.0f} TFLOP (+{row['recompute_tflop']:.0f} recomputed), "
-              f"MFU {100 * row['mfu']:.1f} %, {row['frames_per_s']:.0f} frames/s"
+              f"MFU {100 * row['mfu']:.1f} %, {row['frames_per_s']:.0f} frames/s, first step {row['first_step_s']:.1f} s"
               + (f", {row['time_ratio']:.3f}x {against}" if "time_ratio" in row else ""), flush=True)
         if "compiled_against_eager" in row:
             c = row["compiled_against_eager"]

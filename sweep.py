@@ -601,7 +601,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     length's chunks changes nothing up to it) and the paper's update clipping (--ttt-update-clip at
     1, about half the deeper layers' update norms), trained in or set at inference only; the
     smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in); and the delta
-    rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only."""
+    rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only; rows
+    trained through stages of doubling length, and one of them without memory (eta 0)."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
@@ -648,7 +649,22 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                          f"trained at {c['L0'] // c['window']} W, {then}",
                          ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"], longest=k,
                          init_row="ttt_lora_in_delta1", control=f"control_then_long{k}"))
+    # The same as ttt_mlp_in through the stages but without memory (eta 0 writes nothing): the same
+    # trainable set, steps and data, so it differs from that row in the memory alone, and its gap to the
+    # full fine-tuning control is the trainable set's.
+    no_memory = mlp_in + ["--ttt-delta", "1", "--ttt-eta", "0"]
+    rows.append(StudyRow("ttt_mlp_in_delta1_eta0", "ttt_mlp_in, erase 1, eta 0 (no memory), trained", no_memory))
+    rows.append(StudyRow(f"ttt_mlp_in_delta1_eta0_then_long{k}", f"ttt_mlp_in, erase 1, eta 0 (no memory), trained "
+                         f"at {c['L0'] // c['window']} W, {then}", no_memory, longest=k,
+                         init_row="ttt_mlp_in_delta1_eta0", control=f"control_then_long{k}"))
     return rows
+
+
+def writes_memory(row: StudyRow) -> bool:
+    """Whether a horizon row's TTT layers write anything (eta above 0): a row with eta 0 has no fast
+    weight to probe, and its one-token streaming check would test no memory."""
+    eta = float(row.flags[row.flags.index("--ttt-eta") + 1]) if "--ttt-eta" in row.flags else None
+    return row.name.startswith("ttt") and eta != 0
 
 
 def horizon_lengths(c: dict) -> list[int]:
@@ -658,7 +674,8 @@ def horizon_lengths(c: dict) -> list[int]:
 def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict, work: str, seeds: list[int],
                  seed: int, asked: list[str] | None = None, eval_seed: int = eval_passkey.EVAL_SEED) -> list[dict]:
     """run_jobs' jobs for the wanted rows not yet in `results`, on each base: pretraining, each
-    training, each evaluation, and on base 0 each TTT training's probe and one-token streaming check.
+    training, each evaluation, and on base 0 the probe and one-token streaming check of each TTT training
+    that writes memory (writes_memory).
     A training and its evaluation are two jobs: a row that starts from, or evaluates, another's
     checkpoint waits for that training only, which runs again where its row is evaluated already but
     its checkpoint is not in `work` (a fresh machine). In the order run_jobs takes them when free:
@@ -707,7 +724,7 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
             todo.append(dict(name=f"{b}/{row.name}", after=after, log=log, base=b, row=row.name, out=out, commands=[
                 [sys.executable, "eval_passkey.py", checkpoint, "--lengths", ",".join(map(str, lengths)),
                  "--out", out] + common_eval + flags]))
-            checked = base_seed == 0 and row.name.startswith("ttt") and not row.same_training  # its own TTT training
+            checked = base_seed == 0 and writes_memory(row) and not row.same_training  # its own TTT training
             if checked and row.name not in results["probe"]:
                 probe_out = os.path.join(work, b, f"{row.name}_probe.json")
                 todo.append(dict(name=f"{b}/{row.name}/probe", after=after, row=row.name, probe=probe_out,

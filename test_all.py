@@ -1460,6 +1460,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0
         assert args.ttt_delta == (float(name.split("delta")[1].split("_")[0]) if "delta" in name else 0.0)
+        assert (args.ttt_eta == 0) == ("eta0" in name) and sweep.writes_memory(row) == (name.startswith("ttt")
+                                                                                       and "eta0" not in name)
     with pytest.raises(ValueError, match="power of 2"):  # stages double: 2 L0 + 3 L0 is no such curriculum
         sweep.long_budget(c, c["steps"], 3)
     inference = {n: r for n, r in rows.items() if r.same_training}
@@ -1511,6 +1513,8 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     kinds = [0 if "/" not in n else 1 if n.endswith("/train") else 3 if n.endswith("/streaming") else 2 for n in names]
     assert kinds == sorted(kinds) and {"base0/ttt_mlp_in_delta1_then_long4/probe",
                                        "base0/ttt_mlp_in_delta1_then_long4/streaming"} <= set(names)
+    no_memory = "base0/ttt_mlp_in_delta1_eta0_then_long4"  # evaluated; no fast weight to probe or stream
+    assert no_memory in names and not {no_memory + "/probe", no_memory + "/streaming"} & set(names)
     asked = ["ttt_mlp_in_delta1_then_long4"]  # with its references, as horizon() adds them
     wanted = asked + ["ttt_mlp_in_delta1", "control_then_long4", "control"]
     cut = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), wanted, results, str(tmp_path), [0, 1], 0, asked)
