@@ -587,8 +587,11 @@ def study(args, p) -> None:
 # "cpu" is the study's miniature (dim 128, 4 layers, L0 = 4 W as on the GPU): minutes on 2 cores, to 128 W
 # as on the GPU since a CPU too computes only the window's pairs (window_attention.py).
 PRESETS_HORIZON = {
+    # job_gib: GPU memory one job may hold, from the largest seen (an evaluation at 128 W: 27.2-27.3 GiB
+    # per process in the out-of-memory report of results/horizon/horizon_h200_draw2.log); 6 and 8 at
+    # once ran an H200 out of memory there, so --jobs is checked against it (jobs_fit)
     "cuda": dict(PRESETS_STUDY["cuda"], multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5],
-                 stream_trials=8, stream_depth=0.25, jobs=4),  # 8 at once ran an H200 out of memory at 128 W
+                 stream_trials=8, stream_depth=0.25, jobs=4, job_gib=28),
     "cpu": dict(PRESETS_STUDY["cpu"], L0=512, window=128, pretrain_steps=600, pretrain_batch=8, steps=200, batch=8,
                 multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5], trials=10, windows=8,
                 stream_trials=2, stream_depth=0.25, jobs=2),
@@ -665,6 +668,17 @@ def writes_memory(row: StudyRow) -> bool:
     weight to probe, and its one-token streaming check would test no memory."""
     eta = float(row.flags[row.flags.index("--ttt-eta") + 1]) if "--ttt-eta" in row.flags else None
     return row.name.startswith("ttt") and eta != 0
+
+
+def jobs_fit(c: dict, jobs: int, gpus: int, gib_per_gpu: float) -> str | None:
+    """Why `jobs` processes at once, spread over `gpus` GPUs of `gib_per_gpu` each, would run out of
+    memory at the preset's job_gib each (None: they fit, or the preset has no such measure)."""
+    per_gpu = -(-jobs // max(gpus, 1))
+    if "job_gib" not in c or per_gpu * c["job_gib"] <= gib_per_gpu:
+        return None
+    most = max(1, int(gib_per_gpu // c["job_gib"])) * max(gpus, 1)
+    return (f"--jobs {jobs}: {per_gpu} processes on a GPU of {gib_per_gpu:.0f} GiB, each up to {c['job_gib']} GiB "
+            f"(an evaluation at the longest length), would run out of memory; at most {most} here")
 
 
 def horizon_lengths(c: dict) -> list[int]:
@@ -754,6 +768,10 @@ def horizon(args, p) -> None:
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
     eval_seed = checked_eval_seed(args, p, eval_passkey.EVAL_SEED, eval_passkey.EVAL_SEED, lengths,
                                   len(c["horizon_depths"]))  # the default draw, or one apart from it
+    if not args.tables and torch.cuda.is_available():
+        gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        if why := jobs_fit(c, args.jobs or c["jobs"], torch.cuda.device_count(), gib):
+            p.error(why)
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
     if args.tables:
