@@ -627,8 +627,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     checkpointing, moshi-finetune's loss (first codebook x100), float32 products in TF32 as train.py
     allows them (one row without); each mode against a control with
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
-    warm-up step, whose time is kept: compiling happens there), peak GiB, frames per second, and model FLOPs (`step_flops`) per second as a
-    share of the bf16 matrix-product rate measured in the same run (MFU). `profile`: only
+    warm-up step, whose time is kept: compiling happens there), peak GiB, frames per second, and
+    model FLOPs (`step_flops`) per second as a share of the bf16 matrix-product rate measured in
+    the same run (MFU). `profile`: only
     `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
     only the rows whose name holds it, with the rows they are compared against. With moshi's
     torch.compile on (NO_TORCH_COMPILE empty), a row runs `ttt_only` with moshi's kernels eager, and

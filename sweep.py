@@ -587,9 +587,9 @@ def study(args, p) -> None:
 # "cpu" is the study's miniature (dim 128, 4 layers, L0 = 4 W as on the GPU): minutes on 2 cores, to 128 W
 # as on the GPU since a CPU too computes only the window's pairs (window_attention.py).
 PRESETS_HORIZON = {
-    # job_gib: GPU memory one job may hold, from the largest seen (an evaluation at 128 W: 27.2-27.3 GiB
-    # per process in the out-of-memory report of results/horizon/horizon_h200_draw2.log); 6 and 8 at
-    # once ran an H200 out of memory there, so --jobs is checked against it (jobs_fit)
+    # job_gib: GPU memory one job may hold, the largest seen rounded up (an evaluation at 128 W: 27.2-27.3
+    # GiB per process in the out-of-memory report of results/horizon/horizon_h200_draw2.log); 6 and 8 at
+    # once ran an H200 out of memory, so --jobs is checked against it (jobs_fit)
     "cuda": dict(PRESETS_STUDY["cuda"], multiples=[4, 8, 16, 32, 64, 128], horizon_depths=[0.0, 0.25, 0.5],
                  stream_trials=8, stream_depth=0.25, jobs=4, job_gib=28),
     "cpu": dict(PRESETS_STUDY["cpu"], L0=512, window=128, pretrain_steps=600, pretrain_batch=8, steps=200, batch=8,
@@ -676,9 +676,10 @@ def jobs_fit(c: dict, jobs: int, gpus: int, gib_per_gpu: float) -> str | None:
     per_gpu = -(-jobs // max(gpus, 1))
     if "job_gib" not in c or per_gpu * c["job_gib"] <= gib_per_gpu:
         return None
-    most = max(1, int(gib_per_gpu // c["job_gib"])) * max(gpus, 1)
-    return (f"--jobs {jobs}: {per_gpu} processes on a GPU of {gib_per_gpu:.0f} GiB, each up to {c['job_gib']} GiB "
-            f"(an evaluation at the longest length), would run out of memory; at most {most} here")
+    most = int(gib_per_gpu // c["job_gib"]) * max(gpus, 1)
+    return (f"--jobs {jobs}: {per_gpu} process(es) on a GPU of {gib_per_gpu:.0f} GiB, each up to {c['job_gib']} GiB "
+            f"(an evaluation at the longest length), would run out of memory; "
+            + (f"at most {most} here" if most else "this GPU holds none"))
 
 
 def horizon_lengths(c: dict) -> list[int]:

@@ -1476,13 +1476,13 @@ def test_horizon_rows_are_the_runs_they_name(device):
 
 
 def test_horizon_jobs_are_checked_against_the_gpus_memory():
-    """--jobs on a GPU: refused where the processes on one GPU, at the preset's measured 28 GiB each,
-    exceed its memory (6 on one H200 of 139.8 GiB ran two evaluations out of memory), with the most
-    that fit; the CPU preset has no such measure."""
+    """--jobs on a GPU: refused where the processes on one GPU, at the preset's 28 GiB each (27.3
+    seen), exceed its memory (6 on one H200 of 139.8 GiB ran two evaluations out of memory), with the
+    most that fit; the CPU preset has no such measure."""
     c = sweep.PRESETS_HORIZON["cuda"]
     assert sweep.jobs_fit(c, 4, 1, 139.8) is None and sweep.jobs_fit(c, 8, 2, 139.8) is None
     assert "at most 4 here" in sweep.jobs_fit(c, 6, 1, 139.8) and "at most 2 here" in sweep.jobs_fit(c, 3, 1, 79.2)
-    assert "3 processes on a GPU" in sweep.jobs_fit(c, 5, 2, 79.2)
+    assert "3 process(es) on a GPU" in sweep.jobs_fit(c, 5, 2, 79.2) and "holds none" in sweep.jobs_fit(c, 1, 1, 24.0)
     assert sweep.jobs_fit(sweep.PRESETS_HORIZON["cpu"], 64, 0, 0.0) is None
 
 
