@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import subprocess
+import threading
 import time
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -286,6 +287,28 @@ def compile_layers(lm, on: bool, **compile_options) -> None:
             layer.compile(**compile_options)
         elif not on:
             layer._compiled_call_impl = None
+
+
+def compile_summary(top: int = 4) -> str:
+    """What torch.compile has done so far in this process: the graphs dynamo has made and the `top`
+    longest compile phases that have ended (torch._dynamo.utils.compile_times, seconds summed over
+    graphs; phases nest, so they overlap)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    phases = sorted(((sum(v), k) for k, v in compilation_time_metrics.items()), reverse=True)[:top]
+    return "; ".join([f"{counters['stats']['unique_graphs']} graphs"] + [", ".join(f"{k} {t:.1f} s" for t, k in phases)]
+                     * bool(phases))
+
+
+def compile_progress(every: float = 60.0) -> threading.Event:
+    """Prints compile_summary every `every` seconds until the returned event is set: where a long
+    first step of compiled layers is (a phase shows once it has ended)."""
+    stop, start = threading.Event(), time.perf_counter()
+
+    def report():
+        while not stop.wait(every):
+            print(f"    compiling, {time.perf_counter() - start:.0f} s in: {compile_summary()}", flush=True)
+    threading.Thread(target=report, daemon=True).start()
+    return stop
 
 
 def attention_pairs(T: int, window) -> int:
@@ -691,13 +714,13 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         return dict(eager_loss=eager_loss, compiled_loss=loss, grad_rel_diff=max(
             ((g - e).norm() / e.norm().clamp(min=1e-30)).item() for g, e in zip(grads, eager_grads)))
 
-    def step(T, B=1, eager=False):
+    def step(T, B=1, eager=False, compiled_layers=False):
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         codes = batch(T, B)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, compiling = [], compile_progress() if compiled_layers else None
         for _ in range(steps + 1):
             start = time.perf_counter()
             with no_compile() if eager else contextlib.nullcontext():
@@ -706,6 +729,9 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            if compiling is not None and not compiling.is_set():
+                compiling.set()
+                print(f"    compiled in the first step ({times[0]:.0f} s): {compile_summary(8)}", flush=True)
         flops, seconds = {k: B * v for k, v in step_flops(lm, T).items()}, statistics.median(times[1:])
         return dict(s_per_step=seconds, first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                     trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,
@@ -720,7 +746,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     for name, T, config, against in runs:
         configure(**config)
         try:
-            row = rows[name] = dict(step(T, config.get("batch", 1), config.get("eager", False)), T=T, **config)
+            row = rows[name] = dict(step(T, config.get("batch", 1), config.get("eager", False),
+                                         config.get("compiled_layers", False)), T=T, **config)
             if config.get("eager") and compiled:
                 row["compiled_against_eager"] = compiled_against_eager(T)
             if config.get("compiled_layers") and T == T1:

@@ -2706,6 +2706,31 @@ def test_attention_pairs_count_the_causal_window(T, window):
                                                    if window is None or t - s < window)
 
 
+def test_compile_progress_says_what_has_been_compiled(capsys):
+    """bench.compile_progress, which --scale runs through the first step of a compiled row: while a
+    function compiles it prints the graphs dynamo has made and the compile phases that have ended
+    (torch's own timings), and it stops printing once told to."""
+    import bench
+    torch._dynamo.reset()  # clears the phases' timings, not dynamo's count of graphs
+    before = int(bench.compile_summary().split()[0])
+    assert bench.compile_summary() == f"{before} graphs"
+    stop = bench.compile_progress(every=0.02)
+    f = torch.compile(lambda x: (x.sin() * 2).cos().sum(), backend="aot_eager")
+    f(torch.randn(8))
+    deadline = time.time() + 5
+    while time.time() < deadline and "_compile.compile_inner" not in bench.compile_summary():
+        time.sleep(0.02)
+    time.sleep(0.1)
+    stop.set()
+    time.sleep(0.1)
+    printed = capsys.readouterr().out
+    time.sleep(0.1)
+    assert capsys.readouterr().out == ""  # stopped
+    lines = [line for line in printed.splitlines() if line.strip().startswith("compiling,")]
+    assert lines and f"{before + 1} graphs;" in lines[-1] and "compile_inner" in lines[-1], printed
+    torch._dynamo.reset()
+
+
 @FAST
 @given(st.sampled_from(["", "control", "ttt_only", "erase", "T 24000", "layers compiled", "eager", "LoRA",
                         "not checkpointed", "x"]),
