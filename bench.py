@@ -720,6 +720,10 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         codes = batch(T, B)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        if compiled_layers:  # the window's mask made before compiling: the graphs read it (window_attention.block_mask)
+            where = str(torch.empty(0, device=device).device)  # "cuda:0", as the attention names q's device
+            for context in {layer.self_attn.context for layer in layers if layer.self_attn.context}:
+                window_attention.block_mask(T, context, where)
         times, compiling = [], compile_progress() if compiled_layers else None
         for _ in range(steps + 1):
             start = time.perf_counter()

@@ -1020,6 +1020,44 @@ def test_window_attention_equals_moshis_masked_attention(T, context, B):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_window_block_mask_made_before_compiling_is_the_graphs_input_not_its_work():
+    """window_attention.block_mask under torch.compile (fullgraph; flex_attention forward on a CPU):
+    a mask made before compiling is read as the graph's input, so the graph holds exactly what the same
+    attention with the mask passed in as an argument holds (the mask is not rebuilt on each call);
+    made while compiling, the first graph builds it and the next call compiles once more to that
+    graph; the outputs equal flex_attention's eager ones."""
+    import window_attention
+    from torch.nn.attention.flex_attention import flex_attention
+    T, context = 256, 64
+    q, k, v = (torch.randn(1, 2, T, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    def compiled(fn):
+        torch._dynamo.reset()
+        graphs.clear()
+        f = torch.compile(fn, backend=count, fullgraph=True)
+        return [f(q, k, v) for _ in range(3)], list(graphs)
+
+    window_attention._BLOCK_MASKS.clear()
+    mask = window_attention.block_mask(T, context, "cpu")
+    want = flex_attention(q, k, v, block_mask=mask)
+    reference, (passed_in,) = compiled(lambda q, k, v: flex_attention(q, k, v, block_mask=mask))
+    read, (from_dict,) = compiled(lambda q, k, v: flex_attention(
+        q, k, v, block_mask=window_attention.block_mask(T, context, "cpu")))
+    assert from_dict == passed_in
+    window_attention._BLOCK_MASKS.clear()
+    built, (first, again) = compiled(lambda q, k, v: flex_attention(
+        q, k, v, block_mask=window_attention.block_mask(T, context, "cpu")))
+    assert first > again == passed_in  # built in the first graph, read in the second
+    for out in reference + read + built:
+        torch.testing.assert_close(out, want)
+    torch._dynamo.reset()
+
+
 # ============================================================================================
 # Freeze
 # ============================================================================================

@@ -36,10 +36,21 @@ def window_mask(context: int):
     return mask_mod
 
 
-@functools.lru_cache(maxsize=8)
+_BLOCK_MASKS: dict = {}  # (T, context, device) -> BlockMask, the oldest dropped past 32
+
+
 def block_mask(T: int, context: int, device: str):
-    """The block-sparse mask of a length and window, made once (it is a small kernel of its own)."""
-    return create_block_mask(window_mask(context), None, None, T, T, device=device)
+    """The block-sparse mask of a length and window, made once and kept (it is a small kernel of its
+    own). A dict, not functools.lru_cache: torch.compile traces through lru_cache, so a compiled layer
+    would build the T x T mask again on every call; a mask made here before compiling is read from
+    the dict as the graph's input (made while compiling, it is built in the graph once, then the
+    graph is compiled again without it)."""
+    key = (T, context, device)
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) >= 32:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = create_block_mask(window_mask(context), None, None, T, T, device=device)
+    return _BLOCK_MASKS[key]
 
 
 @functools.lru_cache(maxsize=1)
