@@ -652,8 +652,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
     nothing of TTT, measured in the same run. Seconds per step (median of `steps` after one
     warm-up step, whose time is kept: compiling happens there), peak GiB, frames per second, and
     model FLOPs (`step_flops`) per second as a share of the bf16 matrix-product rate measured in
-    the same run (MFU). `profile`: only
-    `ttt_only` with the window at T 4 L0, then one more step under `profile_step`. `rows_named`:
+    the same run (MFU). `profile`: only `ttt_only` with the window at T 4 L0, then one more step
+    under `profile_step`. `rows_named`:
     only the rows whose name holds it, with the rows they are compared against. With moshi's
     torch.compile on (NO_TORCH_COMPILE empty), a row runs `ttt_only` with moshi's kernels eager, and
     compares that step's loss and gradients; so do the rows with every layer compiled whole, which
@@ -725,17 +725,21 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
             for context in {layer.self_attn.context for layer in layers if layer.self_attn.context}:
                 window_attention.block_mask(T, context, where)
         times, compiling = [], compile_progress() if compiled_layers else None
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with no_compile() if eager else contextlib.nullcontext():
-                M.multistream_loss(lm, codes, 0.5, 100.0).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            if compiling is not None and not compiling.is_set():
+        try:
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                with no_compile() if eager else contextlib.nullcontext():
+                    M.multistream_loss(lm, codes, 0.5, 100.0).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+                if compiling is not None and not compiling.is_set():
+                    compiling.set()
+                    print(f"    compiled in the first step ({times[0]:.0f} s): {compile_summary(8)}", flush=True)
+        finally:  # out of memory too: the progress stops
+            if compiling is not None:
                 compiling.set()
-                print(f"    compiled in the first step ({times[0]:.0f} s): {compile_summary(8)}", flush=True)
         flops, seconds = {k: B * v for k, v in step_flops(lm, T).items()}, statistics.median(times[1:])
         return dict(s_per_step=seconds, first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                     trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,
