@@ -289,26 +289,46 @@ def compile_layers(lm, on: bool, **compile_options) -> None:
             layer._compiled_call_impl = None
 
 
-def compile_summary(top: int = 4) -> str:
-    """What torch.compile has done so far in this process: the graphs dynamo has made and the `top`
-    longest compile phases that have ended (torch._dynamo.utils.compile_times, seconds summed over
-    graphs; phases nest, so they overlap)."""
+def compile_state() -> tuple[int, dict]:
+    """The graphs dynamo has made in this process and the seconds each compile phase has taken so far
+    (torch._dynamo.utils.compile_times' records, summed over graphs; copied at once, as another
+    thread may be compiling)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
-    phases = sorted(((sum(v), k) for k, v in compilation_time_metrics.items()), reverse=True)[:top]
-    return "; ".join([f"{counters['stats']['unique_graphs']} graphs"] + [", ".join(f"{k} {t:.1f} s" for t, k in phases)]
-                     * bool(phases))
+    return counters["stats"]["unique_graphs"], {k: sum(v) for k, v in list(compilation_time_metrics.items())}
 
 
-def compile_progress(every: float = 60.0) -> threading.Event:
-    """Prints compile_summary every `every` seconds until the returned event is set: where a long
-    first step of compiled layers is (a phase shows once it has ended)."""
-    stop, start = threading.Event(), time.perf_counter()
+def compile_summary(since: tuple[int, dict] = (0, {}), top: int = 4) -> str:
+    """The graphs made and the `top` longest compile phases ended since `since` (a compile_state;
+    phases nest, so they overlap)."""
+    graphs, seconds = compile_state()
+    spent = sorted(((t - since[1].get(k, 0.0), k) for k, t in seconds.items()), reverse=True)
+    phases = ", ".join(f"{k} {t:.1f} s" for t, k in spent[:top] if t > 0)
+    summary = f"{graphs - since[0]} graphs"
+    if phases:
+        summary += f"; {phases}"
+    return summary
+
+
+def compile_progress(every: float = 60.0):
+    """Prints, every `every` seconds, what has been compiled since it started (compile_summary), until
+    the function it returns is called; that prints the whole of it once more and returns it. Where
+    a long first step of compiled layers is: a phase shows once it has ended."""
+    stop, start, since = threading.Event(), time.perf_counter(), compile_state()
 
     def report():
         while not stop.wait(every):
-            print(f"    compiling, {time.perf_counter() - start:.0f} s in: {compile_summary()}", flush=True)
-    threading.Thread(target=report, daemon=True).start()
-    return stop
+            try:
+                print(f"    compiling, {time.perf_counter() - start:.0f} s in: {compile_summary(since)}", flush=True)
+            except Exception as e:  # a progress line must never end the bench
+                print(f"    compiling, {time.perf_counter() - start:.0f} s in ({type(e).__name__}: {e})", flush=True)
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+
+    def finish() -> str:
+        stop.set()
+        thread.join()
+        return compile_summary(since, top=8)
+    return finish
 
 
 def attention_pairs(T: int, window) -> int:
@@ -718,13 +738,12 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         codes = batch(T, B)
+        if compiled_layers:  # the window's mask made before compiling: the graphs read it (window_attention.block_mask)
+            for context in {layer.self_attn.context for layer in layers if layer.self_attn.context}:
+                window_attention.block_mask(T, context, str(codes.device))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        if compiled_layers:  # the window's mask made before compiling: the graphs read it (window_attention.block_mask)
-            where = str(torch.empty(0, device=device).device)  # "cuda:0", as the attention names q's device
-            for context in {layer.self_attn.context for layer in layers if layer.self_attn.context}:
-                window_attention.block_mask(T, context, where)
-        times, compiling = [], compile_progress() if compiled_layers else None
+        times, finish = [], compile_progress() if compiled_layers else None
         try:
             for _ in range(steps + 1):
                 start = time.perf_counter()
@@ -734,12 +753,12 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-                if compiling is not None and not compiling.is_set():
-                    compiling.set()
-                    print(f"    compiled in the first step ({times[0]:.0f} s): {compile_summary(8)}", flush=True)
+                if finish is not None:
+                    print(f"    compiled in the first step ({times[0]:.0f} s): {finish()}", flush=True)
+                    finish = None
         finally:  # out of memory too: the progress stops
-            if compiling is not None:
-                compiling.set()
+            if finish is not None:
+                finish()
         flops, seconds = {k: B * v for k, v in step_flops(lm, T).items()}, statistics.median(times[1:])
         return dict(s_per_step=seconds, first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                     trainable=sum(p.numel() for p in params), model_tflop=flops["model"] / 1e12,

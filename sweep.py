@@ -670,15 +670,22 @@ def writes_memory(row: StudyRow) -> bool:
     return row.name.startswith("ttt") and eta != 0
 
 
-def jobs_fit(c: dict, jobs: int, gpus: int, gib_per_gpu: float) -> str | None:
-    """Why `jobs` processes at once, spread over `gpus` GPUs of `gib_per_gpu` each, would run out of
-    memory at the preset's job_gib each (None: they fit, or the preset has no such measure)."""
-    per_gpu = -(-jobs // max(gpus, 1))
-    if "job_gib" not in c or per_gpu * c["job_gib"] <= gib_per_gpu:
+def jobs_that_fit(c: dict, gpus: int, gib_per_gpu: float) -> int | None:
+    """How many processes at once `gpus` GPUs of `gib_per_gpu` each hold at the preset's job_gib each
+    (run_jobs puts process i on GPU i modulo the GPUs); None: the preset has no such measure."""
+    if "job_gib" not in c:
         return None
-    most = int(gib_per_gpu // c["job_gib"]) * max(gpus, 1)
-    return (f"--jobs {jobs}: {per_gpu} process(es) on a GPU of {gib_per_gpu:.0f} GiB, each up to {c['job_gib']} GiB "
-            f"(an evaluation at the longest length), would run out of memory; "
+    return int(gib_per_gpu // c["job_gib"]) * max(gpus, 1)
+
+
+def jobs_fit(c: dict, jobs: int, gpus: int, gib_per_gpu: float) -> str | None:
+    """Why `jobs` processes at once would run out of memory (None: they fit, or no measure)."""
+    most = jobs_that_fit(c, gpus, gib_per_gpu)
+    if most is None or jobs <= most:
+        return None
+    per_gpu = math.ceil(jobs / max(gpus, 1))
+    return (f"--jobs {jobs}: {per_gpu} process(es) on a GPU of {gib_per_gpu:.1f} GiB, each up to {c['job_gib']} "
+            f"GiB (an evaluation at the longest length), would run out of memory; "
             + (f"at most {most} here" if most else "this GPU holds none"))
 
 
@@ -769,9 +776,14 @@ def horizon(args, p) -> None:
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
     eval_seed = checked_eval_seed(args, p, eval_passkey.EVAL_SEED, eval_passkey.EVAL_SEED, lengths,
                                   len(c["horizon_depths"]))  # the default draw, or one apart from it
+    jobs = args.jobs or c["jobs"]
     if not args.tables and torch.cuda.is_available():
-        gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-        if why := jobs_fit(c, args.jobs or c["jobs"], torch.cuda.device_count(), gib):
+        gpus, gib = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        most = jobs_that_fit(c, gpus, gib)
+        if args.jobs is None and most is not None and 0 < most < jobs:  # the preset's number, on a smaller GPU
+            print(f"horizon: {most} processes at once, not the preset's {jobs}: {jobs_fit(c, jobs, gpus, gib)}")
+            jobs = most
+        elif why := jobs_fit(c, jobs, gpus, gib):
             p.error(why)
     json_path = args.out + ".json"
     results = json.load(open(json_path)) if os.path.exists(json_path) else None
@@ -786,7 +798,7 @@ def horizon(args, p) -> None:
                         p.error(f"{json_path}: {base_name} {name} at {r['length']} has no accuracy per depth for each of "
                                 f"the configuration's depths {depths}")
         return tables_horizon(results, args.out)
-    config = dict(c, jobs=args.jobs or c["jobs"], seed=args.seed, eval_seed=eval_seed, lengths=lengths,
+    config = dict(c, jobs=jobs, seed=args.seed, eval_seed=eval_seed, lengths=lengths,
                   torch=torch.__version__,
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
@@ -821,7 +833,7 @@ def horizon(args, p) -> None:
                   f"{'trained' if job.get('trained') else 'pretrained'} in {seconds:.0f} s", flush=True)
         save_json(results, json_path)
 
-    failed = run_jobs(todo, args.jobs or c["jobs"], record, stop_time(args, start))
+    failed = run_jobs(todo, jobs, record, stop_time(args, start))
     if results["rows"]:
         tables_horizon(results, args.out)
     print(f"horizon: {time.time() - start:.0f} s wall", flush=True)

@@ -36,7 +36,8 @@ def window_mask(context: int):
     return mask_mod
 
 
-_BLOCK_MASKS: dict = {}  # (T, context, device) -> BlockMask, the oldest dropped past 32
+_BLOCK_MASKS: dict = {}  # (T, context, device) -> BlockMask; past 32 (more lengths than a run's stages and
+# evaluations use) the oldest is dropped, so a long-lived process does not keep every mask it made
 
 
 def block_mask(T: int, context: int, device: str):
