@@ -920,8 +920,9 @@ def far_by_distance(rows: list[dict], depths: list[float], W: int) -> dict[float
 
 def tables_horizon(results: dict, path: str) -> None:
     """<path>.md: far retrieval and bits per byte of every row against length, per base, far retrieval
-    by how far back the needle lies, and whether each TTT row's bits per byte stay at or below the
-    no-TTT control's on every base; <path>.png."""
+    by how far back the needle lies, each row with memory against the same row without it (eta 0),
+    and whether each TTT row's bits per byte stay at or below the no-TTT control's on every base;
+    <path>.png."""
     c = results["config"]
     bases = sorted(results["rows"], key=lambda b: int(b.removeprefix("base")))
     labels = {r.name: r.label for r in horizon_rows(c)}
@@ -987,6 +988,16 @@ def tables_horizon(results: dict, path: str) -> None:
             continue
         lines.append(f"- {labels[name]}, against {ctl} on {len(against)} base(s): bits per byte "
                      + ("never above the control's" if not worse else "above the control's at " + "; ".join(worse)))
+    twins = [(n.replace("_eta0", ""), n) for n in names if "_eta0" in n and n.replace("_eta0", "") in names]
+    if twins:  # a row without memory (eta 0) against the same row with it: what the memory alone is worth
+        lines += ["", "### With memory against the same row without it (eta 0: the same trainable set, steps and "
+                  "data)", "", "Bits per byte of the row with memory minus the row without, per base (below 0: the "
+                  "memory predicts better).", "", head, rule]
+        for memory, none in twins:
+            lines.append(f"| {labels[memory]} | " + " | ".join(" / ".join(
+                f"{results['rows'][b][memory][i]['bpb'] - results['rows'][b][none][i]['bpb']:+.3f}"
+                if memory in results["rows"][b] and none in results["rows"][b] else "-" for b in bases)
+                for i in range(len(lengths))) + " |")
     for name, s in results.get("streaming", {}).items():
         same = s["parallel"] == s["streaming"]
         lines.append(f"- {labels[name]}, base0, {s['length'] // W} W, depth {s['depth']}: one token per step "

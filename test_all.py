@@ -1995,6 +1995,21 @@ def test_far_retrieval_by_distance_groups_each_needle_by_how_far_back_it_lies(tm
     assert "| control | 4 W | 100% / - | 0% / - |" in md and "| control | 6 W |  | 50% / - |" in md
 
 
+def test_horizon_tables_set_each_row_against_the_same_row_without_memory(tmp_path):
+    """The horizon's markdown: a row with memory minus the same row without it (eta 0), per base and
+    length, worked by hand; "-" on a base where either did not run."""
+    c = dict(sweep.PRESETS_HORIZON["cpu"], lengths=[1024, 2048], horizon_depths=[0.0, 0.25, 0.5], window=256,
+             hardware="CPU", torch="x", seed=0)
+    run = lambda *bpb: [dict(length=L, by_depth=[0.0, 0.0, 0.0], passkey=0.0, bpb=v) for L, v in zip([1024, 2048], bpb)]
+    memory, none = "ttt_mlp_in_delta1_then_long4", "ttt_mlp_in_delta1_eta0_then_long4"
+    rows = dict(base0={memory: run(1.0, 1.25), none: run(1.5, 1.0)}, base1={memory: run(2.0, 2.0)})
+    sweep.tables_horizon(dict(config=c, rows=rows, streaming={}, probe={}), str(tmp_path / "h"))
+    md = open(tmp_path / "h.md").read()
+    label = {r.name: r.label for r in sweep.horizon_rows(c)}[memory]
+    assert "### With memory against the same row without it" in md
+    assert f"| {label} | -0.500 / - | +0.250 / - |" in md
+
+
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
