@@ -311,8 +311,8 @@ def compile_summary(since: tuple[int, dict] = (0, {}), top: int = 4) -> str:
 
 def compile_progress(every: float = 60.0):
     """Prints, every `every` seconds, what has been compiled since it started (compile_summary), until
-    the function it returns is called; that prints the whole of it once more and returns it. Where
-    a long first step of compiled layers is: a phase shows once it has ended."""
+    the function it returns is called, which stops it and returns the whole of it. Where a long
+    first step of compiled layers is: a phase shows once it has ended."""
     stop, start, since = threading.Event(), time.perf_counter(), compile_state()
 
     def report():
