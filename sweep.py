@@ -1060,7 +1060,9 @@ def main():
     p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "
                    "seed (a run that fits one machine's call; its rows join the JSON beside the other bases')")
     p.add_argument("--jobs", type=int, default=None, help="processes at once, spread over the GPUs (default: "
-                   f"{PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU)")
+                   f"study {PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU; horizon "
+                   f"{PRESETS_HORIZON['cuda']['jobs']} on CUDA, fewer where the GPU holds fewer, "
+                   f"{PRESETS_HORIZON['cpu']['jobs']} on CPU)")
     p.add_argument("--measure-parallel", type=int, default=None, metavar="J", help="study: only measure the "
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="start no job after this "
