@@ -605,7 +605,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     1, about half the deeper layers' update norms), trained in or set at inference only; the
     smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in); and the delta
     rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only; rows
-    trained through stages of doubling length, and one of them without memory (eta 0)."""
+    trained through stages of doubling length, one of them without memory (eta 0), and one with the
+    control's trainable set (every weight) and memory."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
@@ -660,6 +661,13 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     rows.append(StudyRow(f"ttt_mlp_in_delta1_eta0_then_long{k}", f"ttt_mlp_in, erase 1, eta 0 (no memory), trained "
                          f"at {c['L0'] // c['window']} W, {then}", no_memory, longest=k,
                          init_row="ttt_mlp_in_delta1_eta0", control=f"control_then_long{k}"))
+    # The control's trainable set (every weight) with memory: differs from the control in the TTT
+    # layers alone, so its gap to the control is the memory's at the control's trainable set.
+    full_memory = ["--mode", "full", "--ttt-delta", "1"]
+    rows.append(StudyRow("ttt_full_delta1", "full fine-tuning with TTT, erase 1, trained", full_memory))
+    rows.append(StudyRow(f"ttt_full_delta1_then_long{k}", f"full fine-tuning with TTT, erase 1, trained at "
+                         f"{c['L0'] // c['window']} W, {then}", full_memory, longest=k,
+                         init_row="ttt_full_delta1", control=f"control_then_long{k}"))
     return rows
 
 

@@ -1478,7 +1478,7 @@ def test_horizon_rows_are_the_runs_they_name(device):
             continue
         args, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", row.flags, 0, c["steps"],
                                                            row.longest)[2:])
-        assert args.mode == ("full" if name.startswith("control") else "ttt_mlp_in" if "mlp_in" in name else
+        assert args.mode == ("full" if name.startswith(("control", "ttt_full")) else "ttt_mlp_in" if "mlp_in" in name else
                              "ttt_lora_in" if "lora_in" in name else "ttt_only")
         assert (args.ttt_layers == "none") == name.startswith("control")
         # longer documents: stages 2 L0 .. 4 L0 with the base's RoPE, tokens within 1 % of one stage at L0
@@ -1500,6 +1500,11 @@ def test_horizon_rows_are_the_runs_they_name(device):
         assert args.ttt_delta == (float(name.split("delta")[1].split("_")[0]) if "delta" in name else 0.0)
         assert (args.ttt_eta == 0) == ("eta0" in name) and sweep.writes_memory(row) == (name.startswith("ttt")
                                                                                        and "eta0" not in name)
+        if name.startswith("ttt_full"):  # the control's run with memory: differs in the TTT layers alone
+            control, _ = config.parse_args(sweep.finetune_command(c, "base.pt", "out", rows[row.control].flags, 0,
+                                                                  c["steps"], row.longest)[2:])
+            differ = {k for k in vars(args) if getattr(args, k) != getattr(control, k)}
+            assert differ == {"ttt_layers", "ttt_delta"} and args.ttt_layers == "default"
     with pytest.raises(ValueError, match="power of 2"):  # stages double: 2 L0 + 3 L0 is no such curriculum
         sweep.long_budget(c, c["steps"], 3)
     inference = {n: r for n, r in rows.items() if r.same_training}
