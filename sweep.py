@@ -605,8 +605,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     1, about half the deeper layers' update norms), trained in or set at inference only; the
     smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in); and the delta
     rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only; rows
-    trained through stages of doubling length, one of them without memory (eta 0), and one with the
-    control's trainable set (every weight) and memory."""
+    trained through stages of doubling length, one of them without memory (eta 0), one with the
+    control's trainable set (every weight) and memory, and one with a LoRA on every linear."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]
@@ -668,6 +668,13 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     rows.append(StudyRow(f"ttt_full_delta1_then_long{k}", f"full fine-tuning with TTT, erase 1, trained at "
                          f"{c['L0'] // c['window']} W, {then}", full_memory, longest=k,
                          init_row="ttt_full_delta1", control=f"control_then_long{k}"))
+    # A small set that adapts attention too: moshi's LoRA of rank 8 on every linear (--mode lora_ttt,
+    # moshi-finetune's recipe at a lower rank; the TTT layers' linear_in among them, so Z learns).
+    lora_all = ["--mode", "lora_ttt", "--lora-rank", "8", "--ttt-delta", "1"]
+    rows.append(StudyRow("ttt_lora_all_delta1", "lora_ttt (rank 8 on every linear), erase 1, trained", lora_all))
+    rows.append(StudyRow(f"ttt_lora_all_delta1_then_long{k}", f"lora_ttt (rank 8 on every linear), erase 1, trained "
+                         f"at {c['L0'] // c['window']} W, {then}", lora_all, longest=k,
+                         init_row="ttt_lora_all_delta1", control=f"control_then_long{k}"))
     return rows
 
 
