@@ -157,17 +157,25 @@ def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
     if any(r not in known for r in wanted):
         p.error(f"--rows must be among {known}, got {args.rows}")
     if args.base is not None and args.bases is not None:
-        p.error(f"--base {args.base} names one base, --bases {args.bases} a count from seed 0: give one of them")
-    if args.base is not None and args.base < 0:
-        p.error(f"--base must be a seed >= 0, got {args.base}")
+        p.error(f"--base {args.base} names bases, --bases {args.bases} a count from seed 0: give one of them")
+    if args.base is not None and named_seeds(args.base) is None:
+        p.error(f"--base must be seeds >= 0, comma-separated, each once, got {args.base}")
     if args.bases is not None and args.bases < 1 or args.jobs is not None and args.jobs < 1:
         p.error(f"--bases and --jobs must be >= 1, got {args.bases}, {args.jobs}")
     return wanted
 
 
+def named_seeds(text: str) -> list[int] | None:
+    """--base's comma list of seeds ("1,2"), or None where it is not one (a seed below 0 or twice)."""
+    items = text.split(",")
+    if not all(i.isdigit() for i in items) or len(set(map(int, items))) < len(items):
+        return None
+    return [int(i) for i in items]
+
+
 def base_seeds(args) -> list[int]:
-    """The seeds of the bases this run works on: --base alone, or --bases from seed 0 (default 3)."""
-    return [args.base] if args.base is not None else list(range(args.bases or 3))
+    """The seeds of the bases this run works on: --base's, or --bases from seed 0 (default 3)."""
+    return named_seeds(args.base) if args.base is not None else list(range(args.bases or 3))
 
 
 def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
@@ -1072,8 +1080,9 @@ def main():
                    "2**40, apart from training's seeds")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
-    p.add_argument("--base", type=int, default=None, metavar="SEED", help="only the base pretrained from this "
-                   "seed (a run that fits one machine's call; its rows join the JSON beside the other bases')")
+    p.add_argument("--base", default=None, metavar="SEEDS", help="only the bases pretrained from these seeds, "
+                   "comma-separated (a run that fits one machine's session; its rows join the JSON beside the "
+                   "other bases')")
     p.add_argument("--jobs", type=int, default=None, help="processes at once, spread over the GPUs (default: "
                    f"study {PRESETS_STUDY['cuda']['jobs']} on CUDA, {PRESETS_STUDY['cpu']['jobs']} on CPU; horizon "
                    f"{PRESETS_HORIZON['cuda']['jobs']} on CUDA, fewer where the GPU holds fewer, "

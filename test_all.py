@@ -1676,8 +1676,8 @@ def test_study_eval_seed_below_training_seeds_or_the_dev_sets_is_refused(tmp_pat
 
 
 def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
-    """--base S runs the base of seed S alone; with --bases, a negative seed, or --bases 0: one line,
-    exit 2; without either, the three bases of seeds 0, 1, 2."""
+    """--base S runs the base of seed S alone, --base 1,2 those two; with --bases, a negative or
+    repeated seed, or --bases 0: one line, exit 2; without either, the three bases of seeds 0, 1, 2."""
     rows = sweep.horizon_rows(sweep.PRESETS_HORIZON["cpu"])
     p = eval_passkey.OneLineParser(prog="sweep.py")
 
@@ -1686,9 +1686,11 @@ def test_sweep_base_names_one_base_and_refuses_bases_beside_it(capsys):
         sweep.wanted_rows(rows, args, p)
         return sweep.base_seeds(args)
 
-    for flags, seeds in ((dict(), [0, 1, 2]), (dict(bases=2), [0, 1]), (dict(base=2), [2]), (dict(base=0), [0])):
+    for flags, seeds in ((dict(), [0, 1, 2]), (dict(bases=2), [0, 1]), (dict(base="2"), [2]), (dict(base="0"), [0]),
+                         (dict(base="2,1"), [2, 1])):
         assert pick(**flags) == seeds, flags
-    for kw in (dict(base=1, bases=3), dict(base=-1), dict(bases=0)):
+    for kw in (dict(base="1", bases=3), dict(base="-1"), dict(base="1,1"), dict(base="1,"), dict(base="x"),
+               dict(bases=0)):
         with pytest.raises(SystemExit) as e:
             pick(**kw)
         lines = capsys.readouterr().err.strip().splitlines()
