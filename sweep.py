@@ -168,7 +168,7 @@ def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
 def named_seeds(text: str) -> list[int] | None:
     """--base's comma list of seeds ("1,2"), or None where it is not one (a seed below 0 or twice)."""
     items = text.split(",")
-    if not all(i.isdigit() for i in items) or len(set(map(int, items))) < len(items):
+    if not all(i.isascii() and i.isdigit() for i in items) or len(set(map(int, items))) < len(items):
         return None
     return [int(i) for i in items]
 
