@@ -7,6 +7,7 @@ printed, so a run cut short shows where it was. Run from the repository root:
 
 python results/training_7b/compile_probe.py --device cuda --T 12000 --window 3000 --chunk 256 \
     --layers 2 --dim 4096 --heads 32        # the 7B layer's shape, one TTT layer and one plain
+    [--bf16] [--real-depformer] [--layers 8] # closer to bench.py's 7B row
 OPAQUE_SCAN=1 ...                           # the TTT scan left out of the compiled graphs
 """
 import argparse
@@ -38,6 +39,10 @@ p.add_argument("--steps", type=int, default=2)
 p.add_argument("--dim", type=int, default=32)
 p.add_argument("--heads", type=int, default=2)
 p.add_argument("--device", default="cpu")
+p.add_argument("--bf16", action="store_true", help="frozen weights bf16, trained ones float32 under bf16 autocast "
+               "(as bench.py --scale and train.py at 7B)")
+p.add_argument("--real-depformer", action="store_true", help="the depformer of Moshi 7B's configuration "
+               "(6 layers, dim 1024), not a small one")
 args = p.parse_args()
 window = args.window or args.T // 4
 
@@ -103,9 +108,11 @@ if args.backend == "inductor":  # count the AOT fw/bw graphs that reach inductor
 # ---- the model, as test_all's compile test and bench.scale --------------------------------------------
 torch.manual_seed(0)
 kw = dict(loaders._lm_kwargs, dim=args.dim, text_card=48, card=16, num_heads=args.heads, num_layers=args.layers,
-          context=window, depformer_dim=16, depformer_dim_feedforward=32, depformer_num_heads=2,
-          depformer_num_layers=1)
-lm = loaders.get_moshi_lm(None, lm_kwargs=kw, dtype=torch.float32, device=args.device)
+          context=window)
+if not args.real_depformer:
+    kw.update(depformer_dim=16, depformer_dim_feedforward=32, depformer_num_heads=2, depformer_num_layers=1)
+lm = loaders.get_moshi_lm(None, lm_kwargs=kw, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                          device=args.device)
 depformer_steps.apply_contiguous_steps(lm)
 for layer in lm.transformer.layers:
     layer.self_attn.__class__ = window_attention.WindowAttention
@@ -115,6 +122,7 @@ with torch.no_grad():
         if isinstance(g, ttt.TTTGating):
             g.conv.weight.normal_(std=0.02)
 freeze.apply_freeze(lm, "ttt_only")
+freeze.upcast_trainable(lm)  # float32 master weights for what trains (a no-op in float32)
 M.set_checkpointing(lm, "all")
 if not args.no_compile:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -130,7 +138,7 @@ codes = codes.to(args.device)
 params = [q for q in lm.parameters() if q.requires_grad]
 print(f"T {args.T} layers {args.layers} ttt {ttt.default_layers(args.layers)} window {window} chunk {args.chunk} "
       f"group {args.group} flex {args.flex} delta {args.delta} backend {args.backend} "
-      f"compile {not args.no_compile}", flush=True)
+      f"compile {not args.no_compile} bf16 {args.bf16} real depformer {args.real_depformer}", flush=True)
 if args.device.startswith("cuda"):  # the mask made before compiling, as bench.scale does
     window_attention.block_mask(args.T, window, str(codes.device))
 import faulthandler  # noqa: E402
