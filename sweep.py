@@ -661,28 +661,24 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                          f"trained at {c['L0'] // c['window']} W, {then}",
                          ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"], longest=k,
                          init_row="ttt_lora_in_delta1", control=f"control_then_long{k}"))
+
+    def trained_then_stages(name: str, what: str, flags: list[str]) -> None:  # at L0, then through the stages
+        rows.append(StudyRow(name, f"{what}, trained", flags))
+        rows.append(StudyRow(f"{name}_then_long{k}", f"{what}, trained at {c['L0'] // c['window']} W, {then}", flags,
+                             longest=k, init_row=name, control=f"control_then_long{k}"))
+
     # The same as ttt_mlp_in through the stages but without memory (eta 0 writes nothing): the same
     # trainable set, steps and data, so it differs from that row in the memory alone, and its gap to the
     # full fine-tuning control is the trainable set's.
-    no_memory = mlp_in + ["--ttt-delta", "1", "--ttt-eta", "0"]
-    rows.append(StudyRow("ttt_mlp_in_delta1_eta0", "ttt_mlp_in, erase 1, eta 0 (no memory), trained", no_memory))
-    rows.append(StudyRow(f"ttt_mlp_in_delta1_eta0_then_long{k}", f"ttt_mlp_in, erase 1, eta 0 (no memory), trained "
-                         f"at {c['L0'] // c['window']} W, {then}", no_memory, longest=k,
-                         init_row="ttt_mlp_in_delta1_eta0", control=f"control_then_long{k}"))
+    trained_then_stages("ttt_mlp_in_delta1_eta0", "ttt_mlp_in, erase 1, eta 0 (no memory)",
+                        mlp_in + ["--ttt-delta", "1", "--ttt-eta", "0"])
     # The control's trainable set (every weight) with memory: differs from the control in the TTT
     # layers alone, so its gap to the control is the memory's at the control's trainable set.
-    full_memory = ["--mode", "full", "--ttt-delta", "1"]
-    rows.append(StudyRow("ttt_full_delta1", "full fine-tuning with TTT, erase 1, trained", full_memory))
-    rows.append(StudyRow(f"ttt_full_delta1_then_long{k}", f"full fine-tuning with TTT, erase 1, trained at "
-                         f"{c['L0'] // c['window']} W, {then}", full_memory, longest=k,
-                         init_row="ttt_full_delta1", control=f"control_then_long{k}"))
+    trained_then_stages("ttt_full_delta1", "full fine-tuning with TTT, erase 1", ["--mode", "full", "--ttt-delta", "1"])
     # A small set that adapts attention too: moshi's LoRA of rank 8 on every linear (--mode lora_ttt,
     # moshi-finetune's recipe at a lower rank; the TTT layers' linear_in among them, so Z learns).
-    lora_all = ["--mode", "lora_ttt", "--lora-rank", "8", "--ttt-delta", "1"]
-    rows.append(StudyRow("ttt_lora_all_delta1", "lora_ttt (rank 8 on every linear), erase 1, trained", lora_all))
-    rows.append(StudyRow(f"ttt_lora_all_delta1_then_long{k}", f"lora_ttt (rank 8 on every linear), erase 1, trained "
-                         f"at {c['L0'] // c['window']} W, {then}", lora_all, longest=k,
-                         init_row="ttt_lora_all_delta1", control=f"control_then_long{k}"))
+    trained_then_stages("ttt_lora_all_delta1", "lora_ttt (rank 8 on every linear), erase 1",
+                        ["--mode", "lora_ttt", "--lora-rank", "8", "--ttt-delta", "1"])
     return rows
 
 
