@@ -274,21 +274,6 @@ def train_only(lm, trains: str) -> None:
     freeze.upcast_trainable(lm)
 
 
-def compile_layers(lm, on: bool, **compile_options) -> None:
-    """torch.compile of every layer of the transformer and the depformer, each whole (`on`), or back to
-    eager; the weights and modules stay the same objects. Dynamo compiles again when a layer's modules
-    change (reconfigure), within its recompile limit, raised here. Any graph break inside moshi's
-    layer (it runs under an ExitStack) makes dynamo compile the layer's parts instead of the layer
-    (results/training_7b); the fast-weight scans trace (ttt._accumulate)."""
-    if on:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for layer in [*lm.transformer.layers, *lm.depformer.layers]:
-        if on and layer._compiled_call_impl is None:
-            layer.compile(**compile_options)
-        elif not on:
-            layer._compiled_call_impl = None
-
-
 def compile_state() -> tuple[int, dict]:
     """The graphs dynamo has made in this process and the seconds each compile phase has taken so far
     (torch._dynamo.utils.compile_times' records, summed over graphs; copied at once, as another
@@ -699,7 +684,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
 
     def configure(context, trains, yarn_scale=None, chunk=None, flex=True, delta=0.0, batch=1, eager=False,
                   compiled_layers=False, tf32=True, checkpointing="all"):
-        compile_layers(lm, compiled_layers)
+        M.compile_layers(lm, compiled_layers)
         M.set_checkpointing(lm, checkpointing)  # train.py --grad-checkpointing
         torch.backends.cuda.matmul.allow_tf32 = tf32  # as train.py: the erase's float32 products in TF32
         for p in lm.parameters():  # back to the frozen bf16 model
@@ -724,7 +709,7 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         params, codes, out = [p for p in lm.parameters() if p.requires_grad], batch(T, 1), []
         for compiled_now in (False, True):
             if layers:
-                compile_layers(lm, compiled_now)
+                M.compile_layers(lm, compiled_now)
             with contextlib.nullcontext() if compiled_now or layers else no_compile():
                 loss = M.multistream_loss(lm, codes, 0.5, 100.0)
                 loss.backward()
@@ -738,9 +723,8 @@ def scale(device, steps=2, lm_kwargs=None, profile=False, rows_named=None):
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
         codes = batch(T, B)
-        if compiled_layers:  # the window's mask made before compiling: the graphs read it (window_attention.block_mask)
-            for context in {layer.self_attn.context for layer in layers if layer.self_attn.context}:
-                window_attention.block_mask(T, context, str(codes.device))
+        if compiled_layers:  # the window's mask made before compiling: the graphs read it
+            window_attention.make_block_masks(lm, T, codes.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times, finish = [], compile_progress() if compiled_layers else None

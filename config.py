@@ -107,6 +107,10 @@ class Config:
     moshi_compile: bool = flag(False, "moshi's own torch.compile of its norms and RoPE (its gating kernel only "
                                "outside training; 1.2x at Moshi 7B in bench.py --scale; compiling dominates "
                                "small runs); not where norms train")
+    compile_layers: bool = flag(False, "torch.compile of every transformer and depformer layer, whole, for the "
+                                "training steps (evaluations stay eager): at Moshi 7B in bench.py --scale 1.38x eager, "
+                                "1.13x --moshi-compile; the first step of each stage compiles (about a minute "
+                                "there); not with --fsdp")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
     log_every: int = flag(25)
@@ -215,6 +219,9 @@ def check(c: Config) -> None:
         raise ValueError(f"--seed must be in [0, 1000000), got {c.seed}")
     if bool(c.init and c.init.endswith(".safetensors")) != bool(c.init_config):
         raise ValueError("--init-config goes with a .safetensors --init, and only with one")
+    if c.compile_layers and c.fsdp:
+        raise ValueError("--compile-layers with --fsdp: compiled layers under FSDP2's hooks were never run here; "
+                         "use one of them")
     if c.fsdp and ("RANK" not in os.environ or not (c.init or c.resume)):
         raise ValueError("--fsdp needs torchrun and --init (it shards the model being extended, not pretraining)")
     if c.moshi_compile and os.environ.get("NO_TORCH_COMPILE"):

@@ -2135,6 +2135,39 @@ def test_moshi_compile_only_with_its_flag(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_compile_layers_compiles_the_training_steps_alone(tmp_path):
+    """train.py --compile-layers: each stage's training steps run through every layer compiled whole
+    (model.compile_layers, here with AOT autograd's eager kernels, as inductor takes minutes on a
+    CPU), the evaluations eager (the layers back to eager before each), and the steps' losses are
+    eager's (1e-5 relative), with the first layer recomputed inside its compiled graph
+    (--grad-checkpointing 1). Refused with --fsdp in one line, before any work."""
+    r = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
+    assert r.returncode == 0, r.stderr
+    base = ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "2", "--eval-trials", "1", "--scale", "2",
+            "--ttt-chunk", "32", "--batch", "4", "--log-every", "1", "--grad-checkpointing", "1"]
+    code = ("import functools, sys, train, model as M\nfrom torch._dynamo.utils import counters\n"
+            "calls, compile_layers = [], M.compile_layers\n"
+            "def recorded(model, on, **options):\n    calls.append(on)\n"
+            "    compile_layers(model, on, **dict(options, backend='aot_eager') if on else options)\n"
+            "M.compile_layers = recorded\ntrain.main(sys.argv[1:])\n"
+            "print('calls', ','.join(map(str, calls)), 'frames', sum(counters['frames'].values()))")
+    losses = {}
+    for flag in ([], ["--compile-layers"]):
+        r = subprocess.run([sys.executable, "-c", code] + base + flag + ["--out", str(tmp_path / f"run{len(flag)}")],
+                           cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        words = r.stdout.split()
+        assert words[-3] == ("True,False" if flag else "False") and (int(words[-1]) > 0) == bool(flag), words[-4:]
+        losses[bool(flag)] = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines()
+                              if line.startswith("step ") and "| stage 0" in line]
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-5), losses
+    r = run_train(base + ["--compile-layers", "--fsdp", "--out", str(tmp_path / "bad")])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--compile-layers" in lines[0], r.stderr[-1000:]
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("name", sorted(ALONE))
 def test_concept_file_copies_alone(tmp_path, name):
     """Copied into an empty folder, with no other file of the project, a concept file imports
@@ -2839,11 +2872,11 @@ def test_scale_rows_bring_what_they_are_compared_against(text, compiled):
 
 @pytest.mark.parametrize("delta", [0.0, 1.0])
 def test_moshi_layers_with_ttt_compile_whole_and_equal_eager(delta):
-    """bench.compile_layers' premise: every layer of a Moshi-shaped model (its depformer, TTT in
-    two of four layers, the fast-weight scan with the paper's sum or the erase, gradient
-    checkpointing as at 7B) traces into one graph (fullgraph: a graph break fails; dynamo and AOT
-    autograd, eager kernels) and gives eager's loss and trained gradients (within 1e-5 relative)."""
-    import bench
+    """model.compile_layers' premise (train.py --compile-layers, bench.py's compiled rows): every
+    layer of a Moshi-shaped model (its depformer, TTT in two of four layers, the fast-weight scan
+    with the paper's sum or the erase, gradient checkpointing as at 7B) traces into one graph
+    (fullgraph: a graph break fails; dynamo and AOT autograd, eager kernels) and gives eager's loss
+    and trained gradients (within 1e-5 relative)."""
     import depformer_steps
     from moshi.models import loaders
     torch.manual_seed(0)
@@ -2865,10 +2898,10 @@ def test_moshi_layers_with_ttt_compile_whole_and_equal_eager(delta):
     eager = loss_and_gradients()
     torch._dynamo.reset()
     try:
-        bench.compile_layers(lm, True, backend="aot_eager", fullgraph=True)
+        M.compile_layers(lm, True, backend="aot_eager", fullgraph=True)
         compiled = loss_and_gradients()
     finally:
-        bench.compile_layers(lm, False)
+        M.compile_layers(lm, False)
         torch._dynamo.reset()
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=0)
     for got, want in zip(compiled[1], eager[1]):

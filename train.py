@@ -251,6 +251,10 @@ def train(config: Config, given: dict):
         # the first step with a non-finite gradient norm is recorded on the device and read before
         # any log line or save, so no checkpoint is ever written from non-finite weights.
         micro = config.batch // world // config.grad_accum
+        if config.compile_layers:  # the window's masks first: the graphs read them
+            window_attention.make_block_masks(model, length, device)
+            M.compile_layers(model, True)
+            log("every layer compiled (--compile-layers): this stage's first step compiles them")
         model.train()
         t0, tokens_done = time.time(), 0
         first_bad = torch.full((len(clip_groups),), -1, device=device)
@@ -291,6 +295,7 @@ def train(config: Config, given: dict):
 
         # --- stage end: validation, passkey, checkpoint (a sharded model is evaluated whole, on rank 0)
         del optimizer, net  # the next stage makes its own: room for a sharded model's whole copy
+        M.compile_layers(model, False)  # evaluations run eager: their lengths and batches vary
         state = checkpoints.full_state(model, sharded=sharded)[0]
         if master:
             checkpoint = dict(model=state, settings=settings, config=stored, stages=stages, stage=stage_index + 1, step=0,
