@@ -223,8 +223,8 @@ def set_checkpointing(model: LMModel, what: str) -> None:
 
 def compile_layers(model: LMModel, on: bool, **compile_options) -> None:
     """--compile-layers: torch.compile of every layer of the transformer and the depformer, each whole
-    (`on`), or back to eager; the weights and modules stay the same objects, so checkpoints, FSDP2's
-    hooks and the freeze are as they were. Dynamo compiles again when a layer's modules change (a new
+    (`on`), or back to eager; the weights and modules stay the same objects, so checkpoints and the
+    freeze are as they were. Dynamo compiles again when a layer's modules change (a new
     stage's YaRN, TTT or length), within its recompile limit, raised here. Every layer traces as one
     graph, the fast-weight scans too (ttt._accumulate); a graph break inside moshi's layer (it runs
     under an ExitStack) would make dynamo compile the layer's parts instead (results/training_7b)."""

@@ -3491,6 +3491,34 @@ def test_cuda_scan_in_bf16_is_within_its_rounding(decay):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2, name
 
 
+@CUDA
+def test_cuda_block_masks_made_before_are_the_ones_the_layers_read(tmp_path):
+    """window_attention.make_block_masks(model, T, "cuda"), as train.py --compile-layers calls it
+    before compiling, makes the mask under the key a layer's forward looks up (no mask made while
+    the model runs); and train.py --compile-layers on the GPU (inductor) trains to eager's losses
+    within bf16's rounding (1e-2 relative)."""
+    import window_attention
+    torch.manual_seed(0)
+    m = window_attention.apply_window_attention(M.build_model(dict(dim=64, num_heads=2, num_layers=2, context=64)))
+    m = m.cuda()
+    window_attention._BLOCK_MASKS.clear()
+    window_attention.make_block_masks(m, 256, "cuda")
+    made = set(window_attention._BLOCK_MASKS)
+    with torch.no_grad():
+        m.forward_text(torch.randint(0, M.VOCAB, (1, 1, 256), device="cuda"))
+    assert made == set(window_attention._BLOCK_MASKS) == {(256, 64, "cuda:0")}
+    r = run_train(QUICK + ["--pretrain-only", "--device", "cuda", "--out", str(tmp_path / "base")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = {}
+    for flag in ([], ["--compile-layers"]):
+        r = run_train(QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "2", "--device", "cuda",
+                               "--out", str(tmp_path / f"run{len(flag)}")] + flag)
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses[bool(flag)] = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines()
+                              if line.startswith("step ") and "| stage 0" in line]
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-2), losses
+
+
 def small_streaming_model(dtype, device, window=64, chunk=16, with_ttt=True, decay=1.0, seed=0, update_clip=0.0,
                           average_after=0, delta=0.0):
     """Everything a deployment streams, small: YaRN x4 at a fixed scale (L0 32) with a window of 64

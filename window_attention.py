@@ -54,7 +54,6 @@ def block_mask(T: int, context: int, device: str):
     return _BLOCK_MASKS[key]
 
 
-
 def make_block_masks(model: nn.Module, T: int, device) -> None:
     """The block masks of every window of a moshi `LMModel` at length T on a CUDA `device`, made now:
     before torch.compile of its layers, so that their graphs read them (block_mask)."""
@@ -63,6 +62,7 @@ def make_block_masks(model: nn.Module, T: int, device) -> None:
     if device.type == "cuda":
         for context in {layer.self_attn.context for layer in transformer.layers} - {None}:
             block_mask(T, context, str(device))
+
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
