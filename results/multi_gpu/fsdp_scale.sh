@@ -225,49 +225,8 @@ part_speed() {
 part_7b() {
     local dir="$OUTDIR/moshi7b" kind
     kind=$([ "$SMALL7B" = 1 ] && echo "a small Moshi-shaped model (SMALL7B=1)" || echo "Moshi 7B")
-    python3 - "$dir" "$SMALL7B" "$DEVICE" "$L7" <<'PY' || exit 1
-# Moshi 7B's LMModel arguments with random bf16 weights, saved as Moshi ships a model (model.safetensors
-# and the json of its arguments), and random token arrays [K, T], K = text + n_q audio codebooks
-import json, os, sys, time
-import numpy as np, torch
-from moshi.models import loaders
-from moshi.models.lm import LMModel
-from safetensors.torch import save_file
-folder, small, device, length = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
-kw = dict(loaders._lm_kwargs)
-dropped = [k for k in ("conditioners", "fuser", "quantize", "lora") if kw.pop(k, None)]  # load_moshi refuses them
-if small:  # the same structure (17 streams, depformer with weights per step), tiny widths
-    kw.update(dim=64, num_heads=4, num_layers=4, depformer_dim=32, depformer_dim_feedforward=64,
-              depformer_num_heads=2, depformer_num_layers=2)
-config = json.dumps({"lm_kwargs": kw}, indent=1, sort_keys=True)
-os.makedirs(folder, exist_ok=True)
-weights, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
-print(f"LMModel arguments: moshi's loaders._lm_kwargs" + (f", {dropped} dropped" if dropped else ", nothing dropped")
-      + (", shrunk (SMALL7B)" if small else ""))
-if os.path.isfile(weights) and os.path.isfile(config_path) and open(config_path).read() == config:
-    print(f"reusing {weights}")
-else:
-    start = time.time()
-    torch.manual_seed(0)
-    lm = LMModel(**kw, device=device if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    state = {k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items()}
-    del lm
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    save_file(state, weights + ".tmp")
-    os.replace(weights + ".tmp", weights)
-    with open(config_path, "w") as f:
-        f.write(config)
-    print(f"wrote {weights}: {sum(v.numel() for v in state.values()):,} numbers in bf16, "
-          f"{os.path.getsize(weights) / 2 ** 30:.1f} GiB, in {time.time() - start:.0f} s")
-    del state
-rng = np.random.default_rng(0)
-for i in range(4):  # the last one holds out as validation; each 8 windows long
-    T = 8 * length
-    text = rng.integers(0, kw["text_card"], (1, T))
-    audio = rng.integers(0, kw["card"], (kw["n_q"], T))
-    np.save(os.path.join(folder, f"tokens{i}.npy"), np.concatenate([text, audio]).astype(np.int32))
-print(f"token arrays: 4 x [{1 + kw['n_q']}, {8 * length}]")
-PY
+    python3 results/training_7b/moshi7b_files.py "$dir" --length "$L7" --device "$DEVICE" \
+        $([ "$SMALL7B" = 1 ] && echo --small) || exit 1
     local args=(train.py --init "$dir/model.safetensors" --init-config "$dir/config.json"
                 --data "$dir"/tokens0.npy "$dir"/tokens1.npy "$dir"/tokens2.npy "$dir"/tokens3.npy
                 --original-len "$L7" --scale 1 --mode full $CHECKPOINT7B --steps "$STEPS7" --batch "$N"
