@@ -108,9 +108,9 @@ class Config:
                                "outside training; 1.2x at Moshi 7B in bench.py --scale; compiling dominates "
                                "small runs); not where norms train")
     compile_layers: bool = flag(False, "torch.compile of every transformer and depformer layer, whole, for the "
-                                "training steps (evaluations stay eager): at Moshi 7B in bench.py --scale 1.38x eager, "
-                                "1.13x --moshi-compile; the first step of each stage compiles (about a minute "
-                                "there); not with --fsdp")
+                                "training steps (evaluations stay eager): at Moshi 7B in bench.py --scale 1.11-1.18x "
+                                "faster than --moshi-compile; the first step of each stage compiles (about a "
+                                "minute there); not with --fsdp")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
     log_every: int = flag(25)

@@ -224,10 +224,11 @@ def set_checkpointing(model: LMModel, what: str) -> None:
 def compile_layers(model: LMModel, on: bool, **compile_options) -> None:
     """--compile-layers: torch.compile of every layer of the transformer and the depformer, each whole
     (`on`), or back to eager; the weights and modules stay the same objects, so checkpoints and the
-    freeze are as they were. Dynamo compiles again when a layer's modules change (a new
-    stage's YaRN, TTT or length), within its recompile limit, raised here. Every layer traces as one
-    graph, the fast-weight scans too (ttt._accumulate); a graph break inside moshi's layer (it runs
-    under an ExitStack) would make dynamo compile the layer's parts instead (results/training_7b)."""
+    freeze are as they were. train.py compiles them for each stage's steps and returns them to
+    eager for its evaluations; dynamo compiles again for what changed (a new stage's YaRN, TTT or
+    length), within its recompile limit, raised here. Every layer traces as one graph, the
+    fast-weight scans too (ttt._accumulate); a graph break inside moshi's layer (it runs under an
+    ExitStack) would make dynamo compile the layer's parts instead (results/training_7b)."""
     if on:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in [*model.transformer.layers, *(model.depformer.layers if model.depformer is not None else [])]:

@@ -50,6 +50,7 @@ else:
         f.write(config)
     print(f"wrote {weights}: {sum(v.numel() for v in state.values()):,} numbers in bf16, "
           f"{os.path.getsize(weights) / 2 ** 30:.1f} GiB, in {time.time() - start:.0f} s")
+    del state
 rng = np.random.default_rng(0)
 T = 8 * args.length
 for i in range(4):

@@ -1,7 +1,8 @@
 #!/bin/bash
 # train.py at Moshi 7B's size on one GPU, as a user runs it: moshi's 7B configuration with random bf16
 # weights in Moshi's format and random token arrays (moshi7b_files.py), `ttt_only` with the erase,
-# the model's own window of 3000 kept, one stage at T = 2 x 6000 = 12000 (no YaRN: --method none),
+# the window of 3000 kept (--window: without it the stage widens the model's context with the length),
+# one stage at T = 2 x 6000 = 12000 (no YaRN: --method none),
 # batch 1, chunk 256. One run per line of RUNS, each with its flags added (the default lines: every
 # layer recomputed, as bench.py --scale's rows, with moshi's kernels eager, compiled, and every layer
 # compiled whole; 16 layers recomputed; none, as train.py's default); a run is stopped once step
@@ -24,7 +25,7 @@ python3 results/training_7b/moshi7b_files.py "$OUTDIR/moshi7b" --length "$T" --d
 dir="$OUTDIR/moshi7b"
 base=(train.py --init "$dir/model.safetensors" --init-config "$dir/config.json"
       --data "$dir"/tokens0.npy "$dir"/tokens1.npy "$dir"/tokens2.npy "$dir"/tokens3.npy
-      --original-len "$L0" --scale 2 --method none --mode ttt_only --ttt-chunk "$((L0 < 512 ? 16 : 256))"
+      --original-len "$L0" --window "$((L0 / 2))" --scale 2 --method none --mode ttt_only --ttt-chunk "$((L0 < 512 ? 16 : 256))"
       --batch 1 --steps "$((STEPS + 2))" --log-every 1 --eval-trials 1 --device "$DEVICE" --lr 5e-6 --lr-ttt 5e-6)
 
 steady() {  # frames/s between the second and the last step lines (elapsed = frames / cumulative rate)
