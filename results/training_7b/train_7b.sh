@@ -10,6 +10,8 @@
 # the steady frames/s between the second and the last logged step, the first step's seconds (what
 # compiling costs) and the GPU's peak memory in use as nvidia-smi sees it.
 #   bash results/training_7b/train_7b.sh
+#   RUNS="--mode lora_ttt --lora-rank 128 --batch 16 --original-len 625 --grad-checkpointing" \
+#       bash results/training_7b/train_7b.sh   # moshi-finetune's 7B example (1250 frames, batch 16), with TTT
 #   DEVICE=cpu SMALL7B=1 L0=128 STEPS=3 RUNS=--grad-checkpointing bash results/training_7b/train_7b.sh  # tiny, CPU
 set -u
 DEVICE=${DEVICE:-cuda} SMALL7B=${SMALL7B:-0} L0=${L0:-6000} STEPS=${STEPS:-8} OUTDIR=${OUTDIR:-out/train_7b}
@@ -29,7 +31,8 @@ base=(train.py --init "$dir/model.safetensors" --init-config "$dir/config.json"
       --batch 1 --steps "$((STEPS + 2))" --log-every 1 --eval-trials 1 --device "$DEVICE" --lr 5e-6 --lr-ttt 5e-6)
 
 steady() {  # frames/s between the second and the last step lines (elapsed = frames / cumulative rate)
-    awk '/^step / { split($2, s, "/"); for (i = 1; i <= NF; i++) { if ($i == "len") L = $(i + 1); if ($i == "tok/s") r = $(i - 1) }
+    awk '/^stage 0: / { for (i = 1; i <= NF; i++) if ($i == "batch") B = $(i + 1) }
+         /^step / { split($2, s, "/"); for (i = 1; i <= NF; i++) { if ($i == "len") L = B * $(i + 1); if ($i == "tok/s") r = $(i - 1) }
                     gsub(",", "", r); n++; t = s[1] * L / r; if (n == 1) t1st = t; if (n == 2) { s0 = s[1]; t0 = t } s1 = s[1]; t1 = t }
          END { if (n < 2 || t1 <= t0) printf "nan nan"; else printf "%.0f %.1f", (s1 - s0) * L / (t1 - t0), t1st }' "$1"
 }
