@@ -356,6 +356,9 @@ def start(c: Config, given: dict) -> Start:
         torch.manual_seed(c.seed)
         model = M.build_model(settings["model"])
     M.check_checkpointing(model, c.grad_checkpointing)  # before any work
+    if c.compile_layers and not c.device.startswith("cuda") and M.low_precision(model):
+        raise ValueError("--compile-layers on a CPU with bf16 weights: inductor's CPU code generation fails on "
+                         "them (torch 2.13); compile on a GPU, or leave the flag out")
     if c.yarn_beta_fast is None:  # from the model's RoPE geometry, then stored with the run
         attention = model.transformer.layers[0].self_attn
         c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,

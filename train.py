@@ -216,9 +216,6 @@ def train(config: Config, given: dict):
     # bf16 autocast on a GPU and wherever weights are stored in bf16 (a Moshi checkpoint): frozen
     # weights stay bf16, trained ones are float32 (freeze.upcast_trainable)
     low_precision = M.low_precision(model)
-    if config.compile_layers and device.type == "cpu" and low_precision:
-        fail("--compile-layers on a CPU with bf16 weights: inductor's CPU code generation fails on them "
-             "(torch 2.13); compile on a GPU, or leave the flag out")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or low_precision
                 else contextlib.nullcontext())
     log(describe(model, corpus, settings, config, stages, f"{world} process(es) on {device}", multistream))
