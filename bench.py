@@ -832,6 +832,8 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
             # --grad-checkpointing depformer): the time its recomputation costs at T 4 L0, and the memory it saves
             (f"window {L0}, T {T1}: control, transformer not checkpointed", T1,
              dict(window, trains="control", checkpointing="depformer"), f"window {L0}, T {T1}: control"),
+            (f"window {L0}, T {T1}: ttt_only, transformer not checkpointed", T1,
+             dict(window, trains="ttt_only", chunk=256, checkpointing="depformer"), f"window {L0}, T {T1}: ttt_only"),
             (f"window {L0}, T {T1}: ttt_only, erase 1, transformer not checkpointed", T1,
              dict(window, trains="ttt_only", chunk=256, delta=1.0, checkpointing="depformer"),
              f"window {L0}, T {T1}: ttt_only, erase 1"),
@@ -860,7 +862,9 @@ def scale_runs(L0: int, rows_named=None, compiled: bool = False) -> list[tuple]:
     by_name = {r[0]: r for r in runs}
     runs[-3:-3] = [(f"{name}, layers compiled", by_name[name][1], dict(by_name[name][2], compiled_layers=True), name)
                    for name in (f"window {L0}, T {T1}: ttt_only", f"window {L0}, T {T1}: control",
-                                f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1")]
+                                f"window {L0}, T {T2}: ttt_only", f"window {L0}, T {T1}: ttt_only, erase 1",
+                                *(f"window {L0}, T {T1}: {mode}, transformer not checkpointed"
+                                  for mode in ("control", "ttt_only", "ttt_only, erase 1")))]
     runs = [r for r in runs if compiled or not r[2].get("eager")]
     wanted = {r[0] for r in runs if (rows_named is None and not r[2].get("compiled_layers"))  # asked by name only:
               or (rows_named is not None and rows_named in r[0])}  # their compiling at 7B was not seen to end
