@@ -1049,7 +1049,7 @@ def tables_horizon(results: dict, path: str) -> None:
             rs = results["rows"][b][name]
             for ax, key, f in ((axes[0], "passkey", 100), (axes[1], "bpb", 1)):
                 ax.plot([r["length"] // W for r in rs], [f * r[key] for r in rs], marker="o", color=colors[i % 10],
-                        linestyle=styles[k % 4], label=f"{labels[name][:40]} ({b})" if True else None)
+                        linestyle=styles[k % 4], label=f"{name} ({b})")  # the row's name: its label is long
     for ax, what in zip(axes, ("far retrieval (%)", "bits per byte")):
         ax.set_xscale("log", base=2)
         ax.axvline(c["L0"] // W, color="grey", linestyle=":")
