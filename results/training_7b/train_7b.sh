@@ -5,7 +5,8 @@
 # one stage at T = 2 x 6000 = 12000 (no YaRN: --method none),
 # batch 1, chunk 256. One run per line of RUNS, each with its flags added (the default lines: every
 # layer recomputed, as bench.py --scale's rows, with moshi's kernels eager, compiled, and every layer
-# compiled whole; 16 layers recomputed; none, as train.py's default); a run is stopped once step
+# compiled whole; then, every layer compiled: 16 layers recomputed; the depformer alone, bench.py's
+# 56 % MFU row; none, as train.py's default); a run is stopped once step
 # STEPS is logged (its stage end, a 7B evaluation and checkpoint, is not measured). Prints per run
 # the steady frames/s between the second and the last logged step, the first step's seconds (what
 # compiling costs) and the GPU's peak memory in use as nvidia-smi sees it.
@@ -19,6 +20,7 @@ RUNS=${RUNS:-"--grad-checkpointing
 --grad-checkpointing --moshi-compile
 --grad-checkpointing --compile-layers
 --grad-checkpointing 16 --compile-layers
+--grad-checkpointing depformer --compile-layers
 --compile-layers"}
 T=$((2 * L0))
 echo "revision ${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}; DEVICE=$DEVICE SMALL7B=$SMALL7B T=$T STEPS=$STEPS"
