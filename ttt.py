@@ -661,7 +661,19 @@ def _within_group_mask(group: int, chunk_size: int, like: torch.Tensor,
     return _block_mask(group, chunk_size, like.dtype, like.device, decay)
 
 
-@functools.lru_cache(maxsize=8)
+def _made_once(fn):
+    """`fn` cached (functools.lru_cache) where it runs eagerly. Under torch.compile it is called as
+    it is: dynamo would trace through the cache anyway, making the small masks part of the graph,
+    and warns of possible silent errors when it meets one."""
+    cached = functools.lru_cache(maxsize=8)(fn)
+
+    @functools.wraps(fn)
+    def made(*args, **kwargs):
+        return (fn if torch.compiler.is_compiling() else cached)(*args, **kwargs)
+    return made
+
+
+@_made_once
 def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.device,
                 decay: float = 1.0) -> torch.Tensor:
     """Made once per size, dtype and device (each call would be three more kernel launches)."""
@@ -670,7 +682,7 @@ def _block_mask(group: int, chunk_size: int, dtype: torch.dtype, device: torch.d
     return torch.where(after > 0, decay ** (after - 1).clamp(min=0).double(), 0.0).to(dtype)
 
 
-@functools.lru_cache(maxsize=8)
+@_made_once
 def _decay_weights(group: int, chunk_size: int, decay: float, dtype: torch.dtype, device: torch.device):
     """[L, 1] each: decay^k, with which chunk k of a group reads the sum left by earlier groups, and
     decay^(G - 1 - k), with which its update enters the next group's; (None, None) without decay."""
@@ -734,7 +746,7 @@ def _delta_group(S: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, eta: float, 
     return P.to(dtype), S
 
 
-@functools.lru_cache(maxsize=8)
+@_made_once
 def _chunk_masks(L: int, chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each position's chunk [L], and [L, L] bool: where positions t and u share a chunk, and where
     t's chunk comes after u's. Made once per size (every group of a scan keeps them for its gradient)."""
