@@ -1480,7 +1480,8 @@ def test_horizon_rows_are_the_runs_they_name(device):
                                                            row.longest)[2:])
         assert args.mode == ("full" if name.startswith(("control", "ttt_full")) else "ttt_mlp_in" if "mlp_in" in name else
                              "ttt_lora_in" if "lora_in" in name else "lora_ttt" if "lora_all" in name else "ttt_only")
-        assert ("--lora-rank" in row.flags) == ("lora" in name) and args.lora_rank == 8
+        assert ("--lora-rank" in row.flags) == ("lora" in name)
+        assert args.lora_rank == (int(name.split("rank")[1].split("_")[0]) if "rank" in name else 8)
         assert (args.ttt_layers == "none") == name.startswith("control")
         # longer documents: stages 2 L0 .. 4 L0 with the base's RoPE, tokens within 1 % of one stage at L0
         stages = config.curriculum(args.scale, c["L0"], pretrain=False)
