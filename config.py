@@ -109,8 +109,8 @@ class Config:
                                "small runs); not where norms train")
     compile_layers: bool = flag(False, "torch.compile of every transformer and depformer layer, whole, for the "
                                 "training steps (evaluations stay eager): at Moshi 7B in bench.py --scale 1.11-1.18x "
-                                "faster than --moshi-compile, 56-59 % MFU with --grad-checkpointing depformer; the first step of each stage compiles (about a "
-                                "minute there); not with --fsdp")
+                                "faster than --moshi-compile, 56-59 % MFU with --grad-checkpointing depformer; "
+                                "the first step of each stage compiles (about a minute there); not with --fsdp")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
     log_every: int = flag(25)

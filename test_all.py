@@ -2142,8 +2142,9 @@ def test_compile_layers_compiles_the_training_steps_alone(tmp_path):
     (model.compile_layers, here with AOT autograd's eager kernels, as inductor takes minutes on a
     CPU), the evaluations eager (the layers back to eager before each), and the steps' losses are
     eager's (1e-5 relative), with the first layer recomputed inside its compiled graph
-    (--grad-checkpointing 1), and no warning of dynamo's about ttt's cached masks. Refused in one line, writing nothing, with --fsdp and on a CPU with
-    bf16 weights (a Moshi-format model), where inductor's CPU code generation fails (torch 2.13)."""
+    (--grad-checkpointing 1), and no warning of dynamo's about ttt's cached masks. Refused in one
+    line, writing nothing, with --fsdp and on a CPU with bf16 weights (a Moshi-format model), where
+    inductor's CPU code generation fails (torch 2.13)."""
     r = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
     assert r.returncode == 0, r.stderr
     base = ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "1", "--eval-trials", "1", "--scale", "4",
