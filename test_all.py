@@ -2149,7 +2149,7 @@ def test_compile_layers_compiles_the_training_steps_alone(tmp_path):
     assert r.returncode == 0, r.stderr
     base = ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "1", "--eval-trials", "1", "--scale", "4",
             "--ttt-chunk", "32", "--batch", "4", "--log-every", "1", "--grad-checkpointing", "1"]
-    code = ("import functools, sys, train, model as M\nfrom torch._dynamo.utils import counters\n"
+    code = ("import sys, train, model as M\nfrom torch._dynamo.utils import counters\n"
             "calls, compile_layers = [], M.compile_layers\n"
             "def recorded(model, on, **options):\n    calls.append(on)\n"
             "    compile_layers(model, on, **dict(options, backend='aot_eager') if on else options)\n"
