@@ -787,13 +787,21 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     return sorted(drop_idle_pretraining(todo), key=lambda j: (kind(j), other(j)))
 
 
+def horizon_wanted(rows: list[StudyRow], asked: list[str], start_rows_untested: bool = False) -> list[str]:
+    """The rows to evaluate: the asked ones, what they read (another's training, the row they start
+    from) and a TTT row's control. start_rows_untested leaves out the rows they start from
+    (horizon_jobs still trains those, as the sources of the rows that start from them)."""
+    return asked + [n for r in rows if r.name in asked
+                    for n in (r.same_training, "" if start_rows_untested else r.init_row,
+                              r.control if r.name.startswith("ttt") else "")
+                    if n and n not in asked]
+
+
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
     rows = horizon_rows(c)
     asked = wanted_rows(rows, args, p)
-    wanted = asked + [n for r in rows if r.name in asked  # what a row reads, and a TTT row's control
-               for n in (r.same_training, r.init_row, r.control if r.name.startswith("ttt") else "")
-               if n and n not in asked]
+    wanted = horizon_wanted(rows, asked, args.start_rows_untested)
     lengths = horizon_lengths(c)
     if not all(eval_passkey.is_far(L, d, c["window"]) for L in lengths for d in c["horizon_depths"]):
         p.error(f"horizon depths {c['horizon_depths']} are not all far at {lengths} with window {c['window']}")
@@ -1091,14 +1099,19 @@ def main():
                    "throughput of J short trainings one at a time and J at once (into the JSON's config)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="start no job after this "
                    "many minutes (0: none); the running ones finish, and running it again resumes")
+    p.add_argument("--start-rows-untested", action="store_true", default=None, help="horizon: train the rows "
+                   "the --rows start from (--init) without evaluating them; the named rows and their controls are "
+                   "evaluated")
     p.add_argument("--probe", default=None, metavar="CHECKPOINT", help="horizon: only measure the norms of "
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
-                                                      "stop_after", "probe", "probe_length") if getattr(args, k) is not None]
+                                                      "stop_after", "probe", "probe_length", "start_rows_untested") if getattr(args, k) is not None]
     if args.tables and for_a_run:
         p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
+    if args.start_rows_untested and (args.setting != "horizon" or args.rows is None):
+        p.error("--start-rows-untested is for --setting horizon with --rows (what the named rows start from)")
     if args.stop_after is not None and not args.stop_after >= 0:
         p.error(f"--stop-after must be 0 or more minutes; got {args.stop_after}")
     if args.probe:

@@ -1560,7 +1560,8 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     evaluation for its own training, a row starting from or evaluating another's checkpoint for that
     training only (not its evaluation); trainings come before evaluations and the streaming checks
     last, the asked rows' before their references'; every command parses; a row already in the
-    results is not run again on that base, and a base is pretrained only where a job runs on it."""
+    results is not run again on that base, and a base is pretrained only where a job runs on it; with
+    --start-rows-untested the row a named row starts from is trained, not evaluated."""
     c = sweep.PRESETS_HORIZON["cpu"]
     rows = {r.name: r for r in sweep.horizon_rows(c)}
     # base1's control and base0's delta row evaluated, their checkpoints not here (a fresh machine)
@@ -1597,6 +1598,13 @@ def test_horizon_jobs_wait_only_for_what_they_read(tmp_path):
     assert no_memory in names and not {no_memory + "/probe", no_memory + "/streaming"} & set(names)
     asked = ["ttt_mlp_in_delta1_then_long4"]  # with its references, as horizon() adds them
     wanted = asked + ["ttt_mlp_in_delta1", "control_then_long4", "control"]
+    assert sweep.horizon_wanted(list(rows.values()), asked) == asked + ["ttt_mlp_in_delta1", "control_then_long4"]
+    untested = sweep.horizon_wanted(list(rows.values()), asked, start_rows_untested=True)
+    assert untested == asked + ["control_then_long4"]  # the control's own start row is no TTT row's control
+    lean = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), untested, results, str(tmp_path), [2], 0, asked)]
+    assert lean == ["base2", "base2/control/train", "base2/ttt_mlp_in_delta1/train",  # trained as sources only
+                    "base2/control_then_long4/train", "base2/ttt_mlp_in_delta1_then_long4/train",
+                    "base2/ttt_mlp_in_delta1_then_long4", "base2/control_then_long4"]  # the asked row's first
     cut = [j["name"] for j in sweep.horizon_jobs(c, list(rows.values()), wanted, results, str(tmp_path), [0, 1], 0, asked)
            if j["name"].split("/")[-1] in rows]  # the evaluations
     mine = [i for i, n in enumerate(cut) if n.endswith("/ttt_mlp_in_delta1_then_long4")]
