@@ -11,11 +11,13 @@
 # the steady frames/s between the second and the last logged step, the first step's seconds (what
 # compiling costs) and the GPU's peak memory in use as nvidia-smi sees it.
 #   bash results/training_7b/train_7b.sh
-#   RUNS="--mode lora_ttt --lora-rank 128 --batch 16 --original-len 625 --grad-checkpointing" \
-#       bash results/training_7b/train_7b.sh   # moshi-finetune's 7B example (1250 frames, batch 16), with TTT
+#   L0=625 WINDOW=3000 MODE=lora_ttt BATCH=16 RUNS="--lora-rank 128 --grad-checkpointing" \
+#       bash results/training_7b/train_7b.sh   # moshi-finetune's 7B example (1250 frames, batch 16, within the window), with TTT
 #   DEVICE=cpu SMALL7B=1 L0=128 STEPS=3 RUNS=--grad-checkpointing bash results/training_7b/train_7b.sh  # tiny, CPU
 set -u
+# MODE, BATCH and WINDOW set what every run shares (a flag is given once: train.py refuses it twice)
 DEVICE=${DEVICE:-cuda} SMALL7B=${SMALL7B:-0} L0=${L0:-6000} STEPS=${STEPS:-8} OUTDIR=${OUTDIR:-out/train_7b}
+MODE=${MODE:-ttt_only} BATCH=${BATCH:-1} WINDOW=${WINDOW:-$((L0 / 2))}
 RUNS=${RUNS:-"--grad-checkpointing
 --grad-checkpointing --moshi-compile
 --grad-checkpointing --compile-layers
@@ -23,14 +25,14 @@ RUNS=${RUNS:-"--grad-checkpointing
 --grad-checkpointing depformer --compile-layers
 --compile-layers"}
 T=$((2 * L0))
-echo "revision ${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}; DEVICE=$DEVICE SMALL7B=$SMALL7B T=$T STEPS=$STEPS"
+echo "revision ${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}; DEVICE=$DEVICE SMALL7B=$SMALL7B T=$T STEPS=$STEPS MODE=$MODE BATCH=$BATCH WINDOW=$WINDOW"
 python3 results/training_7b/moshi7b_files.py "$OUTDIR/moshi7b" --length "$T" --device "$DEVICE" \
     $([ "$SMALL7B" = 1 ] && echo --small) || exit 1
 dir="$OUTDIR/moshi7b"
 base=(train.py --init "$dir/model.safetensors" --init-config "$dir/config.json"
       --data "$dir"/tokens0.npy "$dir"/tokens1.npy "$dir"/tokens2.npy "$dir"/tokens3.npy
-      --original-len "$L0" --window "$((L0 / 2))" --scale 2 --method none --mode ttt_only --ttt-chunk "$((L0 < 512 ? 16 : 256))"
-      --batch 1 --steps "$((STEPS + 2))" --log-every 1 --eval-trials 1 --device "$DEVICE" --lr 5e-6 --lr-ttt 5e-6)
+      --original-len "$L0" --window "$WINDOW" --scale 2 --method none --mode "$MODE" --ttt-chunk "$((L0 < 512 ? 16 : 256))"
+      --batch "$BATCH" --steps "$((STEPS + 2))" --log-every 1 --eval-trials 1 --device "$DEVICE" --lr 5e-6 --lr-ttt 5e-6)
 
 steady() {  # frames/s between the second and the last step lines (elapsed = frames / cumulative rate)
     awk '/^stage 0: / { for (i = 1; i <= NF; i++) if ($i == "batch") B = $(i + 1) }
