@@ -78,7 +78,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """softmax(q k^T / sqrt(D), over keys t - context < s <= t) v; q, k, v: [B, H, T, D]."""
     if not q.is_cuda:
         return blocked_window_attention(q, k, v, context)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask(q.shape[2], context, str(q.device)))
+    # inside a compiled layer flex_attention is compiled with it (dynamo would trace through the cache
+    # of _compiled_flex_attention anyway, and warns of it)
+    attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    return attend(q, k, v, block_mask=block_mask(q.shape[2], context, str(q.device)))
 
 
 def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
