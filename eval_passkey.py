@@ -321,7 +321,24 @@ def save_heatmap(path: str, rows: list[dict], depths: list[float]) -> bool:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Bad input: one line naming the problem on stderr and exit code 2, no usage dump."""
+    """Bad input: one line naming the problem on stderr and exit code 2, no usage dump. An option
+    given twice is refused (argparse keeps the last one without a word), and options are spelled
+    whole (an abbreviation could come to mean another option once one is added)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def parse_known_args(self, args=None, namespace=None):
+        seen = {}
+        for token in (sys.argv[1:] if args is None else list(args)):
+            if token == "--":
+                break
+            action = self._option_string_actions.get(token.split("=", 1)[0])
+            if action is not None and action.dest != "help":
+                if action.dest in seen:
+                    self.error(f"{seen[action.dest]} is given twice: give each option once")
+                seen[action.dest] = token.split("=", 1)[0]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)

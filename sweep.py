@@ -215,7 +215,13 @@ def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: in
         scale = ["--scale", str(longest), "--method", "none"]
     return [sys.executable, "train.py", "--init", base, *scale, "--steps", str(steps), "--batch",
             str(batch), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
-            "--out", folder] + study_common(c, seed) + sum_of_updates + flags
+            "--out", folder] + without(study_common(c, seed), flags) + sum_of_updates + flags
+
+
+def without(pairs: list[str], flags: list[str]) -> list[str]:
+    """`pairs` (option, value, option, value, ...) less the options `flags` name: a row's own value
+    (--ttt-eta 0) replaces the common one, as train.py takes each option once."""
+    return [x for option, value in zip(pairs[::2], pairs[1::2]) if option not in flags for x in (option, value)]
 
 
 def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]) -> list[str]:

@@ -1652,6 +1652,29 @@ def test_sweep_stop_after_below_zero_or_not_a_number_is_refused(tmp_path, minute
     assert not (tmp_path / "w" / "base0").exists() and not (tmp_path / "h.json").exists()
 
 
+def test_an_option_given_twice_or_abbreviated_is_refused_in_one_line(capsys):
+    """argparse keeps the last of an option given twice without a word (a script adding flags to its
+    base command once ran with a window other than its own): every option of train.py given twice,
+    as `--x v` then `--x=v`, is refused in one line naming it, exit 2; so are eval_passkey.py's,
+    sweep.py's, and an option abbreviated (--mod for --mode)."""
+    for f in dataclasses.fields(config.Config):
+        flag = config.option(f.name)
+        twice = [flag, flag] if f.type is bool else [flag, "1", f"{flag}=2"]
+        with pytest.raises(SystemExit) as e:
+            config.parse_args(["--steps", "3"] + twice)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f"train.py: error: {flag} is given twice: give each option once"]
+    for parse, argv, says in ((config.parse_args, ["--mod", "full"], "unrecognized arguments: --mod full"),
+                              (eval_passkey.parse_args, ["c.pt", "--trials", "2", "--trials=3"], "--trials is given twice")):
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--rows", "control", "--rows=base"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines() == ["sweep.py: error: --rows is given twice: give each option once"]
+
+
 def test_sweep_tables_refuses_flags_of_a_run_and_a_json_without_each_depth(tmp_path):
     """--tables rebuilds the tables from the JSON as it is: a flag that only a run reads is refused, not
     ignored; a row without an accuracy for each of the configuration's depths is refused by name;
@@ -3517,7 +3540,7 @@ def test_cuda_block_masks_made_before_are_the_ones_the_layers_read(tmp_path):
     """window_attention.make_block_masks(model, T, "cuda"), as train.py --compile-layers calls it
     before compiling, makes the mask under the key a compiled layer looks up (no mask made while
     the model runs); and train.py --compile-layers on the GPU (inductor) trains to eager's losses
-    within bf16's rounding (1e-2 relative)."""
+    within bf16's rounding (1e-2 relative), dynamo meeting no functools.lru_cache on the way."""
     import window_attention
     torch.manual_seed(0)
     m = window_attention.apply_window_attention(M.build_model(dict(dim=64, num_heads=2, num_layers=2, context=64)))
@@ -3539,6 +3562,7 @@ def test_cuda_block_masks_made_before_are_the_ones_the_layers_read(tmp_path):
         r = run_train(QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--steps", "2", "--device", "cuda",
                                "--out", str(tmp_path / f"run{len(flag)}")] + flag)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "lru_cache" not in r.stderr, r.stderr[-2000:]  # no cache traced through (window_attention, ttt)
         losses[bool(flag)] = [float(line.split("| loss ")[1].split()[0]) for line in r.stdout.splitlines()
                               if line.startswith("step ") and "| stage 0" in line]
     assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-2), losses

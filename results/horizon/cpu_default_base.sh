@@ -13,9 +13,10 @@ export NO_TORCH_COMPILE=1 OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 [ -f "$OUT/base/base.pt" ] || python train.py --pretrain-only --out "$OUT/base" > "$OUT/base.log" 2>&1
 run() {  # name, train.py flags (the plain sum, --ttt-delta 0, unless they say otherwise); then the evaluation of the trained checkpoint (and with --ttt-decay at inference)
-    local name=$1; shift
+    local name=$1 sum=(--ttt-delta 0); shift
+    case " $* " in *" --ttt-delta "*) sum=() ;; esac  # train.py takes each option once
     [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_mlp_in --ttt-layers 0,1,2,3 \
-        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" --ttt-delta 0 "$@" > "$OUT/$name.log" 2>&1
+        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" "${sum[@]}" "$@" > "$OUT/$name.log" 2>&1
     python eval_passkey.py "$OUT/$name/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
         --windows 16 --out "$OUT/$name/horizon.json" >> "$OUT/$name.log" 2>&1
 }
