@@ -2232,6 +2232,12 @@ def test_concept_file_copies_alone(tmp_path, name):
 
 
 def run_train(args, nproc=1, env=None, timeout=600):
+    """train.py with `args`; where they start with QUICK's pairs (or some of them), the options the
+    rest names again replace QUICK's (train.py takes each option once)."""
+    n = 0
+    while n < len(QUICK) and args[n:n + 2] == QUICK[n:n + 2]:
+        n += 2
+    args = sweep.without(args[:n], args[n:]) + args[n:]
     if nproc == 1:
         cmd = [sys.executable, os.path.join(HERE, "train.py")] + args
     else:
@@ -2693,7 +2699,8 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
     """A `full` run killed after its pretraining stage, resumed with a bare --resume, trains `full`
     (not the command line's default mode) and ends with the uninterrupted run's weights, bit for
     bit; a flag given with --resume that differs from the stored run is refused in one line."""
-    args = QUICK + ["--mode", "full", "--steps", "40", "--seed", "3", "--lr", "1e-3"]
+    extra = ["--mode", "full", "--steps", "40", "--seed", "3", "--lr", "1e-3"]
+    args = sweep.without(QUICK, extra) + extra
     full = run_train(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
@@ -2833,7 +2840,7 @@ def test_one_rank_dying_stops_the_other(tmp_path):
     """torchrun with 2 processes: SIGKILL rank 1 mid-training; rank 0 must not hang."""
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train.py")] + QUICK + ["--pretrain-steps", "500", "--out", out]
+           os.path.join(HERE, "train.py")] + sweep.without(QUICK, ["--pretrain-steps"]) + ["--pretrain-steps", "500", "--out", out]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     for line in proc.stdout:
