@@ -1113,7 +1113,8 @@ def main():
     p.add_argument("--probe-length", type=int, default=None)
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
-                                                      "stop_after", "probe", "probe_length", "start_rows_untested") if getattr(args, k) is not None]
+                                                      "stop_after", "probe", "probe_length", "start_rows_untested")
+                 if getattr(args, k) is not None]
     if args.tables and for_a_run:
         p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
     if args.start_rows_untested and (args.setting != "horizon" or args.rows is None):

@@ -1652,6 +1652,18 @@ def test_sweep_stop_after_below_zero_or_not_a_number_is_refused(tmp_path, minute
     assert not (tmp_path / "w" / "base0").exists() and not (tmp_path / "h.json").exists()
 
 
+@pytest.mark.parametrize("flags", [["--setting", "horizon"], ["--setting", "study", "--rows", "control"]])
+def test_sweep_start_rows_untested_needs_the_horizon_and_rows(tmp_path, flags):
+    """--start-rows-untested names what --rows start from: without --rows, or in the study, it would
+    change nothing, so it is refused in one line, exit 2, before any work."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--start-rows-untested", "--out",
+                        str(tmp_path / "h"), "--work", str(tmp_path / "w")] + flags,
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--start-rows-untested" in lines[0], r.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "h.json").exists()
+
+
 def test_an_option_given_twice_or_abbreviated_is_refused_in_one_line(capsys):
     """argparse keeps the last of an option given twice without a word (a script adding flags to its
     base command once ran with a window other than its own): every option of train.py given twice,
