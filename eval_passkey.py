@@ -294,6 +294,14 @@ def format_rows(title: str, rows: list[dict]) -> str:
     return head + "\n" + line
 
 
+def rope_used(args, checkpoint: dict) -> tuple[float, float]:
+    """--method's scale (default 1) and YaRN's beta_fast: --beta-fast, else the run's (its config, or an
+    adapter's YaRN settings, which store no config), else the paper's 32."""
+    run = ((checkpoint.get("config") or {}).get("yarn_beta_fast")
+           or (checkpoint["settings"].get("yarn") or {}).get("beta_fast"))
+    return args.scale or 1.0, args.beta_fast if args.beta_fast is not None else run or 32.0
+
+
 def override_rope(model, method: str, scale: float, dynamic: bool, original_len: int, beta_fast: float = 32.0) -> None:
     """Evaluates with another RoPE method at inference, no training (the YaRN paper's baselines)."""
     yarn.apply_yarn(model, scale, original_len, method=method, dynamic=dynamic, beta_fast=beta_fast)
@@ -419,10 +427,11 @@ def parse_args(argv):
     return args, fail
 
 
-def describe(path: str, settings: dict) -> str:
-    """A checkpoint's row name in a comparison: its path, what trained, and its fast weights."""
-    t = settings.get("ttt")
-    return f"{path}: " + (f"{settings.get('mode')}, eta {t['eta']:g}, erase {t.get('delta', 0.0):g}" if t else "no TTT")
+def describe(path: str, settings: dict, model) -> str:
+    """A checkpoint's row name in a comparison: its path, what trained, and its fast weights as they
+    are evaluated (an inference flag's erase, not the stored one)."""
+    g = freeze.ttt_modules(model)[:1]
+    return f"{path}: " + (f"{settings.get('mode')}, eta {g[0].eta:g}, erase {g[0].delta:g}" if g else "no TTT")
 
 
 def compare_table(named_rows: list[tuple[str, list[dict], tp.Optional[int]]], depths: list[float], trials: int) -> str:
@@ -460,8 +469,8 @@ def main(argv=None):
     if several:
         print(f"\n{args.trials} documents at each of {len(args.depths)} depths {args.depths}; near needles lie inside "
               "each model's attention window, far ones wholly beyond it:")
-        print(compare_table([(describe(r["checkpoint"], r["settings"]), r["rows"], r["settings"].get("window"))
-                             for r in results], args.depths, args.trials))
+        print(compare_table([(describe(r["checkpoint"], r["settings"], model), r["rows"], r["settings"].get("window"))
+                             for r, (model, _) in zip(results, prepared)], args.depths, args.trials))
     for out, result in (((args.out, dict(checkpoints=results)),) if args.out and several else zip(outs, results)):
         checkpoints.save_json(out, result)
         print(f"wrote {out}")
@@ -480,9 +489,8 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
     original_len = settings["original_len"]
     trained_len = settings.get("trained_len", original_len)
     if args.method is not None:
-        stored = (checkpoint.get("config") or {}).get("yarn_beta_fast") or 32.0  # the run's, else the paper's
-        override_rope(model, args.method, args.scale or 1.0, args.dynamic, original_len,
-                      stored if args.beta_fast is None else args.beta_fast)
+        scale, beta_fast = rope_used(args, checkpoint)
+        override_rope(model, args.method, scale, args.dynamic, original_len, beta_fast)
     for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
                               ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
                               ("--ttt-average-after", "average_after", args.ttt_average_after),
@@ -513,11 +521,16 @@ def evaluate_checkpoint(args, path: str, checkpoint: dict, model, lengths: list[
                              f"bits per byte ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     rows = evaluate(model, corpus.val, lengths, args.depths, args.trials, args.windows, args.device, args.seed,
                     args.streaming, progress=done)
-    title = f"{path}" + (f" ({args.method} x{args.scale or 1:g})" if args.method else "")
+    scale, beta_fast = rope_used(args, checkpoint) if args.method else (None, None)
+    title = f"{path}" + (f" ({args.method} x{scale:g})" if args.method else "") + "".join(
+        f", {flag} {value:g} at inference" for flag, value in (("--ttt-decay", args.ttt_decay),
+        ("--ttt-update-clip", args.ttt_update_clip), ("--ttt-average-after", args.ttt_average_after),
+        ("--ttt-delta", args.ttt_delta)) if value is not None)
     print(format_rows(title, rows))
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
-    return dict(checkpoint=path, method=args.method, scale=args.scale, dynamic=args.dynamic, beta_fast=args.beta_fast,
+    return dict(checkpoint=path, method=args.method, scale=scale, dynamic=args.dynamic,
+                beta_fast=beta_fast if args.method == "yarn" else None,
                 streaming=args.streaming, ttt_decay=args.ttt_decay, ttt_update_clip=args.ttt_update_clip,
                 ttt_average_after=args.ttt_average_after, ttt_delta=args.ttt_delta,
                 depths=args.depths, trials=args.trials, windows=args.windows, seed=args.seed,

@@ -2350,6 +2350,8 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
         result = json.load(open(out))
         assert [r["length"] for r in result["rows"]] == [128, 256] and result["corpus_files"] > 100
         assert all(0 <= r["passkey"] <= 1 and r["bpb"] > 0 for r in result["rows"])
+        assert (result["scale"], result["beta_fast"]) == {0: (None, None), 4: (2.0, None), 6: (2.0, 4.0)}.get(
+            len(extra), (None, None))  # what was used, not what the flags left out
     with pytest.raises(SystemExit) as e:  # the delta rule with forgetting at inference: refused, nothing written
         eval_passkey.main([str(tmp_path / "one" / "ckpt.pt"), "--ttt-delta", "1", "--ttt-decay", "0.9", "--out",
                            str(tmp_path / "refused.json")])
@@ -2360,6 +2362,11 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     eval_passkey.main(both + ["--lengths", "128,256", "--trials", "2", "--windows", "2", "--out", str(tmp_path / "both.json")])
     table = capsys.readouterr().out.split("far ones wholly beyond it:")[1]
     assert "base.pt: no TTT" in table and "ckpt.pt: ttt_only, eta 0.3, erase 1" in table
+    eval_passkey.main(both[1:] * 2 + ["--lengths", "128", "--trials", "1", "--windows", "1", "--ttt-delta", "0",
+                                      "--out", str(tmp_path / "both0.json")])  # the erase evaluated, not the stored one
+    printed = capsys.readouterr().out
+    assert "ckpt.pt, --ttt-delta 0 at inference" in printed
+    assert "ckpt.pt: ttt_only, eta 0.3, erase 0 " in printed.split("far ones wholly beyond it:")[1]
     compared = json.load(open(tmp_path / "both.json"))["checkpoints"]
     assert [c["checkpoint"] for c in compared] == both and compared[1]["rows"] == json.load(open(tmp_path / "eval0.json"))["rows"]
     with pytest.raises(SystemExit) as e:
@@ -2372,6 +2379,12 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     full = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))).eval()
     on_base = checkpoints.model_from_checkpoint(adapter, path=str(tmp_path / "one" / "adapter.pt")).eval()
     assert torch.equal(M.logits(on_base, x), M.logits(full, x))
+    for name in ("ckpt", "adapter"):  # --method yarn alone: x1, the run's beta_fast (an adapter stores no config)
+        eval_passkey.main([str(tmp_path / "one" / f"{name}.pt"), "--lengths", "128", "--trials", "1", "--windows", "1",
+                           "--method", "yarn", "--out", str(tmp_path / f"yarn_{name}.json")])
+    used = [json.load(open(tmp_path / f"yarn_{name}.json")) for name in ("ckpt", "adapter")]
+    assert [(u["scale"], u["beta_fast"]) for u in used] == [(1.0, a_run_beta_fast := used[0]["settings"]["yarn"]["beta_fast"])] * 2
+    assert a_run_beta_fast != 32.0 and used[0]["rows"] == used[1]["rows"]
     # the base checkpoint is reusable with --init, skipping pretraining
     again = run_train(QUICK + ["--init", str(tmp_path / "one" / "base.pt"), "--out", str(tmp_path / "three")])
     assert again.returncode == 0, again.stderr
