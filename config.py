@@ -6,7 +6,9 @@ A setting comes from one place. `parse_args` gives the Config the flags and the 
 contradicts it, before any work:
 - --resume continues the stored configuration exactly; a flag given with it must equal the stored
   value (only --out, --device and --resume itself may differ);
-- --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window, its TTT;
+- --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window (none
+  included), its TTT, its YaRN's beta_fast; a --recipe is checked against them as its flags would be,
+  and flags that would change nothing there (--pretrain-steps, another --preset) are refused;
 - --init from a Moshi-format model takes L0 from the model's `context` unless --original-len says.
 
     c, given = config.parse_args(sys.argv[1:])
@@ -156,12 +158,20 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     given = vars(p.parse_args(argv))
     config = Config(**{**RECIPES[given.get("recipe", "project")], **given})
     fail = p.error  # one line on stderr, exit code 2, nothing written
-    try:
-        check(config)
+    try:  # a resumed run is checked once its stored configuration is read (start), not on the defaults
+        config.ttt_layers = parsed_layers(config.ttt_layers)
+        if not config.resume:
+            check(config)
     except ValueError as e:
         fail(str(e))
-    if "yarn_beta_fast" in given and config.method != "yarn":  # a flag that would change nothing
+    if "yarn_beta_fast" in given and config.method != "yarn" and not config.resume:  # it would change nothing
         fail(f"--yarn-beta-fast is YaRN's; --method {config.method} has no beta_fast")
+    lora = [option(name) for name in ("lora_rank", "lora_scaling") if name in given]
+    if lora and config.mode not in freeze.LORA_SCOPES and not config.resume:
+        fail(f"{', '.join(lora)} with --mode {config.mode}, which trains no LoRA: "
+             f"give it with --mode {' or '.join(freeze.LORA_SCOPES)}")
+    if "pretrain_steps" in given and config.init:
+        fail("--pretrain-steps with --init: the model comes from the checkpoint, not pretrained here")
     if isinstance(given.get("ttt_layers"), str):
         given["ttt_layers"] = config.ttt_layers
     return config, given
@@ -204,12 +214,7 @@ def check(c: Config) -> None:
         raise ValueError(f"--ttt-kernel must be odd and >= 1, got {c.ttt_kernel}")
     if c.original_len < 128:
         raise ValueError(f"--original-len must be >= 128 (a passkey document needs 104 bytes), got {c.original_len}")
-    if isinstance(c.ttt_layers, str) and c.ttt_layers not in ("default", "official", "none"):
-        try:
-            c.ttt_layers = [int(v) for v in c.ttt_layers.split(",")]
-        except ValueError:
-            raise ValueError(f"--ttt-layers must be 'default', 'official', 'none' or a comma list of integers, "
-                             f"got {c.ttt_layers!r}") from None
+    c.ttt_layers = parsed_layers(c.ttt_layers)
     if c.ttt_layers in ("none", []) and c.mode != "full":
         raise ValueError("--ttt-layers none (no TTT) needs --mode full: the other modes train TTT parameters")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -233,6 +238,17 @@ def check(c: Config) -> None:
                          f"(results/training_7b/gpu_preset_compile_failure_h100.log); use a mode that keeps them frozen")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {c.device} but CUDA is not available")
+
+
+def parsed_layers(layers: tp.Union[str, list]) -> tp.Union[str, list]:
+    """--ttt-layers' comma list as integers; a name ('default', 'official', 'none') stays a name."""
+    if not isinstance(layers, str) or layers in ("default", "official", "none"):
+        return layers
+    try:
+        return [int(v) for v in layers.split(",")]
+    except ValueError:
+        raise ValueError(f"--ttt-layers must be 'default', 'official', 'none' or a comma list of integers, "
+                         f"got {layers!r}") from None
 
 
 def resolve_layers(layers: tp.Union[str, list], n_layers: int) -> list[int]:
@@ -270,11 +286,14 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
 
 def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, multistream: bool) -> None:
     """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
-    window and its TTT; a Moshi-format one, L0 (its `context`) unless --original-len is given. A flag
+    window, its TTT and its YaRN's beta_fast; a Moshi-format one, L0 (its `context`) unless --original-len is given. A flag
     that contradicts what the checkpoint fixes is refused (ValueError naming both values)."""
     c.ttt_layers = resolve_layers(c.ttt_layers, n_layers)
     if "ttt_layers" in given:
         given["ttt_layers"] = resolve_layers(given["ttt_layers"], n_layers)
+    if c.init and "preset" in given and any(settings["model"].get(k) != v for k, v in M.PRESETS[c.preset].items()):
+        raise ValueError(f"--preset {c.preset} ({M.PRESETS[c.preset]}) is not the model of the --init checkpoint, "
+                         f"which the run takes from it: leave the flag out")
     if c.init and c.init.endswith(".safetensors"):
         if "original_len" not in given:
             if not settings["model"].get("context"):
@@ -283,8 +302,10 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         settings["original_len"] = settings["trained_len"] = c.original_len
     elif c.init:
         fixed = dict(original_len=settings["original_len"])
-        if settings.get("window"):
-            fixed["window"] = settings["window"]
+        if "window" in settings:  # None: trained without a window (--window 0), kept so
+            fixed["window"] = settings["window"] or 0
+        if (settings.get("yarn") or {}).get("beta_fast"):  # the YaRN it trained with, as its stages go on
+            fixed["yarn_beta_fast"] = settings["yarn"]["beta_fast"]
         if settings.get("ttt"):
             t = settings["ttt"]
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
@@ -296,10 +317,15 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             if c.mode in freeze.LORA_SCOPES and (scope == "ttt_mlp_in") != (c.mode == "ttt_lora_in"):
                 raise ValueError(f"--mode {c.mode} trains a LoRA on {freeze.LORA_SCOPES[c.mode]}, and the --init "
                                  f"checkpoint already has one on {scope}; extend it with another --mode")
+        recipe = RECIPES[c.recipe] if "recipe" in given else {}  # a recipe named is asked for as its flags are
         for name, value in fixed.items():
-            if name in given and given[name] != value:
-                raise ValueError(f"{option(name)} {given[name]!r} contradicts the --init checkpoint, whose "
-                                 f"{name} is {value!r}; leave the flag out to keep it")
+            asked, flag = (given[name], option(name)) if name in given else (recipe.get(name), "--recipe")
+            if name == "ttt_layers" and name not in given and asked is not None:
+                asked = resolve_layers(asked, n_layers)
+            if asked is not None and asked != value:
+                via = f" (--recipe {c.recipe})" if flag == "--recipe" else ""
+                raise ValueError(f"{option(name)} {asked!r}{via} contradicts the --init checkpoint, whose {name} is "
+                                 f"{value!r}; leave {flag} out to keep it")
             setattr(c, name, value)
     if c.window is None:  # a small model sees 2 L0: YaRN matters beyond L0, and only TTT beyond 2 L0;
         c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)

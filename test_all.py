@@ -2245,11 +2245,13 @@ def test_concept_file_copies_alone(tmp_path, name):
 
 def run_train(args, nproc=1, env=None, timeout=600):
     """train.py with `args`; where they start with QUICK's pairs (or some of them), the options the
-    rest names again replace QUICK's (train.py takes each option once)."""
+    rest names again replace QUICK's (train.py takes each option once), and with --init QUICK's
+    pretraining steps are left out (train.py refuses them there: nothing is pretrained)."""
     n = 0
     while n < len(QUICK) and args[n:n + 2] == QUICK[n:n + 2]:
         n += 2
-    args = sweep.without(args[:n], args[n:]) + args[n:]
+    rest = args[n:] + (["--pretrain-steps"] if "--init" in args else [])
+    args = sweep.without(args[:n], rest) + args[n:]
     if nproc == 1:
         cmd = [sys.executable, os.path.join(HERE, "train.py")] + args
     else:
@@ -2453,10 +2455,11 @@ def test_lora_training_and_adapter(tmp_path, mode):
     if mode == "ttt_lora_in":
         assert all(".gating.linear_in." in n for n in adapter["model"] if "lora_" in n)
     other = "ttt_lora_in" if mode == "lora_ttt" else "lora_ttt"
-    for extra in (["--lora-rank", "4"], ["--mode", other]):
+    for extra, says in ((["--mode", mode, "--lora-rank", "4"], "--init"), (["--mode", other], "--init"),
+                        (["--lora-rank", "4"], "trains no LoRA")):  # the last: --mode ttt_only
         r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and extra[0] in lines[0] and "--init" in lines[0], r.stderr
+        assert r.returncode == 2 and len(lines) == 1 and extra[-2] in lines[0] and says in lines[0], r.stderr
     assert not (tmp_path / "bad").exists()
     # an extension of this run (longer documents, the base's RoPE): its adapter loads on this
     # checkpoint, which holds TTT and LoRA already, and rebuilds the extended model
@@ -2652,7 +2655,8 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
     recomputation must find its weights gathered again."""
     base = run_train(QUICK + ["--pretrain-only", "--out", str(tmp_path / "base")])
     assert base.returncode == 0, base.stderr
-    args = QUICK + ["--init", str(tmp_path / "base" / "base.pt"), "--mode", "ttt_layers", "--save-every", "1"]
+    args = sweep.without(QUICK, ["--pretrain-steps"]) + ["--init", str(tmp_path / "base" / "base.pt"), "--mode",
+                                                         "ttt_layers", "--save-every", "1"]
     one = run_train(args + ["--out", str(tmp_path / "one")])
     two = run_train(args + ["--fsdp", "--grad-checkpointing", "2", "--out", str(tmp_path / "two")], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
@@ -2678,7 +2682,8 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
             pass
     proc.wait()
     assert checkpoints.load_checkpoint(str(out / "ckpt.pt"))["step"] in (2, 3)
-    again = QUICK + ["--mode", "ttt_layers", "--save-every", "1", "--resume", "--out", str(out)]
+    again = sweep.without(QUICK, ["--pretrain-steps"]) + ["--mode", "ttt_layers", "--save-every", "1", "--resume",
+                                                          "--out", str(out)]  # the run's flags, as it stored them
     plain = run_train(again)  # a sharded run's checkpoint resumes sharded only
     assert plain.returncode == 2 and "resume it the same way" in plain.stderr
     resumed = run_train(again + ["--fsdp"], nproc=2)
@@ -2762,9 +2767,11 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
 
 
 def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_path):
-    """From a checkpoint with a window and TTT: its window, L0 and TTT are the run's (and recorded
-    as such); --window 0, a --ttt-* flag or --original-len that contradicts them is refused in one
-    line, before anything is written."""
+    """From a checkpoint with a window and TTT: its window, L0, TTT and YaRN's beta_fast are the run's
+    (and recorded as such); --window 0, a --ttt-* flag, --original-len, --yarn-beta-fast or a --recipe
+    that contradicts them is refused in one line, before anything is written, as are flags that would
+    change nothing (--preset of another model, --pretrain-steps, --lora-rank without a LoRA mode); from
+    a checkpoint trained without a window, none is kept."""
     first = run_train(QUICK + ["--out", str(tmp_path / "first")])
     assert first.returncode == 0, first.stderr
     ckpt = str(tmp_path / "first" / "ckpt.pt")
@@ -2785,6 +2792,44 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     recorded = json.load(open(tmp_path / "again" / "results.json"))["config"]
     assert (recorded["window"], recorded["ttt_chunk"], recorded["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
     assert checkpoints.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
+    # flags that would change nothing here: the model comes from the checkpoint, ttt_only trains no LoRA;
+    # the official recipe's TTT contradicts the checkpoint's as its flags would
+    for extra, says in ((["--preset", "gpu"], "--preset"), (["--pretrain-steps", "9"], "--pretrain-steps"),
+                        (["--lora-rank", "4"], "--lora-rank"), (["--recipe", "official"], "--recipe official")):
+        r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (extra, r.stderr)
+    assert not (tmp_path / "bad").exists()
+    stored_beta = checkpoints.load_checkpoint(ckpt)["settings"]["yarn"]["beta_fast"]
+    r = run_train(QUICK[:-4] + ["--init", ckpt, "--yarn-beta-fast", str(stored_beta + 1), "--out", str(tmp_path / "bad")])
+    assert r.returncode == 2 and "--yarn-beta-fast" in r.stderr and "--init" in r.stderr, r.stderr
+    # a run trained without a window (--window 0) extends without one, and a window is refused
+    none = run_train(QUICK + ["--window", "0", "--steps", "1", "--out", str(tmp_path / "none")])
+    assert none.returncode == 0, none.stderr
+    nowin = str(tmp_path / "none" / "ckpt.pt")
+    assert checkpoints.load_checkpoint(nowin)["settings"]["window"] is None
+    r = run_train(QUICK[:-4] + ["--init", nowin, "--window", "256", "--out", str(tmp_path / "bad")])
+    assert r.returncode == 2 and "--window 256 contradicts the --init checkpoint" in r.stderr, r.stderr
+    r = run_train(QUICK[:-4] + ["--init", nowin, "--steps", "1", "--out", str(tmp_path / "kept")])
+    assert r.returncode == 0, r.stderr
+    kept = json.load(open(tmp_path / "kept" / "results.json"))["config"]
+    assert kept["window"] == 0 and kept["yarn_beta_fast"] == checkpoints.load_checkpoint(nowin)["settings"]["yarn"]["beta_fast"]
+
+
+def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypatch):
+    """--resume takes the stored run whole: values the command line's defaults would fail with (the
+    default batch of 16 over 3 processes; layers 'none' beside the default mode) are checked on the
+    stored run (batch 6, --mode full), not refused because of the defaults."""
+    out = tmp_path / "full"
+    r = run_train(sweep.without(QUICK, ["--batch"]) + ["--batch", "6", "--mode", "full", "--ttt-layers", "none",
+                                                       "--pretrain-steps", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for extra in ([], ["--ttt-layers", "none"]):
+        c, given = config.parse_args(["--resume", "--out", str(out)] + extra)
+        resumed, _ = config.resumed_config(given)
+        assert (resumed.batch, resumed.mode, resumed.ttt_layers) == (6, "full", [])
+        config.check(resumed)
 
 
 def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
