@@ -170,7 +170,7 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     if lora and config.mode not in freeze.LORA_SCOPES and not config.resume:
         fail(f"{', '.join(lora)} with --mode {config.mode}, which trains no LoRA: "
              f"give it with --mode {' or '.join(freeze.LORA_SCOPES)}")
-    if "pretrain_steps" in given and config.init:
+    if "pretrain_steps" in given and config.init and not config.resume:
         fail("--pretrain-steps with --init: the model comes from the checkpoint, not pretrained here")
     if isinstance(given.get("ttt_layers"), str):
         given["ttt_layers"] = config.ttt_layers
@@ -292,8 +292,9 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
     if "ttt_layers" in given:
         given["ttt_layers"] = resolve_layers(given["ttt_layers"], n_layers)
     if c.init and "preset" in given and any(settings["model"].get(k) != v for k, v in M.PRESETS[c.preset].items()):
-        raise ValueError(f"--preset {c.preset} ({M.PRESETS[c.preset]}) is not the model of the --init checkpoint, "
-                         f"which the run takes from it: leave the flag out")
+        raise ValueError(f"--preset {c.preset} ({M.PRESETS[c.preset]}) is not the model of the --init "
+                         f"{'Moshi-format model' if 'lm_kwargs' in settings['model'] else 'checkpoint'}, which the "
+                         f"run takes from it: leave the flag out")
     if c.init and c.init.endswith(".safetensors"):
         if "original_len" not in given:
             if not settings["model"].get("context"):
@@ -304,8 +305,9 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         fixed = dict(original_len=settings["original_len"])
         if "window" in settings:  # None: trained without a window (--window 0), kept so
             fixed["window"] = settings["window"] or 0
-        if (settings.get("yarn") or {}).get("beta_fast"):  # the YaRN it trained with, as its stages go on
-            fixed["yarn_beta_fast"] = settings["yarn"]["beta_fast"]
+        yarn_trained = settings.get("yarn") or {}
+        if yarn_trained.get("method") == "yarn" and yarn_trained.get("scale", 1) > 1:  # the YaRN it trained with
+            fixed["yarn_beta_fast"] = yarn_trained["beta_fast"]
         if settings.get("ttt"):
             t = settings["ttt"]
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
@@ -323,9 +325,11 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             if name == "ttt_layers" and name not in given and asked is not None:
                 asked = resolve_layers(asked, n_layers)
             if asked is not None and asked != value:
+                keep = (f"give {option(name)} {value!r} with --recipe {c.recipe} to keep it" if flag == "--recipe"
+                        else f"leave {flag} out to keep it")
                 via = f" (--recipe {c.recipe})" if flag == "--recipe" else ""
                 raise ValueError(f"{option(name)} {asked!r}{via} contradicts the --init checkpoint, whose {name} is "
-                                 f"{value!r}; leave {flag} out to keep it")
+                                 f"{value!r}; {keep}")
             setattr(c, name, value)
     if c.window is None:  # a small model sees 2 L0: YaRN matters beyond L0, and only TTT beyond 2 L0;
         c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)

@@ -337,8 +337,8 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def parse_known_args(self, args=None, namespace=None):
-        seen = {}
-        for token in (sys.argv[1:] if args is None else list(args)):
+        args, seen = sys.argv[1:] if args is None else list(args), {}
+        for token in args:
             if token == "--":
                 break
             action = self._option_string_actions.get(token.split("=", 1)[0])

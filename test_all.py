@@ -2816,10 +2816,22 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert kept["window"] == 0 and kept["yarn_beta_fast"] == checkpoints.load_checkpoint(nowin)["settings"]["yarn"]["beta_fast"]
 
 
+def test_init_keeps_beta_fast_only_from_a_yarn_it_trained_with():
+    """--init keeps the checkpoint's YaRN beta_fast where its stages ran YaRN beyond L0; a checkpoint
+    trained at scale 1, with another method or none leaves it to the run (None: from the model)."""
+    for stored, kept in ((dict(method="yarn", scale=2.0, beta_fast=4.0), 4.0), (dict(method="none", scale=2.0,
+                        beta_fast=4.0), None), (dict(method="yarn", scale=1.0, beta_fast=4.0), None), (None, None)):
+        c, given = config.parse_args(["--init", "x.pt"])
+        settings = dict(original_len=128, window=256, ttt=None, yarn=stored, model=dict(M.PRESETS["cpu"]))
+        config.settle(c, given, settings, 4, False)
+        assert c.yarn_beta_fast == kept, stored
+
+
 def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypatch):
     """--resume takes the stored run whole: values the command line's defaults would fail with (the
     default batch of 16 over 3 processes; layers 'none' beside the default mode) are checked on the
-    stored run (batch 6, --mode full), not refused because of the defaults."""
+    stored run (batch 6, --mode full), not refused because of the defaults; the stored run itself is
+    checked (its batch over 4 processes: refused)."""
     out = tmp_path / "full"
     r = run_train(sweep.without(QUICK, ["--batch"]) + ["--batch", "6", "--mode", "full", "--ttt-layers", "none",
                                                        "--pretrain-steps", "2", "--out", str(out)])
@@ -2830,6 +2842,10 @@ def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypa
         resumed, _ = config.resumed_config(given)
         assert (resumed.batch, resumed.mode, resumed.ttt_layers) == (6, "full", [])
         config.check(resumed)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the stored batch of 6 does not split over 4: refused by start
+    c, given = config.parse_args(["--resume", "--out", str(out)])
+    with pytest.raises(ValueError, match="--batch 6 must be divisible"):
+        config.start(c, given)
 
 
 def test_moshi_init_takes_l0_from_the_models_context(tmp_path):

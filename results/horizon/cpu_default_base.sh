@@ -16,7 +16,7 @@ run() {  # name, train.py flags (the plain sum, --ttt-delta 0, unless they say o
     local name=$1 sum=(--ttt-delta 0); shift
     case " $* " in *" --ttt-delta "*) sum=() ;; esac  # train.py takes each option once
     [ -f "$OUT/$name/results.json" ] || python train.py --init "$OUT/base/base.pt" --mode ttt_mlp_in --ttt-layers 0,1,2,3 \
-        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" "${sum[@]}" "$@" > "$OUT/$name.log" 2>&1
+        --steps 200 --eval-trials 1 --log-every 50 --out "$OUT/$name" ${sum[@]+"${sum[@]}"} "$@" > "$OUT/$name.log" 2>&1
     python eval_passkey.py "$OUT/$name/ckpt.pt" --lengths 512,1024,2048,4096 --depths 0,0.2,0.4 --trials 20 \
         --windows 16 --out "$OUT/$name/horizon.json" >> "$OUT/$name.log" 2>&1
 }
