@@ -371,6 +371,8 @@ def start(c: Config, given: dict) -> Start:
         check(c)
         model = checkpoints.model_from_checkpoint(resume, "cpu", os.path.join(c.out, "ckpt.pt"))
         settings = copy.deepcopy(resume["settings"])
+        if not c.init:  # the base it pretrains is its own: in --out, which may have moved since
+            settings["base_path"] = os.path.join(c.out, "base.pt")
     else:
         model, settings, resume = checkpoints.starting_point(c.init, c.init_config)
     multistream = model is not None and "lm_kwargs" in settings["model"]

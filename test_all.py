@@ -2831,7 +2831,7 @@ def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypa
     """--resume takes the stored run whole: values the command line's defaults would fail with (the
     default batch of 16 over 3 processes; layers 'none' beside the default mode) are checked on the
     stored run (batch 6, --mode full), not refused because of the defaults; the stored run itself is
-    checked (its batch over 4 processes: refused)."""
+    checked (its batch over 4 processes: refused); moved to another --out, it keeps its base there."""
     out = tmp_path / "full"
     r = run_train(sweep.without(QUICK, ["--batch"]) + ["--batch", "6", "--mode", "full", "--ttt-layers", "none",
                                                        "--pretrain-steps", "2", "--out", str(out)])
@@ -2842,6 +2842,11 @@ def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypa
         resumed, _ = config.resumed_config(given)
         assert (resumed.batch, resumed.mode, resumed.ttt_layers) == (6, "full", [])
         config.check(resumed)
+    moved = tmp_path / "moved"  # a run moved to another folder resumes there: its base is the one beside it
+    os.rename(out, moved)
+    c, given = config.parse_args(["--resume", "--out", str(moved)])
+    assert config.start(c, given).settings["base_path"] == os.path.join(str(moved), "base.pt")
+    os.rename(moved, out)
     monkeypatch.setenv("WORLD_SIZE", "4")  # the stored batch of 6 does not split over 4: refused by start
     c, given = config.parse_args(["--resume", "--out", str(out)])
     with pytest.raises(ValueError, match="--batch 6 must be divisible"):
