@@ -158,20 +158,21 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     given = vars(p.parse_args(argv))
     config = Config(**{**RECIPES[given.get("recipe", "project")], **given})
     fail = p.error  # one line on stderr, exit code 2, nothing written
-    try:  # a resumed run is checked once its stored configuration is read (start), not on the defaults
+    try:
         config.ttt_layers = parsed_layers(config.ttt_layers)
-        if not config.resume:
+        if not config.resume:  # a resumed run is checked on its stored configuration (start), not the defaults
             check(config)
     except ValueError as e:
         fail(str(e))
-    if "yarn_beta_fast" in given and config.method != "yarn" and not config.resume:  # it would change nothing
-        fail(f"--yarn-beta-fast is YaRN's; --method {config.method} has no beta_fast")
-    lora = [option(name) for name in ("lora_rank", "lora_scaling") if name in given]
-    if lora and config.mode not in freeze.LORA_SCOPES and not config.resume:
-        fail(f"{', '.join(lora)} with --mode {config.mode}, which trains no LoRA: "
-             f"give it with --mode {' or '.join(freeze.LORA_SCOPES)}")
-    if "pretrain_steps" in given and config.init and not config.resume:
-        fail("--pretrain-steps with --init: the model comes from the checkpoint, not pretrained here")
+    if not config.resume:  # flags that would change nothing (--resume compares them with the stored run)
+        if "yarn_beta_fast" in given and config.method != "yarn":
+            fail(f"--yarn-beta-fast is YaRN's; --method {config.method} has no beta_fast")
+        lora = [option(name) for name in ("lora_rank", "lora_scaling") if name in given]
+        if lora and config.mode not in freeze.LORA_SCOPES:
+            fail(f"{', '.join(lora)} with --mode {config.mode}, which trains no LoRA: "
+                 f"give it with --mode {' or '.join(freeze.LORA_SCOPES)}")
+        if "pretrain_steps" in given and config.init:
+            fail("--pretrain-steps with --init: the model comes from the checkpoint, not pretrained here")
     if isinstance(given.get("ttt_layers"), str):
         given["ttt_layers"] = config.ttt_layers
     return config, given
@@ -286,8 +287,9 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
 
 def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, multistream: bool) -> None:
     """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
-    window, its TTT and its YaRN's beta_fast; a Moshi-format one, L0 (its `context`) unless --original-len is given. A flag
-    that contradicts what the checkpoint fixes is refused (ValueError naming both values)."""
+    window, its TTT and its YaRN's beta_fast; a Moshi-format one, L0 (its `context`) unless
+    --original-len is given. A flag that contradicts what the checkpoint fixes is refused (ValueError
+    naming both values)."""
     c.ttt_layers = resolve_layers(c.ttt_layers, n_layers)
     if "ttt_layers" in given:
         given["ttt_layers"] = resolve_layers(given["ttt_layers"], n_layers)
@@ -325,11 +327,10 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             if name == "ttt_layers" and name not in given and asked is not None:
                 asked = resolve_layers(asked, n_layers)
             if asked is not None and asked != value:
-                keep = (f"give {option(name)} {value!r} with --recipe {c.recipe} to keep it" if flag == "--recipe"
-                        else f"leave {flag} out to keep it")
-                via = f" (--recipe {c.recipe})" if flag == "--recipe" else ""
+                via, keep = ((f" (--recipe {c.recipe})", f"give {option(name)} {value!r} with --recipe {c.recipe}")
+                             if flag == "--recipe" else ("", f"leave {flag} out"))
                 raise ValueError(f"{option(name)} {asked!r}{via} contradicts the --init checkpoint, whose {name} is "
-                                 f"{value!r}; {keep}")
+                                 f"{value!r}; {keep} to keep it")
             setattr(c, name, value)
     if c.window is None:  # a small model sees 2 L0: YaRN matters beyond L0, and only TTT beyond 2 L0;
         c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)

@@ -294,6 +294,12 @@ def format_rows(title: str, rows: list[dict]) -> str:
     return head + "\n" + line
 
 
+# The TTT settings an evaluation may change at inference: (flag, the TTT layer's attribute); the
+# parsed value is args.ttt_<attribute>.
+INFERENCE_TTT = (("--ttt-decay", "decay"), ("--ttt-update-clip", "update_clip"),
+                 ("--ttt-average-after", "average_after"), ("--ttt-delta", "delta"))
+
+
 def rope_used(args, checkpoint: dict) -> tuple[float, float]:
     """--method's scale (default 1) and YaRN's beta_fast: --beta-fast, else the run's (its config, or an
     adapter's YaRN settings, which store no config), else the paper's 32."""
@@ -341,11 +347,12 @@ class OneLineParser(argparse.ArgumentParser):
         for token in args:
             if token == "--":
                 break
-            action = self._option_string_actions.get(token.split("=", 1)[0])
+            name = token.split("=", 1)[0]
+            action = self._option_string_actions.get(name)
             if action is not None and action.dest != "help":
                 if action.dest in seen:
                     self.error(f"{seen[action.dest]} is given twice: give each option once")
-                seen[action.dest] = token.split("=", 1)[0]
+                seen[action.dest] = name
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
@@ -491,11 +498,8 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
     if args.method is not None:
         scale, beta_fast = rope_used(args, checkpoint)
         override_rope(model, args.method, scale, args.dynamic, original_len, beta_fast)
-    for flag, name, value in (("--ttt-decay", "decay", args.ttt_decay),
-                              ("--ttt-update-clip", "update_clip", args.ttt_update_clip),
-                              ("--ttt-average-after", "average_after", args.ttt_average_after),
-                              ("--ttt-delta", "delta", args.ttt_delta)):
-        if value is not None:
+    for flag, name in INFERENCE_TTT:
+        if (value := getattr(args, "ttt_" + name)) is not None:
             if not freeze.ttt_modules(model):
                 fail(f"{flag}: {path} has no TTT layers")
             for gating in freeze.ttt_modules(model):
@@ -523,9 +527,8 @@ def evaluate_checkpoint(args, path: str, checkpoint: dict, model, lengths: list[
                     args.streaming, progress=done)
     scale, beta_fast = rope_used(args, checkpoint) if args.method else (None, None)
     title = f"{path}" + (f" ({args.method} x{scale:g})" if args.method else "") + "".join(
-        f", {flag} {value:g} at inference" for flag, value in (("--ttt-decay", args.ttt_decay),
-        ("--ttt-update-clip", args.ttt_update_clip), ("--ttt-average-after", args.ttt_average_after),
-        ("--ttt-delta", args.ttt_delta)) if value is not None)
+        f", {flag} {getattr(args, 'ttt_' + name):g} at inference" for flag, name in INFERENCE_TTT
+        if getattr(args, "ttt_" + name) is not None)
     print(format_rows(title, rows))
     for r in rows:
         print(f"  length {r['length']}: by depth " + " ".join(f"{100 * a:.0f}%" for a in r["by_depth"]))
