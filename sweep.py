@@ -689,6 +689,9 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     # bound on the study's model; at Moshi 7B 1.45 % (rank 8: 1.60 %).
     trained_then_stages("ttt_lora_all_rank4_delta1", "lora_ttt (rank 4 on every linear), erase 1",
                         ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1"])
+    # Its twin without memory (eta 0): whose is its cost at 8 W, the memory's or the trainable set's.
+    trained_then_stages("ttt_lora_all_rank4_delta1_eta0", "lora_ttt (rank 4 on every linear), erase 1, eta 0 "
+                        "(no memory)", ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1", "--ttt-eta", "0"])
     return rows
 
 
