@@ -7,8 +7,10 @@ contradicts it, before any work:
 - --resume continues the stored configuration exactly; a flag given with it must equal the stored
   value (only --out, --device and --resume itself may differ);
 - --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window (none
-  included), its TTT, its YaRN's beta_fast; a --recipe is checked against them as its flags would be,
-  and flags that would change nothing there (--pretrain-steps, another --preset) are refused;
+  included), its TTT, its YaRN's beta_fast, and once it trained past L0 its --method; its stages go on
+  from the length it trained at (a --scale ending below it is refused); a --recipe is checked against
+  them as its flags would be, and flags that would change nothing there (--pretrain-steps, another
+  --preset) are refused;
 - --init from a Moshi-format model takes L0 from the model's `context` unless --original-len says.
 
     c, given = config.parse_args(sys.argv[1:])
@@ -287,7 +289,7 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
 
 def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, multistream: bool) -> None:
     """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
-    window, its TTT and its YaRN's beta_fast; a Moshi-format one, L0 (its `context`) unless
+    window, its TTT, its YaRN's beta_fast and, once trained past L0, its --method; a Moshi-format one, L0 (its `context`) unless
     --original-len is given. A flag that contradicts what the checkpoint fixes is refused (ValueError
     naming both values)."""
     c.ttt_layers = resolve_layers(c.ttt_layers, n_layers)
@@ -310,6 +312,8 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         yarn_trained = settings.get("yarn") or {}
         if yarn_trained.get("method") == "yarn" and yarn_trained.get("scale", 1) > 1:  # the YaRN it trained with
             fixed["yarn_beta_fast"] = yarn_trained["beta_fast"]
+        if yarn_trained and trained_len(settings) > settings["original_len"]:  # extended: further alike
+            fixed["method"] = yarn_trained["method"]
         if settings.get("ttt"):
             t = settings["ttt"]
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
@@ -336,6 +340,24 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)
     if any(not 0 <= i < n_layers for i in c.ttt_layers):
         raise ValueError(f"--ttt-layers {c.ttt_layers} out of range: the model has layers 0..{n_layers - 1}")
+
+
+def trained_len(settings: dict) -> int:
+    """The longest length a checkpoint's weights have trained at (a base: its L0)."""
+    return settings.get("trained_len") or settings["original_len"]
+
+
+def continued(stages: list[dict], trained: int, original_len: int) -> list[dict]:
+    """An --init's stages: the curriculum's past the length the checkpoint trained at, so an extended
+    checkpoint goes on from there (a --scale that ends there trains that last stage again); ValueError
+    for a --scale that ends below it, which would take back the extension its weights were trained for."""
+    if later := [s for s in stages if s["length"] > trained]:
+        return later
+    if stages[-1]["length"] == trained:
+        return stages[-1:]
+    raise ValueError(f"--scale {stages[-1]['scale']:g} ends at length {stages[-1]['length']}, below the "
+                     f"{trained} the --init checkpoint trained at (scale {trained / original_len:g}): give a --scale "
+                     f"of at least {trained / original_len:g} to extend it, or --init its base")
 
 
 def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
@@ -397,6 +419,8 @@ def start(c: Config, given: dict) -> Start:
         c.yarn_beta_fast = yarn.beta_fast_like_moshi(attention.embed_dim // attention.num_heads,
                                                      model.transformer.rope.max_period, c.original_len)
     stages = resume["stages"] if resume else curriculum(c.scale, c.original_len, pretrain=not c.init)
+    if c.init and not resume:
+        stages = continued(stages, trained_len(settings), c.original_len)
     if c.pretrain_only and stages[0]["kind"] != "pretrain":
         raise ValueError("--pretrain-only needs a run that pretrains (no --init)")
     stages = stages[:1] if c.pretrain_only else stages

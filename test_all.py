@@ -2461,12 +2461,12 @@ def test_lora_training_and_adapter(tmp_path, mode):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and extra[-2] in lines[0] and says in lines[0], r.stderr
     assert not (tmp_path / "bad").exists()
-    # an extension of this run (longer documents, the base's RoPE): its adapter loads on this
-    # checkpoint, which holds TTT and LoRA already, and rebuilds the extended model
+    # an extension of this run (to 4 L0, its YaRN): its adapter loads on this checkpoint, which holds
+    # TTT and LoRA already, and rebuilds the extended model
     more = tmp_path / "more"
-    r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--method", "none", "--mode", mode,
+    r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--scale", "4", "--mode", mode,
                                 "--lora-rank", "2", "--out", str(more)] + erase)
-    assert r.returncode == 0 and "the base's RoPE" in r.stdout, r.stderr
+    assert r.returncode == 0 and "extend at length 512, scale 4" in r.stdout, r.stderr
     extended = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "ckpt.pt"))).eval()
     on_base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "adapter.pt")),
                                                 path=str(more / "adapter.pt")).eval()
@@ -2767,9 +2767,10 @@ def test_bare_resume_continues_the_stored_run(tmp_path):
 
 
 def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_path):
-    """From a checkpoint with a window and TTT: its window, L0, TTT and YaRN's beta_fast are the run's
-    (and recorded as such); --window 0, a --ttt-* flag, --original-len, --yarn-beta-fast or a --recipe
-    that contradicts them is refused in one line, before anything is written, as are flags that would
+    """From a checkpoint with a window and TTT, trained at 2 L0 with YaRN: its window, L0, TTT, YaRN's
+    beta_fast and method are the run's (and recorded as such), and its stages go on from 2 L0;
+    --window 0, a --ttt-* flag, --original-len, --yarn-beta-fast, --method, a --scale ending below 2 L0
+    or a --recipe that contradicts them is refused in one line, before anything is written, as are flags that would
     change nothing (--preset of another model, --pretrain-steps, --lora-rank without a LoRA mode); from
     a checkpoint trained without a window, none is kept."""
     first = run_train(QUICK + ["--out", str(tmp_path / "first")])
@@ -2780,7 +2781,8 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     bad = [["--window", "0"], ["--window", "128"], ["--ttt-layers", "none", "--mode", "full"], ["--ttt-layers", "1"],
            ["--ttt-chunk", "16"], ["--ttt-eta", "1"], ["--ttt-target", "embeddings"], ["--ttt-rope-modulo"],
            ["--ttt-no-target"], ["--ttt-decay", "0.9", "--ttt-delta", "0"], ["--ttt-update-clip", "2"],
-           ["--ttt-average-after", "4", "--ttt-delta", "0"], ["--ttt-delta", "0"], ["--original-len", "160"]]
+           ["--ttt-average-after", "4", "--ttt-delta", "0"], ["--ttt-delta", "0"], ["--original-len", "160"],
+           ["--method", "none"], ["--scale", "1"]]  # the last two would take back its YaRN x2
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()
@@ -2792,6 +2794,13 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     recorded = json.load(open(tmp_path / "again" / "results.json"))["config"]
     assert (recorded["window"], recorded["ttt_chunk"], recorded["ttt_layers"]) == (256, 32, settings["ttt"]["layers"])
     assert checkpoints.load_checkpoint(str(tmp_path / "again" / "ckpt.pt"))["settings"]["window"] == 256
+    # trained at 2 L0 with YaRN: --scale 2 trains that stage again (above); --scale 4 goes on from it, with YaRN
+    stages = lambda r: [line.split(":")[1].split(",")[0].strip() for line in r.stdout.splitlines()
+                        if line.startswith("stage ") and " done" not in line]
+    assert stages(again) == ["extend at length 256"], again.stdout
+    on = run_train(QUICK[:-4] + ["--init", ckpt, "--scale", "4", "--steps", "1", "--out", str(tmp_path / "on")])
+    assert on.returncode == 0 and stages(on) == ["extend at length 512"], on.stderr
+    assert checkpoints.load_checkpoint(str(tmp_path / "on" / "ckpt.pt"))["settings"]["yarn"]["method"] == "yarn"
     # flags that would change nothing here: the model comes from the checkpoint, ttt_only trains no LoRA;
     # the official recipe's TTT contradicts the checkpoint's as its flags would
     for extra, says in ((["--preset", "gpu"], "--preset"), (["--pretrain-steps", "9"], "--pretrain-steps"),
