@@ -139,10 +139,13 @@ def starting_point(init: tp.Optional[str], init_config: tp.Optional[str]):
         model, model_settings = M.load_moshi(init, init_config)
         return model, M.new_settings(model_settings, model_settings.get("context") or 0, init,
                                    base_config=init_config), None
-    if init:
+    if init:  # this checkpoint is the new run's base: a Moshi-format base_config no longer describes it
         checkpoint = load_checkpoint(init)
-        return model_from_checkpoint(checkpoint, "cpu", init), dict(copy.deepcopy(checkpoint["settings"]),
-                                                                    base_path=init), None
+        if checkpoint.get("step"):  # saved inside a stage (--save-every): its settings name a stage not done
+            raise ValueError(f"{init} was saved inside stage {checkpoint.get('stage')} at step {checkpoint['step']}: "
+                             f"--resume its run to finish that stage, or --init a checkpoint saved at a stage's end")
+        settings = {k: v for k, v in copy.deepcopy(checkpoint["settings"]).items() if k != "base_config"}
+        return model_from_checkpoint(checkpoint, "cpu", init), dict(settings, base_path=init), None
     return None, None, None
 
 

@@ -8,9 +8,9 @@ contradicts it, before any work:
   value (only --out, --device and --resume itself may differ);
 - --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window (none
   included), its TTT, its YaRN's beta_fast, and once it trained past L0 its --method; its stages go on
-  from the length it trained at (a --scale ending below it is refused); a --recipe is checked against
-  them as its flags would be, and flags that would change nothing there (--pretrain-steps, another
-  --preset) are refused;
+  from the length it trained at (a --scale ending below it, or a checkpoint saved inside a stage, is
+  refused); a --recipe is checked against them as its flags would be, and flags that would change
+  nothing there (--pretrain-steps, another --preset) are refused;
 - --init from a Moshi-format model takes L0 from the model's `context` unless --original-len says.
 
     c, given = config.parse_args(sys.argv[1:])
@@ -313,7 +313,13 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         if yarn_trained.get("method") == "yarn" and yarn_trained.get("scale", 1) > 1:  # the YaRN it trained with
             fixed["yarn_beta_fast"] = yarn_trained["beta_fast"]
         if yarn_trained and trained_len(settings) > settings["original_len"]:  # extended: further alike
-            fixed["method"] = yarn_trained["method"]
+            if given.get("method", yarn_trained["method"]) != yarn_trained["method"]:
+                raise ValueError(f"--method {c.method} with an --init checkpoint extended to length "
+                                 f"{trained_len(settings)} with --method {yarn_trained['method']}, the RoPE its "
+                                 f"weights trained with: leave --method out to keep it, or --init its base")
+            c.method = yarn_trained["method"]
+            if "yarn_beta_fast" in given and c.method != "yarn":
+                raise ValueError(f"--yarn-beta-fast is YaRN's; the --init checkpoint's --method {c.method} has none")
         if settings.get("ttt"):
             t = settings["ttt"]
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
@@ -347,7 +353,7 @@ def trained_len(settings: dict) -> int:
     return settings.get("trained_len") or settings["original_len"]
 
 
-def continued(stages: list[dict], trained: int, original_len: int) -> list[dict]:
+def continued(stages: list[dict], trained: int, trained_scale: float) -> list[dict]:
     """An --init's stages: the curriculum's past the length the checkpoint trained at, so an extended
     checkpoint goes on from there (a --scale that ends there trains that last stage again); ValueError
     for a --scale that ends below it, which would take back the extension its weights were trained for."""
@@ -356,8 +362,8 @@ def continued(stages: list[dict], trained: int, original_len: int) -> list[dict]
     if stages[-1]["length"] == trained:
         return stages[-1:]
     raise ValueError(f"--scale {stages[-1]['scale']:g} ends at length {stages[-1]['length']}, below the "
-                     f"{trained} the --init checkpoint trained at (scale {trained / original_len:g}): give a --scale "
-                     f"of at least {trained / original_len:g} to extend it, or --init its base")
+                     f"{trained} the --init checkpoint trained at (its scale {trained_scale:g}): give --scale "
+                     f"{trained_scale:g} to train that stage again or a larger one to extend it, or --init its base")
 
 
 def curriculum(scale: float, original_len: int, pretrain: bool) -> list[dict]:
@@ -420,7 +426,8 @@ def start(c: Config, given: dict) -> Start:
                                                      model.transformer.rope.max_period, c.original_len)
     stages = resume["stages"] if resume else curriculum(c.scale, c.original_len, pretrain=not c.init)
     if c.init and not resume:
-        stages = continued(stages, trained_len(settings), c.original_len)
+        trained = trained_len(settings)
+        stages = continued(stages, trained, (settings.get("yarn") or {}).get("scale") or trained / c.original_len)
     if c.pretrain_only and stages[0]["kind"] != "pretrain":
         raise ValueError("--pretrain-only needs a run that pretrains (no --init)")
     stages = stages[:1] if c.pretrain_only else stages

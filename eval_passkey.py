@@ -184,11 +184,12 @@ def near_far(row: dict, depths: list[float], trials: int, window: tp.Optional[in
 
 
 def final_table(model, base_model, settings: dict, lengths: list[int], corpus, trials: int, device,
-                multistream: bool, method: str, scale: float, beta_fast: float = 32.0):
+                multistream: bool, method: str, scale: float, beta_fast: float = 32.0, base_extended: bool = False):
     """train.py's closing table, each effect against its own control, at every stage length:
     RoPE scaling: the base with `method` x`scale` (for YaRN also dynamic, the scale max(1, length /
     L0) as the YaRN paper evaluates without fine-tuning, and PI at the same scale) against the base
-    as pretrained (vanilla RoPE), none of them trained; TTT: the trained model against the
+    as pretrained (vanilla RoPE), none of them trained (not where the run started from a model
+    already trained past L0, `base_extended`: its RoPE is part of its training); TTT: the trained model against the
     same weights with the fast weights off (eta 0, so no update ever reaches them), a control only
     in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
     Prints it; returns its rows with the corpus identity (None for token streams, whose table is
@@ -206,7 +207,9 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     window, ttt_text = settings.get("window"), f"TTT {settings['mode']}" if settings["ttt"] else "no TTT"
     rope = f"{method} x{scale:g}" if method != "none" else "vanilla RoPE"
     models = []
-    if base_model is not None and method != "none":  # YaRN beside PI, the interpolation it refines
+    if base_model is not None and base_extended:
+        models += [("RoPE scalings untrained: not compared (the starting model was trained past L0)", None)]
+    elif base_model is not None and method != "none":  # YaRN beside PI, the interpolation it refines
         models += [(f"{rope} against its control: the base model, untrained"
                     + (f" (YaRN's beta_fast {beta_fast:g})" if method == "yarn" else ""), None),
                    ("vanilla RoPE (control)", ("none", 1.0, False)), (rope, (method, scale, False))]
@@ -275,13 +278,17 @@ def final_report(model, settings: dict, stages: list[dict], corpus, device, mult
     """train.py's end: the final table at L0 and every stage length against the base checkpoint the
     run started from (if it is still there), written to `path` with the run's configuration."""
     base_path, base_model = settings.get("base_path"), None
+    base_len = settings["original_len"]  # the length the starting model trained at
     if base_path and os.path.isfile(base_path):
-        base_model = (M.load_moshi(base_path, settings["base_config"])[0] if settings.get("base_config")
-                      else checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(base_path), "cpu",
-                                                             base_path)).to(device)
-    lengths = sorted({settings["original_len"]} | {s["length"] for s in stages})
+        if settings.get("base_config"):
+            base_model = M.load_moshi(base_path, settings["base_config"])[0].to(device)
+        else:
+            base = checkpoints.load_checkpoint(base_path)
+            base_model = checkpoints.model_from_checkpoint(base, device, base_path)
+            base_len = base["settings"].get("trained_len") or base_len
+    lengths = sorted({settings["original_len"], base_len} | {s["length"] for s in stages})
     results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale,
-                          beta_fast)
+                          beta_fast, base_extended=base_len > settings["original_len"])
     if results is not None:
         checkpoints.save_json(path, dict(results, config=config))
         print(f"wrote {path}")

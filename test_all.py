@@ -2437,7 +2437,7 @@ def test_lora_training_and_adapter(tmp_path, mode):
     delta rule's erase, which the checkpoint and the adapter carry."""
     out = tmp_path / "lora"
     erase = ["--ttt-delta", "1" if mode == "ttt_lora_in" else "0"]
-    r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--out", str(out)] + erase)
+    r = run_train(QUICK + ["--mode", mode, "--lora-rank", "2", "--scale", "1", "--out", str(out)] + erase)
     assert r.returncode == 0, r.stderr
     assert "not a control" in r.stdout and "eta 0 (control)" not in r.stdout  # other weights trained with TTT
     trained = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(out / "ckpt.pt"))).eval()
@@ -2461,12 +2461,13 @@ def test_lora_training_and_adapter(tmp_path, mode):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and extra[-2] in lines[0] and says in lines[0], r.stderr
     assert not (tmp_path / "bad").exists()
-    # an extension of this run (to 4 L0, its YaRN): its adapter loads on this checkpoint, which holds
-    # TTT and LoRA already, and rebuilds the extended model
+    # an extension of this run, trained at L0 (longer documents, the base's RoPE, as the horizon rows'
+    # stages): its adapter loads on this checkpoint, which holds TTT and LoRA already, and rebuilds
+    # the extended model
     more = tmp_path / "more"
-    r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--scale", "4", "--mode", mode,
+    r = run_train(QUICK[:-4] + ["--init", str(out / "ckpt.pt"), "--method", "none", "--mode", mode,
                                 "--lora-rank", "2", "--out", str(more)] + erase)
-    assert r.returncode == 0 and "extend at length 512, scale 4" in r.stdout, r.stderr
+    assert r.returncode == 0 and "the base's RoPE" in r.stdout, r.stderr
     extended = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "ckpt.pt"))).eval()
     on_base = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(more / "adapter.pt")),
                                                 path=str(more / "adapter.pt")).eval()
@@ -2783,6 +2784,12 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
            ["--ttt-no-target"], ["--ttt-decay", "0.9", "--ttt-delta", "0"], ["--ttt-update-clip", "2"],
            ["--ttt-average-after", "4", "--ttt-delta", "0"], ["--ttt-delta", "0"], ["--original-len", "160"],
            ["--method", "none"], ["--scale", "1"]]  # the last two would take back its YaRN x2
+    r = run_train(QUICK[:-4] + ["--init", ckpt, "--scale", "1.5", "--out", str(tmp_path / "bad")])
+    assert r.returncode == 2 and "give --scale 2 to train that stage again" in r.stderr, r.stderr
+    inside = str(tmp_path / "inside.pt")  # as --save-every writes one inside a stage: its stage is not done
+    checkpoints.save_checkpoint(inside, dict(checkpoints.load_checkpoint(ckpt), stage=1, step=2))
+    r = run_train(QUICK[:-4] + ["--init", inside, "--out", str(tmp_path / "bad")])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--resume its run" in r.stderr, r.stderr
     for extra in bad:
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()
@@ -2800,6 +2807,11 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
     assert stages(again) == ["extend at length 256"], again.stdout
     on = run_train(QUICK[:-4] + ["--init", ckpt, "--scale", "4", "--steps", "1", "--out", str(tmp_path / "on")])
     assert on.returncode == 0 and stages(on) == ["extend at length 512"], on.stderr
+    # its final table: at L0, the length the checkpoint trained at and the new stage's; the untrained
+    # RoPE scalings, made for a base trained at L0, not compared on a start that trained past it
+    final = json.load(open(tmp_path / "on" / "results.json"))["rows"]
+    assert "not compared (the starting model was trained past L0)" in on.stdout and "vanilla RoPE (control)" not in final
+    assert all([r["length"] for r in rows] == [128, 256, 512] for rows in final.values()), final.keys()
     assert checkpoints.load_checkpoint(str(tmp_path / "on" / "ckpt.pt"))["settings"]["yarn"]["method"] == "yarn"
     # flags that would change nothing here: the model comes from the checkpoint, ttt_only trains no LoRA;
     # the official recipe's TTT contradicts the checkpoint's as its flags would
@@ -2827,13 +2839,23 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
 
 def test_init_keeps_beta_fast_only_from_a_yarn_it_trained_with():
     """--init keeps the checkpoint's YaRN beta_fast where its stages ran YaRN beyond L0; a checkpoint
-    trained at scale 1, with another method or none leaves it to the run (None: from the model)."""
+    trained at scale 1, with another method or none leaves it to the run (None: from the model); one
+    extended with the base's RoPE keeps that, and a --yarn-beta-fast is refused."""
     for stored, kept in ((dict(method="yarn", scale=2.0, beta_fast=4.0), 4.0), (dict(method="none", scale=2.0,
                         beta_fast=4.0), None), (dict(method="yarn", scale=1.0, beta_fast=4.0), None), (None, None)):
         c, given = config.parse_args(["--init", "x.pt"])
         settings = dict(original_len=128, window=256, ttt=None, yarn=stored, model=dict(M.PRESETS["cpu"]))
         config.settle(c, given, settings, 4, False)
         assert c.yarn_beta_fast == kept, stored
+    # extended (trained past L0) with the base's RoPE: the run keeps --method none, where a beta_fast means nothing
+    extended = dict(original_len=128, trained_len=256, window=256, ttt=None, model=dict(M.PRESETS["cpu"]),
+                    yarn=dict(method="none", scale=2.0, beta_fast=4.0))
+    c, given = config.parse_args(["--init", "x.pt"])
+    config.settle(c, given, copy.deepcopy(extended), 4, False)
+    assert c.method == "none"
+    c, given = config.parse_args(["--init", "x.pt", "--yarn-beta-fast", "4"])
+    with pytest.raises(ValueError, match="--yarn-beta-fast is YaRN's; the --init checkpoint's --method none"):
+        config.settle(c, given, copy.deepcopy(extended), 4, False)
 
 
 def test_resume_is_checked_on_the_stored_run_not_the_defaults(tmp_path, monkeypatch):
@@ -2876,6 +2898,17 @@ def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
         assert f"extend at length {2 * L0}" in r.stdout
         settings = checkpoints.load_checkpoint(str(out / "ckpt.pt"))["settings"]
         assert settings["original_len"] == L0 and settings["yarn"]["original_len"] == L0
+    # the run extended again from its own checkpoint (its base now ckpt.pt, not the Moshi files): to
+    # 4 L0, its final table against that checkpoint and its adapter rebuilding the model on it
+    data = args[args.index("--data"):args.index("--scale")]
+    r = run_train(["--init", str(tmp_path / "out128" / "ckpt.pt")] + data + ["--scale", "4", "--steps", "1", "--batch",
+                                                                             "2", "--out", str(tmp_path / "on")])
+    assert r.returncode == 0 and "extend at length 512" in r.stdout and "\nbase " in r.stdout, r.stderr[-2000:]
+    on = tmp_path / "on"
+    full = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(on / "ckpt.pt"))).state_dict()
+    rebuilt = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(on / "adapter.pt")),
+                                                path=str(on / "adapter.pt")).state_dict()
+    assert full.keys() == rebuilt.keys() and all(torch.equal(full[k], rebuilt[k]) for k in full)
 
 
 def moshi_7b_kwargs_small() -> dict:
