@@ -289,9 +289,9 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
 
 def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, multistream: bool) -> None:
     """Completes the config from the starting point, in place. An --init checkpoint fixes its L0, its
-    window, its TTT, its YaRN's beta_fast and, once trained past L0, its --method; a Moshi-format one, L0 (its `context`) unless
-    --original-len is given. A flag that contradicts what the checkpoint fixes is refused (ValueError
-    naming both values)."""
+    window, its TTT, its YaRN's beta_fast and, once trained past L0, its --method; a Moshi-format
+    one, L0 (its `context`) unless --original-len is given. A flag that contradicts what the
+    checkpoint fixes is refused (ValueError naming both values)."""
     c.ttt_layers = resolve_layers(c.ttt_layers, n_layers)
     if "ttt_layers" in given:
         given["ttt_layers"] = resolve_layers(given["ttt_layers"], n_layers)

@@ -189,9 +189,9 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     RoPE scaling: the base with `method` x`scale` (for YaRN also dynamic, the scale max(1, length /
     L0) as the YaRN paper evaluates without fine-tuning, and PI at the same scale) against the base
     as pretrained (vanilla RoPE), none of them trained (not where the run started from a model
-    already trained past L0, `base_extended`: its RoPE is part of its training); TTT: the trained model against the
-    same weights with the fast weights off (eta 0, so no update ever reaches them), a control only
-    in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
+    already trained past L0, `base_extended`: its RoPE is part of its training); TTT: the trained
+    model against the same weights with the fast weights off (eta 0, so no update ever reaches
+    them), a control only in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
     Prints it; returns its rows with the corpus identity (None for token streams, whose table is
     validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
