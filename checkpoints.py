@@ -149,6 +149,11 @@ def starting_point(init: tp.Optional[str], init_config: tp.Optional[str]):
     return None, None, None
 
 
+def trained_len(settings: dict) -> int:
+    """The longest length a checkpoint's weights have trained at (a base: its L0)."""
+    return settings.get("trained_len") or settings["original_len"]
+
+
 def check_resumable(checkpoint: dict, path: str) -> None:
     """The fields --resume reads, checked before any work: ValueError naming the first bad one."""
     stages = checkpoint.get("stages")

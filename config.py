@@ -312,11 +312,12 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         yarn_trained = settings.get("yarn") or {}
         if yarn_trained.get("method") == "yarn" and yarn_trained.get("scale", 1) > 1:  # the YaRN it trained with
             fixed["yarn_beta_fast"] = yarn_trained["beta_fast"]
-        if yarn_trained and trained_len(settings) > settings["original_len"]:  # extended: further alike
+        extended = checkpoints.trained_len(settings)
+        if yarn_trained and extended > settings["original_len"]:  # extended past L0: further alike
             if given.get("method", yarn_trained["method"]) != yarn_trained["method"]:
-                raise ValueError(f"--method {c.method} with an --init checkpoint extended to length "
-                                 f"{trained_len(settings)} with --method {yarn_trained['method']}, the RoPE its "
-                                 f"weights trained with: leave --method out to keep it, or --init its base")
+                raise ValueError(f"--method {c.method} with an --init checkpoint extended to length {extended} with "
+                                 f"--method {yarn_trained['method']}, the RoPE its weights trained with: leave "
+                                 f"--method out to keep it, or --init its base")
             c.method = yarn_trained["method"]
             if "yarn_beta_fast" in given and c.method != "yarn":
                 raise ValueError(f"--yarn-beta-fast is YaRN's; the --init checkpoint's --method {c.method} has none")
@@ -346,11 +347,6 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
         c.window = 0 if multistream else 2 * c.original_len  # a Moshi model its context (YaRN widens it)
     if any(not 0 <= i < n_layers for i in c.ttt_layers):
         raise ValueError(f"--ttt-layers {c.ttt_layers} out of range: the model has layers 0..{n_layers - 1}")
-
-
-def trained_len(settings: dict) -> int:
-    """The longest length a checkpoint's weights have trained at (a base: its L0)."""
-    return settings.get("trained_len") or settings["original_len"]
 
 
 def continued(stages: list[dict], trained: int, trained_scale: float) -> list[dict]:
@@ -426,7 +422,7 @@ def start(c: Config, given: dict) -> Start:
                                                      model.transformer.rope.max_period, c.original_len)
     stages = resume["stages"] if resume else curriculum(c.scale, c.original_len, pretrain=not c.init)
     if c.init and not resume:
-        trained = trained_len(settings)
+        trained = checkpoints.trained_len(settings)
         stages = continued(stages, trained, (settings.get("yarn") or {}).get("scale") or trained / c.original_len)
     if c.pretrain_only and stages[0]["kind"] != "pretrain":
         raise ValueError("--pretrain-only needs a run that pretrains (no --init)")

@@ -191,9 +191,9 @@ def final_table(model, base_model, settings: dict, lengths: list[int], corpus, t
     as pretrained (vanilla RoPE), none of them trained (not where the run started from a model
     already trained past L0, `base_extended`: its RoPE is part of its training); TTT: the trained
     model against the same weights with the fast weights off (eta 0, so no update ever reaches
-    them), a control only in `ttt_only`. Needles are split near / far (inside / beyond the attention window, `is_far`).
-    Prints it; returns its rows with the corpus identity (None for token streams, whose table is
-    validation loss)."""
+    them), a control only in `ttt_only`. Needles are split near / far (inside / beyond the
+    attention window, `is_far`). Prints it; returns its rows with the corpus identity (None for
+    token streams, whose table is validation loss)."""
     if multistream:  # no passkey in token streams: validation loss of the base and the trained model
         rows = {name: {L: validation_loss(m, corpus.val, L, 8, device, **settings.get("loss", {})) for L in lengths}
                 for name, m in (("base", base_model), ("trained", model)) if m is not None}
@@ -285,7 +285,7 @@ def final_report(model, settings: dict, stages: list[dict], corpus, device, mult
         else:
             base = checkpoints.load_checkpoint(base_path)
             base_model = checkpoints.model_from_checkpoint(base, device, base_path)
-            base_len = base["settings"].get("trained_len") or base_len
+            base_len = checkpoints.trained_len(base["settings"])
     lengths = sorted({settings["original_len"], base_len} | {s["length"] for s in stages})
     results = final_table(model, base_model, settings, lengths, corpus, trials, device, multistream, method, scale,
                           beta_fast, base_extended=base_len > settings["original_len"])
@@ -501,7 +501,7 @@ def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.M
         fail(str(e))
     settings = checkpoint["settings"]
     original_len = settings["original_len"]
-    trained_len = settings.get("trained_len", original_len)
+    trained_len = checkpoints.trained_len(settings)
     if args.method is not None:
         scale, beta_fast = rope_used(args, checkpoint)
         override_rope(model, args.method, scale, args.dynamic, original_len, beta_fast)
