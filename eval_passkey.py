@@ -90,30 +90,40 @@ def passkey_accuracy(model, val, length: int, depths: list[float], trials: int, 
 
 
 @torch.no_grad()
-def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batch: int = 8) -> float:
-    """Mean next-byte cross-entropy in bits over `windows` random validation windows."""
+def bits_per_window(model, val, length: int, windows: int, seed: int, device, batch: int = 8) -> list[float]:
+    """Each of `windows` random validation windows' mean next-byte cross-entropy in bits: a
+    comparison of two models on the same windows can pair them, and its interval can count the
+    windows (the text) as well as the models."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     tokens = data.random_windows(val, length + 1, windows, generator)
-    total = 0.0
+    bits = []
     for start in range(0, windows, batch):
         x = tokens[start:start + batch].to(device)
         out = M.logits(model, x[:, :-1])
-        total += F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-    return total / (windows * length) / math.log(2)
+        nats = F.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(x), length)
+        bits += (nats.double().mean(1) / math.log(2)).tolist()
+    return bits
+
+
+def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batch: int = 8) -> float:
+    """Mean next-byte cross-entropy in bits over `windows` random validation windows."""
+    bits = bits_per_window(model, val, length, windows, seed, device, batch)
+    return sum(bits) / len(bits)
 
 
 def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, windows: int,
              device, seed: int = EVAL_SEED, streaming: bool = False,
              progress: tp.Optional[tp.Callable[[dict], None]] = None) -> list[dict]:
-    """One row per length: passkey accuracy per depth and overall, and bits per byte; `progress` is
-    called with each row as it is done."""
+    """One row per length: passkey accuracy per depth and overall, and bits per byte, with each
+    window's; `progress` is called with each row as it is done."""
     rows = []
     for length in lengths:
         correct = passkey_accuracy(model, val, length, depths, trials, seed + length, device, streaming=streaming)
         acc = [sum(c) / len(c) for c in correct]
-        bpb = bits_per_byte(model, val, length, windows, seed + length, device)
-        rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=bpb, correct=correct))
+        bits = bits_per_window(model, val, length, windows, seed + length, device)
+        rows.append(dict(length=length, passkey=sum(acc) / len(acc), by_depth=acc, bpb=sum(bits) / len(bits),
+                         bpb_windows=bits, correct=correct))
         if progress:
             progress(rows[-1])
     return rows

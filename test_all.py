@@ -1921,6 +1921,24 @@ def test_bits_per_byte_of_uniform_model_is_8():
     assert eval_passkey.bits_per_byte(m, corpus.val, 64, 4, 0, "cpu") == pytest.approx(8.0, abs=1e-5)
 
 
+@settings(max_examples=8, deadline=None)
+@given(windows=st.integers(1, 7), batch=st.integers(1, 4), seed=st.integers(0, 2 ** 31))
+def test_bits_per_window_are_each_windows_own_loss(windows, batch, seed):
+    """Each window's bits per byte, batched, equal the window scored alone by a float64 log-softmax
+    (an independent loss), in the order drawn; bits per byte is their mean."""
+    m = tiny_model()
+    corpus = data.load_corpus()
+    bits = eval_passkey.bits_per_window(m, corpus.val, 64, windows, seed, "cpu", batch=batch)
+    tokens = data.random_windows(corpus.val, 65, windows, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for got, x in zip(bits, tokens, strict=True):
+            logp = torch.log_softmax(M.logits(m.eval(), x[None, :-1])[0].double(), -1)
+            want = -logp.gather(1, x[1:, None]).mean().item() / math.log(2)
+            assert got == pytest.approx(want, rel=1e-5)
+    assert eval_passkey.bits_per_byte(m, corpus.val, 64, windows, seed, "cpu", batch) == pytest.approx(
+        sum(bits) / windows, rel=1e-12)
+
+
 @pytest.mark.parametrize("window,piece", [(128, 50), (40, 256), (40, 7)])
 def test_streaming_passkey_decoding_equals_parallel_greedy(window, piece):
     """With a window shorter than the document too (the ring KV cache wraps while the prompt is
