@@ -946,6 +946,21 @@ def bootstrap_over_bases(values: list[float], draws: int = 10000, seed: int = 0)
     return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
+def bootstrap_over_bases_and_windows(diffs: list[list[float]], draws: int = 10000,
+                                     seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5 %, 97.5 % quantiles) of the mean of `diffs` [base][window] (a row minus its control
+    on each validation window; the same windows on every base) with the bases and the windows each
+    resampled with replacement, independently: the interval counts the text drawn as well as the
+    bases, since every base is scored on the same windows. (The two-way bootstrap of a crossed design
+    is, if anything, wide.) The bases are drawn first, as in bootstrap_over_bases."""
+    x = torch.tensor(diffs, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    bases = torch.randint(x.shape[0], (draws, x.shape[0]), generator=generator)
+    windows = torch.randint(x.shape[1], (draws, x.shape[1]), generator=generator)
+    means = x[bases[:, :, None], windows[:, None, :]].mean(dim=(1, 2))
+    return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
 def far_by_distance(rows: list[dict], depths: list[float], W: int) -> dict[float, dict[int, float]]:
     """{d: {L: accuracy}}: far retrieval of the needles that lie about d = (1 - depth) L / W windows
     before the question, at each length L where one of `depths` puts them there (rows: one row's
@@ -1028,6 +1043,24 @@ def tables_horizon(results: dict, path: str) -> None:
             continue
         lines.append(f"- {labels[name]}, against {ctl} on {len(against)} base(s): bits per byte "
                      + ("never above the control's" if not worse else "above the control's at " + "; ".join(worse)))
+    paired = [(n, controls[n]) for n in names if n.startswith("ttt") and len(bases) > 1 and all(
+        k in results["rows"][b] and all("bpb_windows" in r for r in results["rows"][b][k])
+        for b in bases for k in (n, controls[n]))]
+    if paired:  # each window scored by the row and its control: the difference per window, over the bases
+        windows = len(results["rows"][bases[0]][paired[0][0]][0]["bpb_windows"])
+        lines += ["", "### Against the control on the same validation windows, pooled over the bases", "",
+                  f"Bits per byte of the row minus its control's, the mean over the bases and the {windows} "
+                  "windows with a 95 % interval from a bootstrap over both (the windows are the same text on "
+                  "every base, so the interval counts the text drawn as well as the bases).", "", head, rule]
+        for name, ctl in paired:
+            cells = []
+            for i in range(len(lengths)):
+                diffs = [[a - z for a, z in zip(results["rows"][b][name][i]["bpb_windows"],
+                                                 results["rows"][b][ctl][i]["bpb_windows"], strict=True)]
+                         for b in bases]
+                mean, lo, hi = bootstrap_over_bases_and_windows(diffs)
+                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
     twins = [(n.replace("_eta0", ""), n) for n in names if "_eta0" in n and n.replace("_eta0", "") in names]
     if twins:  # a row without memory (eta 0) against the same row with it: what the memory alone is worth
         lines += ["", "### With memory against the same row without it (eta 0: the same trainable set, steps and "

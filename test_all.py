@@ -2040,6 +2040,31 @@ def test_bootstrap_over_bases_spans_the_bases(values):
         assert (lo, hi) == (pytest.approx(min(values)), pytest.approx(max(values)))
 
 
+@FAST
+@given(diffs=st.integers(1, 4).flatmap(lambda w: st.lists(st.lists(st.floats(-2, 2), min_size=w, max_size=w),
+                                                          min_size=1, max_size=4)),
+       seed=st.integers(0, 100))
+def test_bootstrap_over_bases_and_windows(diffs, seed):
+    """The two-way bootstrap: the plain mean, inside an interval within the values' range; each draw
+    the mean over the drawn bases' drawn windows (a loop over 40 draws, the same index draws); and,
+    where a base's windows agree, the bases' own bootstrap (the windows add nothing)."""
+    flat = [v for row in diffs for v in row]
+    mean, lo, hi = sweep.bootstrap_over_bases_and_windows(diffs, seed=seed)
+    assert mean == pytest.approx(sum(flat) / len(flat))
+    assert min(flat) - 1e-9 <= lo <= mean + 1e-9 and mean - 1e-9 <= hi <= max(flat) + 1e-9
+    g = torch.Generator().manual_seed(seed)
+    bases = torch.randint(len(diffs), (40, len(diffs)), generator=g).tolist()
+    windows = torch.randint(len(diffs[0]), (40, len(diffs[0])), generator=g).tolist()
+    loop = sorted(sum(diffs[b][w] for b in bs for w in ws) / (len(bs) * len(ws)) for bs, ws in zip(bases, windows))
+    _, lo40, hi40 = sweep.bootstrap_over_bases_and_windows(diffs, draws=40, seed=seed)
+    want = torch.tensor(loop, dtype=torch.float64)
+    assert (lo40, hi40) == (pytest.approx(want.quantile(0.025).item()), pytest.approx(want.quantile(0.975).item()))
+    per_base = [row[0] for row in diffs]
+    flat_rows = [[v] * len(row) for v, row in zip(per_base, diffs)]
+    assert sweep.bootstrap_over_bases_and_windows(flat_rows, seed=seed) == pytest.approx(
+        sweep.bootstrap_over_bases(per_base, seed=seed))
+
+
 def test_far_retrieval_by_distance_groups_each_needle_by_how_far_back_it_lies(tmp_path):
     """sweep.far_by_distance: a needle at depth p of L bytes lies (1 - p) L / W windows back; the
     needles of two lengths that lie equally far back share a line (worked by hand); and the horizon's
@@ -2078,6 +2103,26 @@ def test_horizon_tables_set_each_row_against_the_same_row_without_memory(tmp_pat
     label = {r.name: r.label for r in sweep.horizon_rows(c)}[memory]
     assert "### With memory against the same row without it" in md
     assert f"| {label} | -0.500 / - | +0.250 / - |" in md
+
+
+def test_horizon_tables_pair_each_row_with_its_control_on_the_same_windows(tmp_path):
+    """Where every base kept each window's bits per byte, the markdown has the row minus its control
+    pooled over bases and windows, its mean worked by hand; without them (older JSONs) it has none."""
+    c = dict(sweep.PRESETS_HORIZON["cpu"], lengths=[1024], horizon_depths=[0.0, 0.25, 0.5], window=256,
+             hardware="CPU", torch="x", seed=0)
+    run = lambda *bits: [dict(length=1024, by_depth=[0.0] * 3, passkey=0.0, bpb=sum(bits) / 2, bpb_windows=list(bits))]
+    row, ctl = "ttt_lora_all_rank4_delta1_then_long4", "control_then_long4"
+    rows = dict(base0={row: run(1.0, 1.5), ctl: run(1.25, 1.0)}, base1={row: run(2.0, 2.0), ctl: run(1.5, 2.5)})
+    sweep.tables_horizon(dict(config=c, rows=rows, streaming={}, probe={}), str(tmp_path / "h"))
+    md = open(tmp_path / "h.md").read()
+    label = {r.name: r.label for r in sweep.horizon_rows(c)}[row]
+    assert "### Against the control on the same validation windows" in md
+    assert f"| {label} | +0.062 [" in md  # (-0.25 + 0.5 + 0.5 - 0.5) / 4
+    for runs in rows.values():
+        for r in runs.values():
+            del r[0]["bpb_windows"]
+    sweep.tables_horizon(dict(config=c, rows=rows, streaming={}, probe={}), str(tmp_path / "h"))
+    assert "same validation windows" not in open(tmp_path / "h.md").read()
 
 
 @pytest.mark.parametrize("argv", [
