@@ -130,23 +130,33 @@ def match_dtypes(model: nn.Module, state: dict) -> None:
             p.data = p.data.to(value.dtype)
 
 
-def starting_point(init: tp.Optional[str], init_config: tp.Optional[str]):
-    """What train.py extends: `init` (a checkpoint of ours, or a Moshi-format .safetensors with its
-    json `init_config`). Returns (model, settings, None), or (None, None, None) without `init` (a new
-    model is pretrained). Its L0 is the checkpoint's own, or for a Moshi model its `context` (train.py
+def starting_settings(init: tp.Optional[str], init_config: tp.Optional[str]) -> tuple[tp.Optional[dict], tp.Optional[dict]]:
+    """The settings of what train.py extends, read before any model is built: `init` (a checkpoint
+    of ours, or a Moshi-format .safetensors with its json `init_config`, whose weights are not read
+    here). Returns (settings, our checkpoint or None), or (None, None) without `init` (a new model is
+    pretrained). Its L0 is the checkpoint's own, or for a Moshi model its `context` (train.py
     `settle` may replace that one with --original-len). ValueError, one line, on anything unreadable."""
     if init and init.endswith(".safetensors"):
-        model, model_settings = M.load_moshi(init, init_config)
-        return model, M.new_settings(model_settings, model_settings.get("context") or 0, init,
-                                   base_config=init_config), None
+        if not os.path.isfile(init):
+            raise ValueError(f"model weights {init} do not exist or are not a file")
+        lm_kwargs = M.moshi_kwargs(init_config)
+        model_settings = dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
+        return M.new_settings(model_settings, model_settings["context"] or 0, init, base_config=init_config), None
     if init:  # this checkpoint is the new run's base: a Moshi-format base_config no longer describes it
         checkpoint = load_checkpoint(init)
         if checkpoint.get("step"):  # saved inside a stage (--save-every): its settings name a stage not done
             raise ValueError(f"{init} was saved inside stage {checkpoint.get('stage')} at step {checkpoint['step']}: "
                              f"--resume its run to finish that stage, or --init a checkpoint saved at a stage's end")
         settings = {k: v for k, v in copy.deepcopy(checkpoint["settings"]).items() if k != "base_config"}
-        return model_from_checkpoint(checkpoint, "cpu", init), dict(settings, base_path=init), None
-    return None, None, None
+        return dict(settings, base_path=init), checkpoint
+    return None, None
+
+
+def starting_model(init: str, init_config: tp.Optional[str], checkpoint: tp.Optional[dict]) -> LMModel:
+    """The model starting_settings read the settings of, its weights loaded (on the CPU)."""
+    if checkpoint is None:  # Moshi-format
+        return M.load_moshi(init, init_config)[0]
+    return model_from_checkpoint(checkpoint, "cpu", init)
 
 
 def trained_len(settings: dict) -> int:

@@ -3,7 +3,8 @@ starting point, stored whole in every checkpoint.
 
 A setting comes from one place. `parse_args` gives the Config the flags and the --recipe say
 (every value checked); `start` completes it from what the run starts from and refuses a flag that
-contradicts it, before any work:
+contradicts it, before any work (an --init's flags are checked against its settings before its
+weights are read: at 7B, loading them takes minutes):
 - --resume continues the stored configuration exactly; a flag given with it must equal the stored
   value (only --out, --device and --resume itself may differ);
 - --init from a checkpoint of ours keeps what the checkpoint fixes: its L0, its window (none
@@ -394,19 +395,21 @@ def start(c: Config, given: dict) -> Start:
         for f in dataclasses.fields(Config):
             setattr(c, f.name, getattr(resumed, f.name))
         check(c)
-        model = checkpoints.model_from_checkpoint(resume, "cpu", os.path.join(c.out, "ckpt.pt"))
-        settings = copy.deepcopy(resume["settings"])
+        settings, checkpoint = copy.deepcopy(resume["settings"]), resume
         if not c.init:  # the base it pretrains is its own: in --out, which may have moved since
             settings["base_path"] = os.path.join(c.out, "base.pt")
     else:
-        model, settings, resume = checkpoints.starting_point(c.init, c.init_config)
-    multistream = model is not None and "lm_kwargs" in settings["model"]
+        resume = None
+        settings, checkpoint = checkpoints.starting_settings(c.init, c.init_config)
+    multistream = settings is not None and "lm_kwargs" in settings["model"]
     if multistream and not c.data:
         raise ValueError("a Moshi-format model trains on --data token arrays (.npy, [K, T])")
+    if not resume:  # the flags against the starting point's settings, before its weights are read
+        settle(c, given, settings, M.num_layers(settings["model"]) if settings else M.PRESETS[c.preset]["num_layers"],
+               multistream)
+    model = (checkpoints.model_from_checkpoint(resume, "cpu", os.path.join(c.out, "ckpt.pt")) if resume
+             else checkpoints.starting_model(c.init, c.init_config, checkpoint) if c.init else None)
     corpus = data.load_token_arrays(c.data, model.num_codebooks) if multistream else data.load_corpus(c.data)
-    if not resume:
-        n_layers = len(model.transformer.layers) if model is not None else M.PRESETS[c.preset]["num_layers"]
-        settle(c, given, settings, n_layers, multistream)
     if model is None:  # pretrain a new model from scratch
         settings = M.new_settings(dict(M.PRESETS[c.preset], context=c.original_len), c.original_len,
                                   os.path.join(c.out, "base.pt"))

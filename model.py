@@ -88,11 +88,9 @@ def checkpoint_dtype(weights: str) -> torch.dtype:
     return names[sorted(dtypes)[0]] if len(dtypes) == 1 else torch.float32
 
 
-def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
-    """A Moshi-format model (safetensors weights plus the json of its LMModel arguments, bare or
-    under "lm_kwargs") through moshi's own loader, in the dtype it is stored in (bf16 for Moshi's
-    checkpoints; float32 where the file mixes dtypes). Returns (model, model settings)."""
-    from moshi.models import loaders  # here: only Moshi-format inits need it
+def moshi_kwargs(config: str) -> dict:
+    """The LMModel arguments in a Moshi-format model's json (bare or under "lm_kwargs"), checked:
+    read before any weight, so a run's flags can be checked against them first."""
     try:
         with open(config) as f:
             lm_kwargs = json.load(f)
@@ -104,6 +102,15 @@ def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     for unsupported in ("conditioners", "fuser", "quantize", "lora"):
         if lm_kwargs.get(unsupported):
             raise ValueError(f"{config}: models with {unsupported!r} are not supported")
+    return lm_kwargs
+
+
+def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
+    """A Moshi-format model (safetensors weights plus the json of its LMModel arguments, bare or
+    under "lm_kwargs") through moshi's own loader, in the dtype it is stored in (bf16 for Moshi's
+    checkpoints; float32 where the file mixes dtypes). Returns (model, model settings)."""
+    from moshi.models import loaders  # here: only Moshi-format inits need it
+    lm_kwargs = moshi_kwargs(config)
     if not os.path.isfile(weights):
         raise ValueError(f"model weights {weights} do not exist or are not a file")
     try:
@@ -111,6 +118,11 @@ def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     except Exception as e:  # moshi's loader raises what safetensors or load_state_dict raise
         raise ValueError(f"cannot load {weights} with {config}: {str(e).splitlines()[0][:200]}") from None
     return model.train(), dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
+
+
+def num_layers(model_settings: dict) -> int:
+    """The transformer's layers in the model `model_settings` describe (ours or Moshi-format)."""
+    return (model_settings["lm_kwargs"] if "lm_kwargs" in model_settings else model_settings)["num_layers"]
 
 
 def multistream_loss(model: LMModel, codes: torch.Tensor, text_padding_weight: float = 0.5,

@@ -2974,6 +2974,31 @@ def test_moshi_init_takes_l0_from_the_models_context(tmp_path):
     assert full.keys() == rebuilt.keys() and all(torch.equal(full[k], rebuilt[k]) for k in full)
 
 
+def test_init_refusals_come_before_the_weights_are_read(tmp_path, monkeypatch):
+    """A flag that contradicts the --init, a Moshi-format model's or ours, is refused from its
+    settings alone: no weight is read into a model first (at 7B, minutes of loading). Without the
+    contradiction the same start loads the model."""
+    make_moshi_format_model(tmp_path)
+    ours = str(tmp_path / "ours.pt")
+    checkpoints.save_checkpoint(ours, dict(model=tiny_model().state_dict(), settings=M.new_settings(
+        TINY, 32, "base.pt")))
+    moshi = ["--init", str(tmp_path / "model.safetensors"), "--init-config", str(tmp_path / "config.json"),
+             "--data"] + [str(tmp_path / f"tokens{i}.npy") for i in range(3)]
+    loads = []
+    for name, module in (("load_moshi", M), ("model_from_checkpoint", checkpoints)):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: loads.append(name) or real(*a, **k))
+    for argv, says in ((moshi + ["--preset", "cpu"], "--preset cpu"), (["--init", ours, "--window", "16"], "--window 16")):
+        c, given = config.parse_args(argv + ["--out", str(tmp_path / "run"), "--steps", "1"])
+        with pytest.raises(ValueError, match=says):
+            config.start(c, given)
+        assert loads == [], argv
+    for argv, loader in ((moshi + ["--ttt-chunk", "16"], "load_moshi"), (["--init", ours, "--ttt-chunk", "16"], "model_from_checkpoint")):
+        c, given = config.parse_args(argv + ["--out", str(tmp_path / "run"), "--steps", "1", "--scale", "2"])
+        assert config.start(c, given).model is not None and loads == [loader]
+        loads.clear()
+
+
 def moshi_7b_kwargs_small() -> dict:
     """moshi's own Moshi 7B configuration (loaders._lm_kwargs: every key it has, 8 audio codebooks per
     speaker, the depformer's options), with its sizes shrunk to run on a CPU in a test."""
