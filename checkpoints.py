@@ -137,10 +137,7 @@ def starting_settings(init: tp.Optional[str], init_config: tp.Optional[str]) -> 
     pretrained). Its L0 is the checkpoint's own, or for a Moshi model its `context` (train.py
     `settle` may replace that one with --original-len). ValueError, one line, on anything unreadable."""
     if init and init.endswith(".safetensors"):
-        if not os.path.isfile(init):
-            raise ValueError(f"model weights {init} do not exist or are not a file")
-        lm_kwargs = M.moshi_kwargs(init_config)
-        model_settings = dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
+        model_settings = M.moshi_settings(init_config)
         return M.new_settings(model_settings, model_settings["context"] or 0, init, base_config=init_config), None
     if init:  # this checkpoint is the new run's base: a Moshi-format base_config no longer describes it
         checkpoint = load_checkpoint(init)

@@ -395,7 +395,7 @@ def start(c: Config, given: dict) -> Start:
         for f in dataclasses.fields(Config):
             setattr(c, f.name, getattr(resumed, f.name))
         check(c)
-        settings, checkpoint = copy.deepcopy(resume["settings"]), resume
+        settings = copy.deepcopy(resume["settings"])
         if not c.init:  # the base it pretrains is its own: in --out, which may have moved since
             settings["base_path"] = os.path.join(c.out, "base.pt")
     else:

@@ -106,12 +106,6 @@ def bits_per_window(model, val, length: int, windows: int, seed: int, device, ba
     return bits
 
 
-def bits_per_byte(model, val, length: int, windows: int, seed: int, device, batch: int = 8) -> float:
-    """Mean next-byte cross-entropy in bits over `windows` random validation windows."""
-    bits = bits_per_window(model, val, length, windows, seed, device, batch)
-    return sum(bits) / len(bits)
-
-
 def evaluate(model, val, lengths: list[int], depths: list[float], trials: int, windows: int,
              device, seed: int = EVAL_SEED, streaming: bool = False,
              progress: tp.Optional[tp.Callable[[dict], None]] = None) -> list[dict]:

@@ -88,9 +88,9 @@ def checkpoint_dtype(weights: str) -> torch.dtype:
     return names[sorted(dtypes)[0]] if len(dtypes) == 1 else torch.float32
 
 
-def moshi_kwargs(config: str) -> dict:
-    """The LMModel arguments in a Moshi-format model's json (bare or under "lm_kwargs"), checked:
-    read before any weight, so a run's flags can be checked against them first."""
+def moshi_settings(config: str) -> dict:
+    """A Moshi-format model's settings from its json of LMModel arguments (bare or under
+    "lm_kwargs"), checked: read before any weight, so a run's flags can be checked against them."""
     try:
         with open(config) as f:
             lm_kwargs = json.load(f)
@@ -102,7 +102,7 @@ def moshi_kwargs(config: str) -> dict:
     for unsupported in ("conditioners", "fuser", "quantize", "lora"):
         if lm_kwargs.get(unsupported):
             raise ValueError(f"{config}: models with {unsupported!r} are not supported")
-    return lm_kwargs
+    return dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
 
 
 def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
@@ -110,14 +110,15 @@ def load_moshi(weights: str, config: str) -> tuple[LMModel, dict]:
     under "lm_kwargs") through moshi's own loader, in the dtype it is stored in (bf16 for Moshi's
     checkpoints; float32 where the file mixes dtypes). Returns (model, model settings)."""
     from moshi.models import loaders  # here: only Moshi-format inits need it
-    lm_kwargs = moshi_kwargs(config)
+    model_settings = moshi_settings(config)
     if not os.path.isfile(weights):
         raise ValueError(f"model weights {weights} do not exist or are not a file")
     try:
-        model = loaders.get_moshi_lm(weights, lm_kwargs=dict(lm_kwargs), device="cpu", dtype=checkpoint_dtype(weights))
+        model = loaders.get_moshi_lm(weights, lm_kwargs=dict(model_settings["lm_kwargs"]), device="cpu",
+                                     dtype=checkpoint_dtype(weights))
     except Exception as e:  # moshi's loader raises what safetensors or load_state_dict raise
         raise ValueError(f"cannot load {weights} with {config}: {str(e).splitlines()[0][:200]}") from None
-    return model.train(), dict(lm_kwargs=lm_kwargs, context=lm_kwargs.get("context"))
+    return model.train(), model_settings
 
 
 def num_layers(model_settings: dict) -> int:
