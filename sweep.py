@@ -15,6 +15,8 @@ norms of the fast weights along a long document and one-token-per-step streaming
     python sweep.py --setting horizon --tables             # the table and plot again from the JSON
     python sweep.py --setting horizon --base 1             # only the base of seed 1: one machine's call
                                        # each; the JSON gathers the bases (the same --out)
+    python sweep.py --paired a.json,b.json --out pair      # a row against its control on the same windows,
+                                       # one eval_passkey.py JSON per base, pooled over the bases
 
 Results are written to the JSON after each row, so an interrupted sweep resumes where it stopped; a
 row whose training finished (its folder holds results.json) is evaluated again, not retrained. The
@@ -961,6 +963,62 @@ def bootstrap_over_bases_and_windows(diffs: list[list[float]], draws: int = 1000
     return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
+def paired_files(paths: list[str]) -> list[tuple[str, dict, dict]]:
+    """[(name, control, row)]: one eval_passkey.py JSON per base, each of a no-TTT control and then a TTT
+    checkpoint evaluated on the same validation windows (per-window bits per byte kept); every file of
+    the same draw (seed, windows, lengths). A ValueError says which file does not fit."""
+    out, draw = [], None
+    for path in paths:
+        with open(path) as f:
+            runs = json.load(f).get("checkpoints", [])
+        name = os.path.splitext(os.path.basename(path))[0]
+        if len(runs) != 2 or runs[0]["settings"]["ttt"] is not None or runs[1]["settings"]["ttt"] is None:
+            raise ValueError(f"{path}: wants two checkpoints, a control without TTT and then a TTT one")
+        if any("bpb_windows" not in r for run in runs for r in run["rows"]):
+            raise ValueError(f"{path}: no per-window bits per byte (an eval_passkey.py older than bpb_windows)")
+        this = [(run["corpus_sha256"][:16], run["seed"], run["windows"], [r["length"] for r in run["rows"]])
+                for run in runs]
+        if this[0] != this[1]:
+            raise ValueError(f"{path}: its two checkpoints were evaluated on other windows (corpus, seed, windows, "
+                             f"lengths): {this[0]} and {this[1]}")
+        if draw not in (None, this[0]):
+            raise ValueError(f"{path}: another draw (corpus, seed, windows, lengths) than the first file's: "
+                             f"{this[0]} against {draw}")
+        draw = this[0]
+        out.append((name, runs[0], runs[1]))
+    return out
+
+
+def tables_paired(paths: list[str], path: str) -> None:
+    """<path>.md: a TTT row against its control on the same validation windows, per base (one
+    eval_passkey.py JSON each, see paired_files) with an interval over the windows, and pooled over
+    the bases with one over the bases and the windows (bootstrap_over_bases_and_windows)."""
+    pairs = paired_files(paths)
+    first = pairs[0][1]
+    W, lengths = first["settings"]["window"], [r["length"] for r in first["rows"]]
+    head = "| | " + " | ".join(f"{L} ({L // W} W)" if W else str(L) for L in lengths) + " |"
+    diffs = [[[a - z for a, z in zip(r["bpb_windows"], c["bpb_windows"], strict=True)]
+              for c, r in zip(control["rows"], row["rows"], strict=True)] for _, control, row in pairs]
+    cell = lambda m: f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"
+    lines = [f"# {os.path.basename(path)}: the TTT row against its control on the same validation windows", "",
+             f"{first['windows']} validation windows per length (seed {first['seed']}), the same text for every "
+             "base. Per base: bits per byte of the control, of the row, and the row minus the control with a "
+             "95 % interval from a bootstrap over the windows; pooled: the mean over the bases and windows with "
+             "one over both; and how many passkeys each found.", "", head, "|---" * (len(lengths) + 1) + "|"]
+    for (name, control, row), d in zip(pairs, diffs):
+        lines.append(f"| {name}: control / row | " + " | ".join(
+            f"{c['bpb']:.4f} / {r['bpb']:.4f}" for c, r in zip(control["rows"], row["rows"])) + " |")
+        lines.append(f"| {name}: row minus control | " + " | ".join(
+            cell(bootstrap_over_bases_and_windows([x])) for x in d) + " |")
+        n = row["trials"] * len(row["depths"])
+        lines.append(f"| {name}: passkeys found, control / row | " + " | ".join(
+            f"{round(c['passkey'] * n)} / {round(r['passkey'] * n)} of {n}"
+            for c, r in zip(control["rows"], row["rows"])) + " |")
+    lines.append(f"| pooled over {len(pairs)} bases: row minus control | " + " | ".join(
+        cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
+    _write_markdown(path, lines)
+
+
 def far_by_distance(rows: list[dict], depths: list[float], W: int) -> dict[float, dict[int, float]]:
     """{d: {L: accuracy}}: far retrieval of the needles that lie about d = (1 - depth) L / W windows
     before the question, at each length L where one of `depths` puts them there (rows: one row's
@@ -1147,10 +1205,20 @@ def main():
     p.add_argument("--probe", default=None, metavar="CHECKPOINT", help="horizon: only measure the norms of "
                    "one checkpoint's fast weights along one long document (--probe-length) into --out")
     p.add_argument("--probe-length", type=int, default=None)
+    p.add_argument("--paired", default=None, metavar="FILES", help="only tabulate eval_passkey.py JSONs, one per "
+                   "base, each of a control and a TTT checkpoint on the same windows, into --out.md (comma list)")
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
                                                       "stop_after", "probe", "probe_length", "start_rows_untested")
                  if getattr(args, k) is not None]
+    if args.paired:
+        if for_a_run or args.tables or not args.out:
+            p.error(f"--paired only tabulates its files into --out; {', '.join(for_a_run) or '--tables'} "
+                    "would not be used" if for_a_run or args.tables else "--paired needs --out")
+        try:
+            return tables_paired(args.paired.split(","), args.out)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--paired: {e}")
     if args.tables and for_a_run:
         p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
     if args.start_rows_untested and (args.setting != "horizon" or args.rows is None):

@@ -2123,6 +2123,37 @@ def test_horizon_tables_pair_each_row_with_its_control_on_the_same_windows(tmp_p
     assert "same validation windows" not in open(tmp_path / "h.md").read()
 
 
+def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows(tmp_path):
+    """sweep.py --paired: eval_passkey.py JSONs, one per base, of a control then a TTT checkpoint on the
+    same windows; per base and pooled, the row minus the control per window, means worked by hand; files
+    of another draw, in the other order or without per-window bits are refused in one line, exit 2."""
+    def eval_json(name, control_bits, row_bits, seed=7):
+        run = lambda ttt, bits: dict(checkpoint="x.pt", settings=dict(window=256, ttt=ttt), seed=seed, windows=2,
+                                     trials=1, depths=[0.5], corpus_sha256="ab" * 32,
+                                     rows=[dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / 2,
+                                                bpb_windows=list(bits))])
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(checkpoints=[run(None, control_bits), run({"eta": 1}, row_bits)])))
+        return str(path)
+    a, b = eval_json("base0", (1.25, 1.0), (1.0, 1.5)), eval_json("base1", (1.5, 2.5), (2.0, 2.0))
+    out = str(tmp_path / "pair")
+    subprocess.run([sys.executable, "sweep.py", "--paired", f"{a},{b}", "--out", out], cwd=HERE, check=True,
+                   capture_output=True)
+    md = open(out + ".md").read()
+    assert "| base0: row minus control | +0.125 [" in md  # (-0.25 + 0.5) / 2
+    assert "| base1: row minus control | +0.000 [" in md  # (0.5 - 0.5) / 2
+    assert "| pooled over 2 bases: row minus control | +0.062 [" in md
+    assert "| base0: passkeys found, control / row | 0 / 1 of 1 |" in md
+    other = eval_json("other", (1.0, 1.0), (1.0, 1.0), seed=8)
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(dict(checkpoints=json.load(open(a))["checkpoints"][::-1])))
+    for files in (f"{a},{other}", str(swapped)):
+        r = subprocess.run([sys.executable, "sweep.py", "--paired", files, "--out", str(tmp_path / "no")],
+                           cwd=HERE, capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr
+        assert not os.path.exists(tmp_path / "no.md")
+
+
 @pytest.mark.parametrize("argv", [
     ["--scale", "0.5"], ["--mode", "lora"], ["--ttt-chunk", "0"], ["--ttt-eta", "-1"],
     ["--original-len", "0"], ["--ttt-layers", "a,b"], ["--ttt-layers", "none"], ["--batch", "3", "--grad-accum", "2"],
