@@ -966,24 +966,29 @@ def bootstrap_over_bases_and_windows(diffs: list[list[float]], draws: int = 1000
 def paired_files(paths: list[str]) -> list[tuple[str, dict, dict]]:
     """[(name, control, row)]: one eval_passkey.py JSON per base, each of a no-TTT control and then a TTT
     checkpoint evaluated on the same validation windows (per-window bits per byte kept); every file of
-    the same draw (seed, windows, lengths). A ValueError says which file does not fit."""
-    out, draw = [], None
+    the same draw (corpus, seed, windows, lengths, attention window) and each file and checkpoint once.
+    A ValueError says which file does not fit."""
+    out, draw, seen = [], None, set()
     for path in paths:
         with open(path) as f:
             runs = json.load(f).get("checkpoints", [])
         name = os.path.splitext(os.path.basename(path))[0]
-        if len(runs) != 2 or runs[0]["settings"]["ttt"] is not None or runs[1]["settings"]["ttt"] is None:
+        if len(runs) != 2 or runs[0]["settings"].get("ttt") is not None or runs[1]["settings"].get("ttt") is None:
             raise ValueError(f"{path}: wants two checkpoints, a control without TTT and then a TTT one")
         if any("bpb_windows" not in r for run in runs for r in run["rows"]):
             raise ValueError(f"{path}: no per-window bits per byte (an eval_passkey.py older than bpb_windows)")
-        this = [(run["corpus_sha256"][:16], run["seed"], run["windows"], [r["length"] for r in run["rows"]])
-                for run in runs]
+        this = [(run["corpus_sha256"][:16], run["seed"], run["windows"], [r["length"] for r in run["rows"]],
+                 run["settings"]["window"]) for run in runs]
         if this[0] != this[1]:
             raise ValueError(f"{path}: its two checkpoints were evaluated on other windows (corpus, seed, windows, "
-                             f"lengths): {this[0]} and {this[1]}")
+                             f"lengths, attention window): {this[0]} and {this[1]}")
         if draw not in (None, this[0]):
-            raise ValueError(f"{path}: another draw (corpus, seed, windows, lengths) than the first file's: "
-                             f"{this[0]} against {draw}")
+            raise ValueError(f"{path}: another draw (corpus, seed, windows, lengths, attention window) than the "
+                             f"first file's: {this[0]} against {draw}")
+        again = {name, runs[0]["checkpoint"], runs[1]["checkpoint"]} & seen
+        if again:
+            raise ValueError(f"{path}: {sorted(again)[0]} is in an earlier file too: one file per base")
+        seen |= {name, runs[0]["checkpoint"], runs[1]["checkpoint"]}
         draw = this[0]
         out.append((name, runs[0], runs[1]))
     return out
@@ -1006,7 +1011,7 @@ def tables_paired(paths: list[str], path: str) -> None:
              "95 % interval from a bootstrap over the windows; pooled: the mean over the bases and windows with "
              "one over both; and how many passkeys each found.", "", head, "|---" * (len(lengths) + 1) + "|"]
     for (name, control, row), d in zip(pairs, diffs):
-        lines.append(f"| {name}: control / row | " + " | ".join(
+        lines.append(f"| {name}: bits per byte, control / row | " + " | ".join(
             f"{c['bpb']:.4f} / {r['bpb']:.4f}" for c, r in zip(control["rows"], row["rows"])) + " |")
         lines.append(f"| {name}: row minus control | " + " | ".join(
             cell(bootstrap_over_bases_and_windows([x])) for x in d) + " |")
@@ -1016,6 +1021,8 @@ def tables_paired(paths: list[str], path: str) -> None:
             for c, r in zip(control["rows"], row["rows"])) + " |")
     lines.append(f"| pooled over {len(pairs)} bases: row minus control | " + " | ".join(
         cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
+    lines += [""] + [f"- {name}: control `{control['checkpoint']}`, row `{row['checkpoint']}`"
+                     for name, control, row in pairs]
     _write_markdown(path, lines)
 
 

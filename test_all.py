@@ -2125,32 +2125,42 @@ def test_horizon_tables_pair_each_row_with_its_control_on_the_same_windows(tmp_p
 
 def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows(tmp_path):
     """sweep.py --paired: eval_passkey.py JSONs, one per base, of a control then a TTT checkpoint on the
-    same windows; per base and pooled, the row minus the control per window, means worked by hand; files
-    of another draw, in the other order or without per-window bits are refused in one line, exit 2."""
-    def eval_json(name, control_bits, row_bits, seed=7):
-        run = lambda ttt, bits: dict(checkpoint="x.pt", settings=dict(window=256, ttt=ttt), seed=seed, windows=2,
-                                     trials=1, depths=[0.5], corpus_sha256="ab" * 32,
-                                     rows=[dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / 2,
-                                                bpb_windows=list(bits))])
+    same windows; per base (a bootstrap over its windows) and pooled (over bases and windows), the row
+    minus the control per window, worked by hand with the intervals' extremes, which only the two
+    windows of a base drawn alike reach. Refused in one line, exit 2, nothing written: a file of another
+    draw, one whose two checkpoints saw other windows, the control second, no per-window bits, a base twice."""
+    def eval_json(name, control_bits, row_bits, seed=7, row_seed=None, per_window=True):
+        def run(ttt, bits, seed):
+            row = dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / 2, bpb_windows=list(bits))
+            if not per_window:
+                del row["bpb_windows"]
+            return dict(checkpoint=f"{name}/{ttt is not None}.pt", settings=dict(window=256, ttt=ttt), seed=seed,
+                        windows=2, trials=1, depths=[0.5], corpus_sha256="ab" * 32, rows=[row])
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(dict(checkpoints=[run(None, control_bits), run({"eta": 1}, row_bits)])))
+        path.write_text(json.dumps(dict(checkpoints=[run(None, control_bits, seed),
+                                                     run({"eta": 1}, row_bits, row_seed or seed)])))
         return str(path)
     a, b = eval_json("base0", (1.25, 1.0), (1.0, 1.5)), eval_json("base1", (1.5, 2.5), (2.0, 2.0))
     out = str(tmp_path / "pair")
     subprocess.run([sys.executable, "sweep.py", "--paired", f"{a},{b}", "--out", out], cwd=HERE, check=True,
                    capture_output=True)
     md = open(out + ".md").read()
-    assert "| base0: row minus control | +0.125 [" in md  # (-0.25 + 0.5) / 2
-    assert "| base1: row minus control | +0.000 [" in md  # (0.5 - 0.5) / 2
-    assert "| pooled over 2 bases: row minus control | +0.062 [" in md
+    # base 0's windows differ by -0.25 and +0.5: mean 0.125, a draw of either window twice the extremes
+    assert "| base0: row minus control | +0.125 [-0.250, +0.500] |" in md
+    assert "| base1: row minus control | +0.000 [-0.500, +0.500] |" in md  # +0.5 and -0.5
+    # pooled (-0.25 + 0.5 + 0.5 - 0.5) / 4; the extremes: a base drawn twice, one of its windows twice (1 in 16)
+    assert "| pooled over 2 bases: row minus control | +0.062 [-0.500, +0.500] |" in md
+    assert "| base0: bits per byte, control / row | 1.1250 / 1.2500 |" in md
     assert "| base0: passkeys found, control / row | 0 / 1 of 1 |" in md
-    other = eval_json("other", (1.0, 1.0), (1.0, 1.0), seed=8)
     swapped = tmp_path / "swapped.json"
     swapped.write_text(json.dumps(dict(checkpoints=json.load(open(a))["checkpoints"][::-1])))
-    for files in (f"{a},{other}", str(swapped)):
+    refused = [f"{a},{eval_json('other', (1.0, 1.0), (1.0, 1.0), seed=8)}",
+               eval_json("mixed", (1.0, 1.0), (1.0, 1.0), row_seed=8), str(swapped),
+               eval_json("old", (1.0, 1.0), (1.0, 1.0), per_window=False), f"{a},{b},{a}"]
+    for files in refused:
         r = subprocess.run([sys.executable, "sweep.py", "--paired", files, "--out", str(tmp_path / "no")],
                            cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr, files
         assert not os.path.exists(tmp_path / "no.md")
 
 
