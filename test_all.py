@@ -1937,6 +1937,17 @@ def test_bits_per_window_are_each_windows_own_loss(windows, batch, seed):
             assert got == pytest.approx(want, rel=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(few=st.integers(0, 16), more=st.integers(0, 112), seed=st.integers(0, 2 ** 62))
+def test_a_larger_draw_of_windows_begins_with_the_smaller_one(few, more, seed):
+    """Windows are drawn prefix-stable: an evaluation of many windows scores, first, the windows one of
+    fewer drew with the same seed (what pairs a 128-window run with a sweep's 16)."""
+    corpus = data.load_corpus()
+    small = data.random_windows(corpus.val, 33, few, torch.Generator().manual_seed(seed))
+    large = data.random_windows(corpus.val, 33, few + more, torch.Generator().manual_seed(seed))
+    assert torch.equal(large[:few], small)
+
+
 @pytest.mark.parametrize("window,piece", [(128, 50), (40, 256), (40, 7)])
 def test_streaming_passkey_decoding_equals_parallel_greedy(window, piece):
     """With a window shorter than the document too (the ring KV cache wraps while the prompt is
