@@ -1019,7 +1019,7 @@ def tables_paired(paths: list[str], path: str) -> None:
         lines.append(f"| {name}: passkeys found, control / row | " + " | ".join(
             f"{round(c['passkey'] * n)} / {round(r['passkey'] * n)} of {n}"
             for c, r in zip(control["rows"], row["rows"])) + " |")
-    lines.append(f"| pooled over {len(pairs)} bases: row minus control | " + " | ".join(
+    lines.append(f"| pooled over {len(pairs)} base{'s' * (len(pairs) > 1)}: row minus control | " + " | ".join(
         cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
     lines += [""] + [f"- {name}: control `{control['checkpoint']}`, row `{row['checkpoint']}`"
                      for name, control, row in pairs]
@@ -1219,9 +1219,10 @@ def main():
                                                       "stop_after", "probe", "probe_length", "start_rows_untested")
                  if getattr(args, k) is not None]
     if args.paired:
-        if for_a_run or args.tables or not args.out:
-            p.error(f"--paired only tabulates its files into --out; {', '.join(for_a_run) or '--tables'} "
-                    "would not be used" if for_a_run or args.tables else "--paired needs --out")
+        unused = for_a_run + ["--tables"] * args.tables + ["--work"] * (args.work is not None)
+        if unused or not args.out:
+            p.error(f"--paired only tabulates its files into --out; {', '.join(unused)} would not be used"
+                    if unused else "--paired needs --out")
         try:
             return tables_paired(args.paired.split(","), args.out)
         except (OSError, ValueError, KeyError) as e:

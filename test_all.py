@@ -2139,7 +2139,8 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     same windows; per base (a bootstrap over its windows) and pooled (over bases and windows), the row
     minus the control per window, worked by hand with the intervals' extremes, which only the two
     windows of a base drawn alike reach. Refused in one line, exit 2, nothing written: a file of another
-    draw, one whose two checkpoints saw other windows, the control second, no per-window bits, a base twice."""
+    draw, one whose two checkpoints saw other windows, the control second, no per-window bits, a base twice,
+    a flag it would not use."""
     def eval_json(name, control_bits, row_bits, seed=7, row_seed=None, per_window=True):
         def run(ttt, bits, seed):
             row = dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / 2, bpb_windows=list(bits))
@@ -2168,10 +2169,10 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     refused = [f"{a},{eval_json('other', (1.0, 1.0), (1.0, 1.0), seed=8)}",
                eval_json("mixed", (1.0, 1.0), (1.0, 1.0), row_seed=8), str(swapped),
                eval_json("old", (1.0, 1.0), (1.0, 1.0), per_window=False), f"{a},{b},{a}"]
-    for files in refused:
-        r = subprocess.run([sys.executable, "sweep.py", "--paired", files, "--out", str(tmp_path / "no")],
+    for argv in [["--paired", files] for files in refused] + [["--paired", a, "--work", str(tmp_path)]]:
+        r = subprocess.run([sys.executable, "sweep.py", *argv, "--out", str(tmp_path / "no")],
                            cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr, files
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr, argv
         assert not os.path.exists(tmp_path / "no.md")
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A TTT row through the stages against its no-TTT control on many validation windows, paired: the sweep
+# trains both on each base (its pretraining, the 4 W trainings, the stages to 16 W); as soon as a base's
+# pair is trained, one eval_passkey.py call scores both on the same windows, once per seed; once every
+# base's pair is trained the sweep is stopped (its own 16-window evaluations repeat earlier runs'), and
+# `sweep.py --paired` pools each seed's files over the bases and windows. On one H200, bases 0 and 1 at
+# 4-16 W with one seed (the run of horizon_h200_windows.log, made with the same steps before they were this
+# script): trained by 455 s, 582 s in all; three bases do not fit a 10-minute call. On 2 CPU cores (the
+# miniature: BASES=1 LENGTHS=512,1024 WINDOWS=4, two seeds): trained by 621 s.
+#   bash results/horizon/paired_windows.sh                  # from the repository root, on a GPU
+#   BASES=2 SEEDS="1099511637783 1099514627793" bash results/horizon/paired_windows.sh
+# SEEDS: the default evaluation seed (1099511637783) draws the sweep's own 16 windows first (the draw is
+# prefix-stable), so a run with it scores the same checkpoints on those windows and on more. ROW: a
+# horizon row trained through the stages, whose control is control_then_long4.
+set -euo pipefail
+ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
+case $ROW in
+  control_then_long4) echo "ROW is the control itself: name a TTT row trained through the stages"; exit 2 ;;
+  *_then_long4) ;;
+  *) echo "ROW must be a row trained through the stages (a name ending _then_long4), got $ROW"; exit 2 ;;
+esac
+BASES=${BASES:-2}
+SEEDS=${SEEDS:-1099514627793}
+WINDOWS=${WINDOWS:-128}
+LENGTHS=${LENGTHS:-1024,2048,4096}
+OUT=${OUT:-out/paired_windows}
+export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested --bases "$BASES" --jobs 4 \
+    --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
+sweep=$!
+trained() { grep -qs "base$1/control_then_long4/train: trained" "$OUT/sweep.log" \
+    && grep -qs "base$1/$ROW/train: trained" "$OUT/sweep.log"; }
+for ((b = 0; b < BASES; b++)); do
+  (
+    until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
+    for seed in $SEEDS; do
+      python eval_passkey.py "$OUT/w/base$b/control_then_long4/ckpt.pt" "$OUT/w/base$b/$ROW/ckpt.pt" \
+          --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" \
+          --out "$OUT/seed${seed}_base$b.json" > "$OUT/seed${seed}_base$b.log" 2>&1
+    done
+  ) &
+done
+all_trained() { for ((b = 0; b < BASES; b++)); do trained $b || return 1; done; }
+until all_trained; do
+  kill -0 $sweep 2>/dev/null \
+    || { echo "the sweep ended before every pair was trained: $(tail -c 300 "$OUT/sweep.log")"; exit 1; }
+  sleep 5
+done
+echo "every pair trained at $SECONDS s: stopping the sweep"
+kill -- -$sweep 2>/dev/null || true
+wait
+for seed in $SEEDS; do
+  files=$(ls "$OUT"/seed${seed}_base*.json | paste -sd,)
+  python sweep.py --paired "$files" --out "$OUT/seed$seed"
+done
