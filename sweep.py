@@ -994,12 +994,16 @@ def paired_files(paths: list[str]) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def tables_paired(paths: list[str], path: str) -> None:
+def tables_paired(paths: list[str], path: str, split: int | None = None) -> None:
     """<path>.md: a TTT row against its control on the same validation windows, per base (one
     eval_passkey.py JSON each, see paired_files) with an interval over the windows, and pooled over
-    the bases with one over the bases and the windows (bootstrap_over_bases_and_windows)."""
+    the bases with one over the bases and the windows (bootstrap_over_bases_and_windows); with `split`
+    K, pooled over the first K windows and over the rest apart (at a sweep's seed, its own K come
+    first: the draw is prefix-stable)."""
     pairs = paired_files(paths)
     first = pairs[0][1]
+    if split is not None and not 0 < split < first["windows"]:
+        raise ValueError(f"--split must be between 1 and the windows less one ({first['windows'] - 1}), got {split}")
     W, lengths = first["settings"]["window"], [r["length"] for r in first["rows"]]
     head = "| | " + " | ".join(f"{L} ({L // W} W)" if W else str(L) for L in lengths) + " |"
     diffs = [[[a - z for a, z in zip(r["bpb_windows"], c["bpb_windows"], strict=True)]
@@ -1021,6 +1025,10 @@ def tables_paired(paths: list[str], path: str) -> None:
             for c, r in zip(control["rows"], row["rows"])) + " |")
     lines.append(f"| pooled over {len(pairs)} base{'s' * (len(pairs) > 1)}: row minus control | " + " | ".join(
         cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
+    for part, cut in (() if split is None else ((f"the first {split} windows", slice(split)),
+                                                 (f"the other {first['windows'] - split}", slice(split, None)))):
+        lines.append(f"| pooled, {part}: row minus control | " + " | ".join(
+            cell(bootstrap_over_bases_and_windows([d[i][cut] for d in diffs])) for i in range(len(lengths))) + " |")
     lines += [""] + [f"- {name}: control `{control['checkpoint']}`, row `{row['checkpoint']}`"
                      for name, control, row in pairs]
     _write_markdown(path, lines)
@@ -1214,6 +1222,8 @@ def main():
     p.add_argument("--probe-length", type=int, default=None)
     p.add_argument("--paired", default=None, metavar="FILES", help="only tabulate eval_passkey.py JSONs, one per "
                    "base, each of a control and a TTT checkpoint on the same windows, into --out.md (comma list)")
+    p.add_argument("--split", type=int, default=None, metavar="K", help="--paired: also pool the first K windows "
+                   "and the rest apart (a sweep's own K windows come first at its seed)")
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
                                                       "stop_after", "probe", "probe_length", "start_rows_untested")
@@ -1224,9 +1234,11 @@ def main():
             p.error(f"--paired only tabulates its files into --out; {', '.join(unused)} would not be used"
                     if unused else "--paired needs --out")
         try:
-            return tables_paired(args.paired.split(","), args.out)
+            return tables_paired(args.paired.split(","), args.out, args.split)
         except (OSError, ValueError, KeyError) as e:
             p.error(f"--paired: {e}")
+    if args.split is not None:
+        p.error("--split is for --paired")
     if args.tables and for_a_run:
         p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
     if args.start_rows_untested and (args.setting != "horizon" or args.rows is None):

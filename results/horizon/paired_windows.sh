@@ -5,7 +5,8 @@
 # base's pair is trained the sweep is stopped (its own 16-window evaluations repeat earlier runs'), and
 # `sweep.py --paired` pools each seed's files over the bases and windows. On one H200, bases 0 and 1 at
 # 4-16 W with one seed (the run of horizon_h200_windows.log, made with the same steps before they were this
-# script): trained by 455 s, 582 s in all; three bases do not fit a 10-minute call. On 2 CPU cores (the
+# script): trained by 455 s, 582 s in all; one base: trained by 321 s, then under 40 s per seed at 4 W and
+# 8 W (horizon_h200_windows_default.log); three bases do not fit a 10-minute call. On 2 CPU cores (the
 # miniature: BASES=1 LENGTHS=512,1024 WINDOWS=4, two seeds): trained by 621 s.
 #   bash results/horizon/paired_windows.sh                  # from the repository root, on a GPU
 #   BASES=2 SEEDS="1099511637783 1099514627793" bash results/horizon/paired_windows.sh
