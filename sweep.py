@@ -1025,8 +1025,10 @@ def tables_paired(paths: list[str], path: str, split: int | None = None) -> None
             for c, r in zip(control["rows"], row["rows"])) + " |")
     lines.append(f"| pooled over {len(pairs)} base{'s' * (len(pairs) > 1)}: row minus control | " + " | ".join(
         cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
-    for part, cut in (() if split is None else ((f"the first {split} windows", slice(split)),
-                                                 (f"the other {first['windows'] - split}", slice(split, None)))):
+    windows = lambda n: f"{n} window{'s' * (n > 1)}"
+    parts = [] if split is None else [(f"the first {windows(split)}", slice(split)),
+                                      (f"the other {windows(first['windows'] - split)}", slice(split, None))]
+    for part, cut in parts:
         lines.append(f"| pooled, {part}: row minus control | " + " | ".join(
             cell(bootstrap_over_bases_and_windows([d[i][cut] for d in diffs])) for i in range(len(lengths))) + " |")
     lines += [""] + [f"- {name}: control `{control['checkpoint']}`, row `{row['checkpoint']}`"

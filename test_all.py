@@ -2138,16 +2138,17 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     """sweep.py --paired: eval_passkey.py JSONs, one per base, of a control then a TTT checkpoint on the
     same windows; per base (a bootstrap over its windows) and pooled (over bases and windows), the row
     minus the control per window, worked by hand with the intervals' extremes, which only the two
-    windows of a base drawn alike reach; with --split, the first windows and the rest apart. Refused in one line, exit 2, nothing written: a file of another
-    draw, one whose two checkpoints saw other windows, the control second, no per-window bits, a base twice,
-    a flag it would not use, a split that leaves no window on one side, --split without --paired."""
+    windows of a base drawn alike reach; with --split, the first windows and the rest apart. Refused in
+    one line, exit 2, nothing written: a file of another draw, one whose two checkpoints saw other
+    windows, the control second, no per-window bits, a base twice, a flag it would not use, a split that
+    leaves no window on one side, --split without --paired."""
     def eval_json(name, control_bits, row_bits, seed=7, row_seed=None, per_window=True):
         def run(ttt, bits, seed):
-            row = dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / 2, bpb_windows=list(bits))
+            row = dict(length=1024, passkey=float(ttt is not None), bpb=sum(bits) / len(bits), bpb_windows=list(bits))
             if not per_window:
                 del row["bpb_windows"]
             return dict(checkpoint=f"{name}/{ttt is not None}.pt", settings=dict(window=256, ttt=ttt), seed=seed,
-                        windows=2, trials=1, depths=[0.5], corpus_sha256="ab" * 32, rows=[row])
+                        windows=len(bits), trials=1, depths=[0.5], corpus_sha256="ab" * 32, rows=[row])
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(dict(checkpoints=[run(None, control_bits, seed),
                                                      run({"eta": 1}, row_bits, row_seed or seed)])))
@@ -2165,18 +2166,20 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     assert "| base0: bits per byte, control / row | 1.1250 / 1.2500 |" in md
     assert "| base0: passkeys found, control / row | 0 / 1 of 1 |" in md
     assert "the first" not in md
-    subprocess.run([sys.executable, "sweep.py", "--paired", f"{a},{b}", "--split", "1", "--out", out], cwd=HERE,
-                   check=True, capture_output=True)
-    md = open(out + ".md").read()  # --split 1: the first window of each base (-0.25, +0.5), the second (+0.5, -0.5)
-    assert "| pooled, the first 1 windows: row minus control | +0.125 [-0.250, +0.500] |" in md
-    assert "| pooled, the other 1: row minus control | +0.000 [-0.500, +0.500] |" in md
+    three = eval_json("three0", (1.0,) * 3, (1.25, 1.5, 1.5)), eval_json("three1", (1.0,) * 3, (0.75, 1.5, 1.5))
+    subprocess.run([sys.executable, "sweep.py", "--paired", ",".join(three), "--split", "1", "--out", out],
+                   cwd=HERE, check=True, capture_output=True)
+    md = open(out + ".md").read()  # the first window: +0.25 and -0.25 on the two bases; the other two: +0.5
+    assert "| pooled, the first 1 window: row minus control | +0.000 [-0.250, +0.250] |" in md
+    assert "| pooled, the other 2 windows: row minus control | +0.500 [+0.500, +0.500] |" in md
     swapped = tmp_path / "swapped.json"
     swapped.write_text(json.dumps(dict(checkpoints=json.load(open(a))["checkpoints"][::-1])))
     refused = [f"{a},{eval_json('other', (1.0, 1.0), (1.0, 1.0), seed=8)}",
                eval_json("mixed", (1.0, 1.0), (1.0, 1.0), row_seed=8), str(swapped),
                eval_json("old", (1.0, 1.0), (1.0, 1.0), per_window=False), f"{a},{b},{a}"]
     for argv in [["--paired", files] for files in refused] + [["--paired", a, "--work", str(tmp_path)],
-                                                              ["--paired", a, "--split", "2"], ["--split", "1"]]:
+                                                              ["--paired", three[0], "--split", "3"],
+                                                              ["--paired", a, "--split", "0"], ["--split", "1"]]:
         r = subprocess.run([sys.executable, "sweep.py", *argv, "--out", str(tmp_path / "no")],
                            cwd=HERE, capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--paired" in r.stderr, argv
