@@ -963,6 +963,18 @@ def bootstrap_over_bases_and_windows(diffs: list[list[float]], draws: int = 1000
     return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
+def window_differences(row: list[dict], control: list[dict]) -> list[list[float]]:
+    """Per length, each validation window's bits per byte of `row` minus `control`'s (two models'
+    evaluations, eval_passkey.evaluate's rows, on the same windows)."""
+    return [[a - z for a, z in zip(r["bpb_windows"], c["bpb_windows"], strict=True)]
+            for r, c in zip(row, control, strict=True)]
+
+
+def mean_and_interval(m: tuple[float, float, float]) -> str:
+    """A bootstrap's (mean, low, high) as a table cell of signed bits per byte."""
+    return f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"
+
+
 def paired_files(paths: list[str]) -> list[tuple[str, dict, dict]]:
     """[(name, control, row)]: one eval_passkey.py JSON per base, each of a no-TTT control and then a TTT
     checkpoint evaluated on the same validation windows (per-window bits per byte kept); every file of
@@ -1006,9 +1018,7 @@ def tables_paired(paths: list[str], path: str, split: int | None = None) -> None
         raise ValueError(f"--split must be between 1 and the windows less one ({first['windows'] - 1}), got {split}")
     W, lengths = first["settings"]["window"], [r["length"] for r in first["rows"]]
     head = "| | " + " | ".join(f"{L} ({L // W} W)" if W else str(L) for L in lengths) + " |"
-    diffs = [[[a - z for a, z in zip(r["bpb_windows"], c["bpb_windows"], strict=True)]
-              for c, r in zip(control["rows"], row["rows"], strict=True)] for _, control, row in pairs]
-    cell = lambda m: f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"
+    diffs = [window_differences(row["rows"], control["rows"]) for _, control, row in pairs]
     lines = [f"# {os.path.basename(path)}: the TTT row against its control on the same validation windows", "",
              f"{first['windows']} validation windows per length (seed {first['seed']}), the same text for every "
              "base. Per base: bits per byte of the control, of the row, and the row minus the control with a "
@@ -1018,19 +1028,21 @@ def tables_paired(paths: list[str], path: str, split: int | None = None) -> None
         lines.append(f"| {name}: bits per byte, control / row | " + " | ".join(
             f"{c['bpb']:.4f} / {r['bpb']:.4f}" for c, r in zip(control["rows"], row["rows"])) + " |")
         lines.append(f"| {name}: row minus control | " + " | ".join(
-            cell(bootstrap_over_bases_and_windows([x])) for x in d) + " |")
+            mean_and_interval(bootstrap_over_bases_and_windows([x])) for x in d) + " |")
         n = row["trials"] * len(row["depths"])
         lines.append(f"| {name}: passkeys found, control / row | " + " | ".join(
             f"{round(c['passkey'] * n)} / {round(r['passkey'] * n)} of {n}"
             for c, r in zip(control["rows"], row["rows"])) + " |")
     lines.append(f"| pooled over {len(pairs)} base{'s' * (len(pairs) > 1)}: row minus control | " + " | ".join(
-        cell(bootstrap_over_bases_and_windows([d[i] for d in diffs])) for i in range(len(lengths))) + " |")
+        mean_and_interval(bootstrap_over_bases_and_windows([d[i] for d in diffs]))
+        for i in range(len(lengths))) + " |")
     windows = lambda n: f"{n} window{'s' * (n > 1)}"
     parts = [] if split is None else [(f"the first {windows(split)}", slice(split)),
                                       (f"the other {windows(first['windows'] - split)}", slice(split, None))]
     for part, cut in parts:
         lines.append(f"| pooled, {part}: row minus control | " + " | ".join(
-            cell(bootstrap_over_bases_and_windows([d[i][cut] for d in diffs])) for i in range(len(lengths))) + " |")
+            mean_and_interval(bootstrap_over_bases_and_windows([d[i][cut] for d in diffs]))
+            for i in range(len(lengths))) + " |")
     lines += [""] + [f"- {name}: control `{control['checkpoint']}`, row `{row['checkpoint']}`"
                      for name, control, row in pairs]
     _write_markdown(path, lines)
@@ -1128,14 +1140,10 @@ def tables_horizon(results: dict, path: str) -> None:
                   "windows with a 95 % interval from a bootstrap over both (the windows are the same text on "
                   "every base, so the interval counts the text drawn as well as the bases).", "", head, rule]
         for name, ctl in paired:
-            cells = []
-            for i in range(len(lengths)):
-                diffs = [[a - z for a, z in zip(results["rows"][b][name][i]["bpb_windows"],
-                                                 results["rows"][b][ctl][i]["bpb_windows"], strict=True)]
-                         for b in bases]
-                mean, lo, hi = bootstrap_over_bases_and_windows(diffs)
-                cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+            diffs = [window_differences(results["rows"][b][name], results["rows"][b][ctl]) for b in bases]
+            lines.append(f"| {labels[name]} | " + " | ".join(
+                mean_and_interval(bootstrap_over_bases_and_windows([d[i] for d in diffs]))
+                for i in range(len(lengths))) + " |")
     twins = [(n.replace("_eta0", ""), n) for n in names if "_eta0" in n and n.replace("_eta0", "") in names]
     if twins:  # a row without memory (eta 0) against the same row with it: what the memory alone is worth
         lines += ["", "### With memory against the same row without it (eta 0: the same trainable set, steps and "
