@@ -187,6 +187,25 @@ def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
             for seed in seeds if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
+# What makes a work folder's checkpoints: a base or training found there is used, not made again
+WORK_SETTINGS = ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk", "eta")
+
+
+def claim_work(c: dict, seed: int, work: str) -> str | None:
+    """Why `work` holds checkpoints of other settings than this run's (None: it holds these, or none
+    yet, and its settings.json now says so; a folder of an earlier revision, without one, is taken
+    as it is)."""
+    settings = {k: c[k] for k in WORK_SETTINGS} | {"seed": seed}
+    path = os.path.join(work, "settings.json")
+    if not os.path.exists(path):
+        return save_json(settings, path)
+    with open(path) as f:
+        held = json.load(f)
+    other = next((k for k in settings if held.get(k) != settings[k]), None)
+    return other and (f"--work {work} holds checkpoints made with {other} {held.get(other)!r}, this run's is "
+                      f"{settings[other]!r}; pick another --work")
+
+
 def drop_idle_pretraining(todo: list[dict]) -> list[dict]:
     """The jobs without the pretrainings of bases no other job runs on (their rows are all done)."""
     used = {j["name"].split("/")[0] for j in todo if "/" in j["name"]}
@@ -203,6 +222,15 @@ def long_budget(c: dict, steps: int, longest: int) -> tuple[int, int]:
         raise ValueError(f"stages double up to the longest length: {longest} is not a power of 2")
     batch = c["batch"] // longest
     return round(steps * c["batch"] / (batch * (2 * longest - 2))), batch
+
+
+def stages_as_pretraining_steps(c: dict, longest: int) -> int:
+    """How many pretraining steps (c["pretrain_batch"] sequences of L0) hold the tokens a row trained
+    at L0 and then through the stages to `longest` L0 sees: c["steps"] of c["batch"] at L0, then
+    long_budget's steps per stage."""
+    steps, batch = long_budget(c, c["steps"], longest)
+    tokens = c["steps"] * c["batch"] * c["L0"] + steps * batch * (2 * longest - 2) * c["L0"]
+    return round(tokens / (c["pretrain_batch"] * c["L0"]))
 
 
 def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: int, steps: int,
@@ -503,6 +531,7 @@ def checked_eval_seed(args, p, default: int, apart_from: int, lengths: list[int]
 
 def study(args, p) -> None:
     c = PRESETS_STUDY["cuda" if torch.cuda.is_available() else "cpu"]
+    c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"])
     rows = study_rows(c)
     wanted = wanted_rows(rows, args, p)
     json_path = args.out + ".json"
@@ -526,6 +555,8 @@ def study(args, p) -> None:
                 p.error(f"{json_path} holds a study with {key} {results['config'].get(key)!r}, this run's is "
                         f"{config[key]!r}; pick another --out")
     jobs = args.jobs or c["jobs"]
+    if why := claim_work(c, args.seed, args.work):
+        p.error(why)
     if args.measure_parallel:
         results["config"]["parallel"] = measure_parallel(c, args.work, args.measure_parallel)
         return save_json(results, json_path)
@@ -810,6 +841,7 @@ def horizon_wanted(rows: list[StudyRow], asked: list[str], start_rows_untested: 
 
 def horizon(args, p) -> None:
     c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
+    c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"])
     rows = horizon_rows(c)
     asked = wanted_rows(rows, args, p)
     wanted = horizon_wanted(rows, asked, args.start_rows_untested)
@@ -849,6 +881,8 @@ def horizon(args, p) -> None:
                                                              "batch", "lr", "chunk", "eta", "seed", "lengths",
                                                              "eval_seed")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
+    if why := claim_work(c, args.seed, args.work):
+        p.error(why)
     todo = horizon_jobs(c, rows, wanted, results, args.work, base_seeds(args), args.seed, asked, eval_seed)
     print(f"horizon: {len(todo)} jobs, lengths {lengths}; logs in {os.path.join(args.work, 'logs')}", flush=True)
     done, start = [0], time.time()
@@ -1074,7 +1108,8 @@ def tables_horizon(results: dict, path: str) -> None:
     rule = "|---" * (len(lengths) + 1) + "|"
     drawn = "" if c.get("eval_seed", eval_passkey.EVAL_SEED) == eval_passkey.EVAL_SEED else \
         f", drawn with --eval-seed {c['eval_seed']} (other documents and windows than the default's)"
-    lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, trained "
+    lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, each "
+             f"pretrained for {c['pretrain_steps']} steps of {c['pretrain_batch']}, trained "
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
              f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. Each cell lists the "
@@ -1211,6 +1246,9 @@ def main():
                    f"{REPORT_SEED}; not the dev set's); horizon: the evaluations' documents and validation windows "
                    f"(default {eval_passkey.EVAL_SEED}; the probe's one document stays the default's); at least "
                    "2**40, apart from training's seeds")
+    p.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help="the bases' pretraining steps "
+                   f"(default the preset's: {PRESETS_HORIZON['cuda']['pretrain_steps']} on CUDA); a base pretrained "
+                   "longer needs an --out and a --work of its own")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
     p.add_argument("--base", default=None, metavar="SEEDS", help="only the bases pretrained from these seeds, "
@@ -1236,7 +1274,8 @@ def main():
                    "and the rest apart (a sweep's own K windows come first at its seed)")
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
-                                                      "stop_after", "probe", "probe_length", "start_rows_untested")
+                                                      "stop_after", "probe", "probe_length", "start_rows_untested",
+                                                      "pretrain_steps")
                  if getattr(args, k) is not None]
     if args.paired:
         unused = for_a_run + ["--tables"] * args.tables + ["--work"] * (args.work is not None)
@@ -1253,6 +1292,10 @@ def main():
         p.error(f"--tables rebuilds the tables from the JSON as it is; {', '.join(for_a_run)} would not be used")
     if args.start_rows_untested and (args.setting != "horizon" or args.rows is None):
         p.error("--start-rows-untested is for --setting horizon with --rows (what the named rows start from)")
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        p.error(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
+    if args.probe and args.pretrain_steps is not None:
+        p.error("--pretrain-steps is for a sweep's bases; --probe measures one checkpoint as it is")
     if args.stop_after is not None and not args.stop_after >= 0:
         p.error(f"--stop-after must be 0 or more minutes; got {args.stop_after}")
     if args.probe:

@@ -1533,6 +1533,58 @@ def test_horizon_jobs_are_checked_against_the_gpus_memory():
     assert sweep.jobs_fit(sweep.PRESETS_HORIZON["cpu"], 64, 0, 0.0) is None
 
 
+def test_sweep_pretrain_steps_and_a_work_folder_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """--pretrain-steps N pretrains the bases for N steps (the work folder's settings.json and the
+    pretraining's command say N), and a work folder keeps the settings its checkpoints were made with:
+    a run of other settings in it (the pretraining's steps, the seed) is refused by name; so are N below
+    1 and N with --tables, --probe or --paired (it would not be used); each in one line, exit 2,
+    nothing started; the same settings take the folder again."""
+    work, out = tmp_path / "w", str(tmp_path / "h")
+    run = ["sweep.py", "--setting", "horizon", "--rows", "control", "--out", out, "--work", str(work),
+           "--stop-after", "0"]
+
+    def refused(argv, says):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            sweep.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], (argv, err)
+
+    for argv, says in ((run + ["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
+                       (["sweep.py", "--setting", "horizon", "--tables", "--out", out, "--pretrain-steps", "9"],
+                        "--pretrain-steps would not be used"),
+                       (["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--pretrain-steps", "9"],
+                        "--probe measures one checkpoint"),
+                       (["sweep.py", "--paired", "a.json", "--out", out, "--pretrain-steps", "9"],
+                        "--pretrain-steps would not be used")):
+        refused(argv, says)
+    assert not work.exists()
+    monkeypatch.setattr(sys, "argv", run + ["--pretrain-steps", "7"])
+    sweep.main()
+    capsys.readouterr()
+    held = json.loads((work / "settings.json").read_text())
+    assert held["pretrain_steps"] == 7 and held["seed"] == 0 and held["preset"] == sweep.PRESETS_HORIZON["cpu"]["preset"]
+    command = sweep.pretrain_command(dict(sweep.PRESETS_HORIZON["cpu"], pretrain_steps=held["pretrain_steps"]), 0, "f")
+    assert command[command.index("--pretrain-steps") + 1] == "7"
+    refused(run, f"--work {work} holds checkpoints made with pretrain_steps 7, this run's is "
+                 f"{sweep.PRESETS_HORIZON['cpu']['pretrain_steps']}")
+    refused(run + ["--pretrain-steps", "7", "--seed", "1"], "made with seed 0, this run's is 1")
+    assert sorted(os.listdir(work)) == ["settings.json"]  # nothing started
+    monkeypatch.setattr(sys, "argv", run + ["--pretrain-steps", "7"])
+    sweep.main()  # the same settings: taken again
+    assert json.loads((work / "settings.json").read_text()) == held
+
+
+def test_the_stages_as_pretraining_steps_worked_by_hand():
+    """The pretraining steps that hold a row's tokens at L0 then through 8 W and 16 W: on the GPU preset
+    300 x 16 x 1024 at L0 and 200 x 4 x (2048 + 4096) in the stages, 9,830,400 bytes, 300 steps of
+    32 x 1024; on the CPU preset 200 x 8 x 512 and 133 x 2 x (1024 + 2048), 1,636,352, 399.5 steps of
+    8 x 512, rounded to 400."""
+    assert sweep.stages_as_pretraining_steps(sweep.PRESETS_HORIZON["cuda"], 4) == 300
+    assert sweep.stages_as_pretraining_steps(sweep.PRESETS_HORIZON["cpu"], 4) == 400
+    assert sweep.stages_as_pretraining_steps(dict(sweep.PRESETS_HORIZON["cuda"], steps=600), 1) == 300
+
+
 def test_horizon_on_a_smaller_gpu_runs_what_fits(tmp_path, monkeypatch, capsys):
     """Without --jobs, on a GPU that holds fewer than the preset's 4 processes (one of 80 GiB: 2),
     the horizon runs as many as fit and says so; an explicit --jobs that does not fit is refused,

@@ -12,7 +12,9 @@
 #   BASES=2 SEEDS="1099511637783 1099514627793" bash results/horizon/paired_windows.sh
 # SEEDS: the default evaluation seed (1099511637783) draws the sweep's own 16 windows first (the draw is
 # prefix-stable), so a run with it scores the same checkpoints on those windows and on more. ROW: a
-# horizon row trained through the stages, whose control is control_then_long4.
+# horizon row trained through the stages, whose control is control_then_long4. PRETRAIN_STEPS: the
+# bases' pretraining steps (default the preset's; continued_pretraining.sh runs it with more). BASE:
+# one base's seed, in place of BASES bases from seed 0.
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
 case $ROW in
@@ -21,18 +23,24 @@ case $ROW in
   *) echo "ROW must be a row trained through the stages (a name ending _then_long4), got $ROW"; exit 2 ;;
 esac
 BASES=${BASES:-2}
+if [[ -n ${BASE:-} ]]; then
+  [[ $BASE =~ ^[0-9]+$ ]] || { echo "BASE must be one base's seed (0, 1, ...), got $BASE"; exit 2; }
+  which=(--base "$BASE") seeds=$BASE
+else
+  which=(--bases "$BASES") seeds=$(seq 0 $((BASES - 1)))
+fi
 SEEDS=${SEEDS:-1099514627793}
 WINDOWS=${WINDOWS:-128}
 LENGTHS=${LENGTHS:-1024,2048,4096}
 OUT=${OUT:-out/paired_windows}
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested --bases "$BASES" --jobs 4 \
-    --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
+setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested "${which[@]}" --jobs 4 \
+    ${PRETRAIN_STEPS:+--pretrain-steps "$PRETRAIN_STEPS"} --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
 sweep=$!
-trained() { grep -qs "base$1/control_then_long4/train: trained" "$OUT/sweep.log" \
-    && grep -qs "base$1/$ROW/train: trained" "$OUT/sweep.log"; }
-for ((b = 0; b < BASES; b++)); do
+# a training is done when its results.json is there (train.py writes it last; so does a run resumed in OUT)
+trained() { [[ -f $OUT/w/base$1/control_then_long4/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
+for b in $seeds; do
   (
     until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
     for seed in $SEEDS; do
@@ -42,7 +50,7 @@ for ((b = 0; b < BASES; b++)); do
     done
   ) &
 done
-all_trained() { for ((b = 0; b < BASES; b++)); do trained $b || return 1; done; }
+all_trained() { for b in $seeds; do trained "$b" || return 1; done; }
 until all_trained; do
   kill -0 $sweep 2>/dev/null \
     || { echo "the sweep ended before every pair was trained: $(tail -c 300 "$OUT/sweep.log")"; exit 1; }

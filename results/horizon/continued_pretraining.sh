@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Is a small set's cost at the trained length full fine-tuning's continued pretraining of a base that
+# had too little? One base (BASE, default seed 0) pretrained twice: for the preset's steps, and for as
+# many more as hold the tokens full fine-tuning sees through the stages (sweep.stages_as_pretraining_steps).
+# On each, the TTT row (ROW) and its no-TTT control (full fine-tuning) are trained through the stages
+# and scored on the same validation windows (paired_windows.sh, the two run at once), then:
+#   cross: the control from the preset's base against the row from the longer-pretrained one (both have
+#          had the control's full-weight tokens: as fine-tuning, or as more pretraining first);
+#   bases: the two pretrained bases alone, on the same windows.
+# So the row's cost is read three ways: on the preset's base (plain), on a base pretrained on (longer),
+# and after the same full-weight tokens (cross). On one H200 it fits one 10-minute call (an estimate:
+# two pretrainings at once took 254 s at the preset's steps, each pair trained 200 s after its base).
+#   bash results/horizon/continued_pretraining.sh           # from the repository root, on a GPU
+# ROW, SEEDS, WINDOWS, LENGTHS as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
+# default: the cost is at 4 W); LONGER: the longer pretraining's steps (default: the preset's and the
+# stages' tokens, 2100 on a GPU); OUT.
+set -euo pipefail
+here=$(dirname "$0")
+export ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} SEEDS=${SEEDS:-1099514627793}
+export WINDOWS=${WINDOWS:-256} LENGTHS=${LENGTHS:-1024,2048} BASE=${BASE:-0} NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-out/continued_pretraining}
+read -r preset longer < <(python -c 'import sweep, torch
+c = sweep.PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
+print(c["pretrain_steps"], c["pretrain_steps"] + sweep.stages_as_pretraining_steps(c, 4))')
+LONGER=${LONGER:-$longer}
+[[ $BASE =~ ^[0-9]+$ ]] || { echo "BASE must be one base's seed (0, 1, ...), got $BASE"; exit 2; }
+if ! [[ $LONGER =~ ^[0-9]+$ ]] || ((LONGER <= preset)); then
+  echo "LONGER must be more pretraining steps than the preset's $preset, got $LONGER"; exit 2
+fi
+mkdir -p "$OUT"
+echo "base $BASE pretrained for $preset steps (plain) and $LONGER (longer); row $ROW; $WINDOWS windows at $LENGTHS"
+OUT="$OUT/plain" bash "$here/paired_windows.sh" > "$OUT/plain.log" 2>&1 &
+plain=$!
+OUT="$OUT/longer" PRETRAIN_STEPS=$LONGER bash "$here/paired_windows.sh" > "$OUT/longer.log" 2>&1 &
+longer_run=$!
+status=0
+wait $plain || { status=1; echo "plain failed: $(tail -c 300 "$OUT/plain.log")"; }
+wait $longer_run || { status=1; echo "longer failed: $(tail -c 300 "$OUT/longer.log")"; }
+((status == 0)) || exit 1
+echo "both pairs trained and scored at $SECONDS s"
+checkpoint() { echo "$OUT/$1/w/base$BASE/$2/ckpt.pt"; }
+for seed in $SEEDS; do
+  python eval_passkey.py "$(checkpoint plain control_then_long4)" "$(checkpoint longer "$ROW")" --lengths "$LENGTHS" \
+      --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" --out "$OUT/seed${seed}_cross.json" \
+      > "$OUT/seed${seed}_cross.log" 2>&1 &
+  python eval_passkey.py "$OUT/plain/w/base$BASE/base.pt" "$OUT/longer/w/base$BASE/base.pt" --lengths "$LENGTHS" \
+      --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" --out "$OUT/seed${seed}_bases.json" \
+      > "$OUT/seed${seed}_bases.log" 2>&1 &
+  wait
+  for pair in plain longer; do cp "$OUT/$pair/seed${seed}_base$BASE.json" "$OUT/seed${seed}_$pair.json"; done
+  for pair in plain longer cross; do
+    python sweep.py --paired "$OUT/seed${seed}_$pair.json" --out "$OUT/seed${seed}_$pair"
+  done
+done
+echo "done at $SECONDS s"
