@@ -8,8 +8,9 @@
 #          had the control's full-weight tokens: as fine-tuning, or as more pretraining first);
 #   bases: the two pretrained bases alone, on the same windows.
 # So the row's cost is read three ways: on the preset's base (plain), on a base pretrained on (longer),
-# and after the same full-weight tokens (cross). On one H200 it fits one 10-minute call (an estimate:
-# two pretrainings at once took 254 s at the preset's steps, each pair trained 200 s after its base).
+# and after the same full-weight tokens (cross). On one H200 (horizon_h200_pretraining.log) both pairs
+# were scored by 522 s; the cross and bases evaluations took 38 s more: a 10-minute call holds it only
+# just (its first run's timeout of 550 s stopped those two; they ran in a second call).
 #   bash results/horizon/continued_pretraining.sh           # from the repository root, on a GPU
 # ROW, SEEDS, WINDOWS, LENGTHS as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
 # default: the cost is at 4 W); LONGER: the longer pretraining's steps (default: the preset's and the
