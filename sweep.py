@@ -549,8 +549,7 @@ def study(args, p) -> None:
     if results is None:
         results = dict(config=config, rows={})
     else:  # resuming: the same protocol, or another --out
-        for key in ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk",
-                    "eta", "trials", "windows", "seed", "dev_seed", "report_seed", "depths"):
+        for key in WORK_SETTINGS + ("trials", "windows", "seed", "dev_seed", "report_seed", "depths"):
             if results["config"].get(key) != config[key]:
                 p.error(f"{json_path} holds a study with {key} {results['config'].get(key)!r}, this run's is "
                         f"{config[key]!r}; pick another --out")
@@ -877,9 +876,7 @@ def horizon(args, p) -> None:
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={}, streaming={}, probe={})
-    elif any(results["config"].get(k) != config[k] for k in ("preset", "L0", "window", "pretrain_steps", "steps",
-                                                             "batch", "lr", "chunk", "eta", "seed", "lengths",
-                                                             "eval_seed")):
+    elif any(results["config"].get(k) != config[k] for k in WORK_SETTINGS + ("seed", "lengths", "eval_seed")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
     if why := claim_work(c, args.seed, args.work):
         p.error(why)

@@ -39,14 +39,14 @@ wait $plain || { status=1; echo "plain failed: $(tail -c 300 "$OUT/plain.log")";
 wait $longer_run || { status=1; echo "longer failed: $(tail -c 300 "$OUT/longer.log")"; }
 ((status == 0)) || exit 1
 echo "both pairs trained and scored at $SECONDS s"
-checkpoint() { echo "$OUT/$1/w/base$BASE/$2/ckpt.pt"; }
+at() { echo "$OUT/$1/w/base$BASE/$2"; }
+score() {  # name seed checkpoint...: the checkpoints on the pairs' windows, into seed<seed>_<name>.json
+  python eval_passkey.py "${@:3}" --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$2" \
+      --out "$OUT/seed$2_$1.json" > "$OUT/seed$2_$1.log" 2>&1
+}
 for seed in $SEEDS; do
-  python eval_passkey.py "$(checkpoint plain control_then_long4)" "$(checkpoint longer "$ROW")" --lengths "$LENGTHS" \
-      --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" --out "$OUT/seed${seed}_cross.json" \
-      > "$OUT/seed${seed}_cross.log" 2>&1 &
-  python eval_passkey.py "$OUT/plain/w/base$BASE/base.pt" "$OUT/longer/w/base$BASE/base.pt" --lengths "$LENGTHS" \
-      --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" --out "$OUT/seed${seed}_bases.json" \
-      > "$OUT/seed${seed}_bases.log" 2>&1 &
+  score cross "$seed" "$(at plain control_then_long4/ckpt.pt)" "$(at longer "$ROW"/ckpt.pt)" &
+  score bases "$seed" "$(at plain base.pt)" "$(at longer base.pt)" &
   wait
   for pair in plain longer; do cp "$OUT/$pair/seed${seed}_base$BASE.json" "$OUT/seed${seed}_$pair.json"; done
   for pair in plain longer cross; do
