@@ -17,6 +17,7 @@ norms of the fast weights along a long document and one-token-per-step streaming
                                        # each; the JSON gathers the bases (the same --out)
     python sweep.py --paired a.json,b.json --out pair      # a row against its control on the same windows,
                                        # one eval_passkey.py JSON per base, pooled over the bases
+    python sweep.py --setting horizon --data big.txt --out h --work w   # on your own text (train.py's --data)
 
 Results are written to the JSON after each row, so an interrupted sweep resumes where it stopped; a
 row whose training finished (its folder holds results.json) is evaluated again, not retrained. The
@@ -146,10 +147,15 @@ def study_common(c: dict, seed: int) -> list[str]:
             "--lr-ttt", c["lr"], "--ttt-eta", c["eta"]]
 
 
+def corpus_flags(c: dict) -> list[str]:
+    """The corpus every training and evaluation of the run reads: --data's files, or none (the default)."""
+    return ["--data", *c["data"]] if c.get("data") else []
+
+
 def pretrain_command(c: dict, seed: int, folder: str) -> list[str]:
     return [sys.executable, "train.py", "--pretrain-only", "--preset", c["preset"], "--pretrain-steps",
             str(c["pretrain_steps"]), "--batch", str(c["pretrain_batch"]), "--log-every", "100",
-            "--out", folder] + study_common(c, seed)
+            "--out", folder] + study_common(c, seed) + corpus_flags(c)
 
 
 def wanted_rows(rows: list[StudyRow], args, p) -> list[str]:
@@ -187,8 +193,31 @@ def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
             for seed in seeds if not os.path.exists(os.path.join(work, f"base{seed}", "base.pt"))]
 
 
-# What makes a work folder's checkpoints: a base or training found there is used, not made again
-WORK_SETTINGS = ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk", "eta")
+# What makes a work folder's checkpoints: a base or training found there is used, not made again.
+# corpus: the SHA-256 of the text read (data.Corpus.sha256), not its paths
+WORK_SETTINGS = ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk", "eta",
+                 "corpus")
+
+
+def run_preset(presets: dict, args, p) -> dict:
+    """This machine's preset with the run's own settings: --pretrain-steps, and the corpus (--data's
+    files, or the default), read here so that a file it refuses stops the run before any work."""
+    c = presets["cuda" if torch.cuda.is_available() else "cpu"]
+    c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"],
+             data=args.data and [os.path.abspath(path) for path in args.data])  # the jobs run in HERE
+    if not args.tables:
+        try:
+            c["corpus"] = data.load_corpus(args.data).sha256
+        except ValueError as e:
+            p.error(f"--data: {e}")
+    return c
+
+
+def as_recorded(held: dict, c: dict) -> dict:
+    """A settings.json's or JSON config's settings, read as this revision records them: an earlier
+    revision read only the default corpus and did not record its hash, so a file without one is taken
+    as of the default corpus (this run's, where it reads the default too; else none)."""
+    return held if "corpus" in held else dict(held, corpus=None if c["data"] else c["corpus"])
 
 
 def claim_work(c: dict, seed: int, work: str) -> str | None:
@@ -200,7 +229,7 @@ def claim_work(c: dict, seed: int, work: str) -> str | None:
     if not os.path.exists(path):
         return save_json(settings, path)
     with open(path) as f:
-        held = json.load(f)
+        held = as_recorded(json.load(f), c)
     other = next((k for k in settings if held.get(k) != settings[k]), None)
     return other and (f"--work {work} holds checkpoints made with {other} {held.get(other)!r}, this run's is "
                       f"{settings[other]!r}; pick another --work")
@@ -245,7 +274,7 @@ def finetune_command(c: dict, base: str, folder: str, flags: list[str], seed: in
         scale = ["--scale", str(longest), "--method", "none"]
     return [sys.executable, "train.py", "--init", base, *scale, "--steps", str(steps), "--batch",
             str(batch), "--ttt-chunk", str(c["chunk"]), "--eval-trials", "1", "--log-every", "50",
-            "--out", folder] + without(study_common(c, seed), flags) + sum_of_updates + flags
+            "--out", folder] + without(study_common(c, seed), flags) + sum_of_updates + flags + corpus_flags(c)
 
 
 def without(pairs: list[str], flags: list[str]) -> list[str]:
@@ -257,7 +286,7 @@ def without(pairs: list[str], flags: list[str]) -> list[str]:
 def eval_command(c: dict, checkpoint: str, out: str, seed: int, flags: list[str]) -> list[str]:
     return [sys.executable, "eval_passkey.py", checkpoint, "--lengths", f"{c['L0']},{2 * c['L0']}", "--trials",
             str(c["trials"]), "--windows", str(c["windows"]), "--depths", ",".join(str(d) for d in DEPTHS),
-            "--seed", str(seed), "--out", out] + flags
+            "--seed", str(seed), "--out", out] + flags + corpus_flags(c)
 
 
 def stop_time(args, start: float) -> float:
@@ -530,8 +559,7 @@ def checked_eval_seed(args, p, default: int, apart_from: int, lengths: list[int]
 
 
 def study(args, p) -> None:
-    c = PRESETS_STUDY["cuda" if torch.cuda.is_available() else "cpu"]
-    c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"])
+    c = run_preset(PRESETS_STUDY, args, p)
     rows = study_rows(c)
     wanted = wanted_rows(rows, args, p)
     json_path = args.out + ".json"
@@ -549,9 +577,10 @@ def study(args, p) -> None:
     if results is None:
         results = dict(config=config, rows={})
     else:  # resuming: the same protocol, or another --out
+        held = as_recorded(results["config"], c)
         for key in WORK_SETTINGS + ("trials", "windows", "seed", "dev_seed", "report_seed", "depths"):
-            if results["config"].get(key) != config[key]:
-                p.error(f"{json_path} holds a study with {key} {results['config'].get(key)!r}, this run's is "
+            if held.get(key) != config[key]:
+                p.error(f"{json_path} holds a study with {key} {held.get(key)!r}, this run's is "
                         f"{config[key]!r}; pick another --out")
     jobs = args.jobs or c["jobs"]
     if why := claim_work(c, args.seed, args.work):
@@ -772,9 +801,9 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
     todo = pretrain_jobs(c, seeds, work)
     lengths = horizon_lengths(c)
     common_eval = ["--trials", str(c["trials"]), "--windows", str(c["windows"]), "--depths",
-                   ",".join(str(d) for d in c["horizon_depths"]), "--seed", str(eval_seed)]
+                   ",".join(str(d) for d in c["horizon_depths"]), "--seed", str(eval_seed)] + corpus_flags(c)
     longest = ["--lengths", str(lengths[-1]), "--depths", str(c["stream_depth"]), "--trials", str(c["stream_trials"]),
-               "--windows", "1", "--seed", str(eval_seed)]
+               "--windows", "1", "--seed", str(eval_seed)] + corpus_flags(c)
 
     def pending(*names):  # the first of these jobs still to run (None: what they make is there)
         return next((n for n in names if any(j["name"] == n for j in todo)), None)
@@ -816,7 +845,7 @@ def horizon_jobs(c: dict, rows: list[StudyRow], wanted: list[str], results: dict
                 todo.append(dict(name=f"{b}/{row.name}/probe", after=after, row=row.name, probe=probe_out,
                                  log=os.path.join(work, "logs", f"{b}_{row.name}_probe.log"), commands=[
                                      [sys.executable, "sweep.py", "--probe", checkpoint, "--probe-length",
-                                      str(lengths[-1]), "--out", probe_out]]))
+                                      str(lengths[-1]), "--out", probe_out] + corpus_flags(c)]))
             if checked and row.name not in results["streaming"]:
                 outs = {way: os.path.join(work, b, f"{row.name}_longest_{way}.json") for way in ("parallel", "streaming")}
                 todo.append(dict(name=f"{b}/{row.name}/streaming", after=after, row=row.name, outs=outs,
@@ -839,8 +868,7 @@ def horizon_wanted(rows: list[StudyRow], asked: list[str], start_rows_untested: 
 
 
 def horizon(args, p) -> None:
-    c = PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
-    c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"])
+    c = run_preset(PRESETS_HORIZON, args, p)
     rows = horizon_rows(c)
     asked = wanted_rows(rows, args, p)
     wanted = horizon_wanted(rows, asked, args.start_rows_untested)
@@ -876,7 +904,8 @@ def horizon(args, p) -> None:
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={}, streaming={}, probe={})
-    elif any(results["config"].get(k) != config[k] for k in WORK_SETTINGS + ("seed", "lengths", "eval_seed")):
+    elif any(as_recorded(results["config"], c).get(k) != config[k]
+             for k in WORK_SETTINGS + ("seed", "lengths", "eval_seed")):
         p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
     if why := claim_work(c, args.seed, args.work):
         p.error(why)
@@ -918,18 +947,17 @@ def horizon(args, p) -> None:
 
 
 @torch.no_grad()
-def probe(checkpoint: str, length: int, out: str, device: str) -> None:
+def probe(checkpoint: str, length: int, out: str, device: str, corpus: data.Corpus) -> None:
     """Why the memory breaks, measured on one passkey document of `length` bytes (depth 0.25, the
     eval seed): in each TTT layer, per chunk i, |eta S_i| (S_i = sum_(j<i) gamma^(i-1-j) V_j^T Z_j,
     the sum of updates chunk i reads, with the layer's clipping and mean past K chunks), |eta V_i^T Z_i|
     (chunk i's update; with the delta rule, the write eta V_i^T Z_i) and the layer output's mean norm
     per token, all Frobenius / Euclidean; and `sum_centred`, the plain sum had each chunk's targets
-    been centred on their mean.
+    been centred on their mean. The document's text is `corpus`'s validation split.
     Written to `out` as JSON."""
     import ttt
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
     M.set_context(model, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
-    corpus = data.load_corpus(None)
     tokens, _ = data.passkey_batch(corpus.val, length, 1, torch.Generator().manual_seed(eval_passkey.EVAL_SEED),
                                    depths=[0.25])
     layers = [(i, layer.gating) for i, layer in enumerate(model.transformer.layers)
@@ -1246,6 +1274,9 @@ def main():
     p.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help="the bases' pretraining steps "
                    f"(default the preset's: {PRESETS_HORIZON['cuda']['pretrain_steps']} on CUDA); a base pretrained "
                    "longer needs an --out and a --work of its own")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="UTF-8 text files every training and "
+                   "evaluation reads (train.py's --data; default: the Python stdlib source); its hash is kept with "
+                   "the work folder and the JSON")
     p.add_argument("--bases", type=int, default=None, help="windowed bases, pretrained from seeds 0, 1, ... "
                    "(default 3)")
     p.add_argument("--base", default=None, metavar="SEEDS", help="only the bases pretrained from these seeds, "
@@ -1272,7 +1303,7 @@ def main():
     args = p.parse_args()
     for_a_run = [f"--{k.replace('_', '-')}" for k in ("rows", "eval_seed", "bases", "base", "jobs", "measure_parallel",
                                                       "stop_after", "probe", "probe_length", "start_rows_untested",
-                                                      "pretrain_steps")
+                                                      "pretrain_steps", "data")
                  if getattr(args, k) is not None]
     if args.paired:
         unused = for_a_run + ["--tables"] * args.tables + ["--work"] * (args.work is not None)
@@ -1308,7 +1339,11 @@ def main():
     except ValueError as e:
         p.error(str(e))
     if args.probe:
-        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            corpus = data.load_corpus(args.data)
+        except ValueError as e:
+            p.error(f"--data: {e}")
+        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu", corpus)
     return (study if args.setting == "study" else horizon)(args, p)
 
 

@@ -1575,6 +1575,56 @@ def test_sweep_pretrain_steps_and_a_work_folder_made_with_other_settings(tmp_pat
     assert json.loads((work / "settings.json").read_text()) == held
 
 
+def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp_path, monkeypatch, capsys):
+    """sweep.py --data FILE: every pretraining, training, evaluation, probe and streaming command of the
+    horizon's jobs and the study's reads FILE (its absolute path: the jobs run in the repository), and the
+    work folder keeps the corpus's hash: the same folder run on the default corpus is refused by name, as
+    are an unreadable file and --data with --tables (one line, exit 2, nothing started). A settings.json
+    of an earlier revision (no hash: the default corpus) is taken by a run on the default corpus, and
+    refused with --data."""
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    work, out = tmp_path / "w", str(tmp_path / "h")
+    run = ["sweep.py", "--setting", "horizon", "--rows", "control", "--out", out, "--work", str(work),
+           "--stop-after", "0"]
+
+    def refused(argv, says):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            sweep.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], (argv, err)
+
+    refused(run + ["--data", str(tmp_path / "missing.txt")], "--data: cannot read data file")
+    refused(["sweep.py", "--setting", "horizon", "--tables", "--out", out, "--data", str(text)], "--data would not be used")
+    assert not work.exists()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", run + ["--data", "text.txt"])
+    sweep.main()
+    capsys.readouterr()
+    assert json.loads((work / "settings.json").read_text())["corpus"] == data.load_corpus([str(text)]).sha256
+    refused(run, f"--work {work} holds checkpoints made with corpus")
+    # every command of every job reads the file, as `--data <absolute path>`
+    c = dict(sweep.PRESETS_HORIZON["cpu"], data=[str(text)])
+    rows = sweep.horizon_rows(c)
+    names = [r.name for r in rows]
+    jobs = sweep.horizon_jobs(c, rows, names, dict(rows={}, probe={}, streaming={}), str(tmp_path / "w2"), [0], 0)
+    commands = [cmd for j in jobs for cmd in j["commands"]]
+    commands += [sweep.eval_command(c, "c.pt", "o.json", 1, []), sweep.pretrain_command(c, 0, "f")]
+    assert {os.path.basename(cmd[1]) for cmd in commands} == {"train.py", "eval_passkey.py", "sweep.py"}
+    assert any("--probe" in cmd for cmd in commands) and any("--streaming" in cmd for cmd in commands)
+    for cmd in commands:
+        assert cmd.count("--data") == 1 and cmd[cmd.index("--data") + 1] == str(text), cmd
+    assert all("--data" not in cmd for j in sweep.horizon_jobs(dict(c, data=None), rows, names, dict(
+        rows={}, probe={}, streaming={}), str(tmp_path / "w2"), [0], 0) for cmd in j["commands"])
+    # a settings.json of an earlier revision: the default corpus
+    (work / "settings.json").write_text(json.dumps({k: v for k, v in json.loads(
+        (work / "settings.json").read_text()).items() if k != "corpus"}))
+    refused(run + ["--data", "text.txt"], "made with corpus None")
+    monkeypatch.setattr(sys, "argv", run)
+    sweep.main()
+
+
 def test_the_stages_as_pretraining_steps_worked_by_hand():
     """The pretraining steps that hold a row's tokens at L0 then through 8 W and 16 W: on the GPU preset
     300 x 16 x 1024 at L0 and 200 x 4 x (2048 + 4096) in the stages, 9,830,400 bytes, 300 steps of

@@ -12,7 +12,7 @@
 # were scored by 522 s; the cross and bases evaluations took 38 s more: a 10-minute call holds it only
 # just (its first run's timeout of 550 s stopped those two; they ran in a second call).
 #   bash results/horizon/continued_pretraining.sh           # from the repository root, on a GPU
-# ROW, SEEDS, WINDOWS, LENGTHS as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
+# ROW, SEEDS, WINDOWS, LENGTHS, DATA as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
 # default: the cost is at 4 W); LONGER: the longer pretraining's steps (default: the preset's and the
 # stages' tokens, 2100 on a GPU); OUT.
 set -euo pipefail
@@ -42,7 +42,7 @@ echo "both pairs trained and scored at $SECONDS s"
 at() { echo "$OUT/$1/w/base$BASE/$2"; }
 score() {  # name seed checkpoint...: the checkpoints on the pairs' windows, into seed<seed>_<name>.json
   python eval_passkey.py "${@:3}" --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$2" \
-      --out "$OUT/seed$2_$1.json" > "$OUT/seed$2_$1.log" 2>&1
+      ${DATA:+--data $DATA} --out "$OUT/seed$2_$1.json" > "$OUT/seed$2_$1.log" 2>&1
 }
 for seed in $SEEDS; do
   score cross "$seed" "$(at plain control_then_long4/ckpt.pt)" "$(at longer "$ROW"/ckpt.pt)" &

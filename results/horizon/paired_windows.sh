@@ -14,7 +14,8 @@
 # prefix-stable), so a run with it scores the same checkpoints on those windows and on more. ROW: a
 # horizon row trained through the stages, whose control is control_then_long4. PRETRAIN_STEPS: the
 # bases' pretraining steps (default the preset's; continued_pretraining.sh runs it with more). BASE:
-# one base's seed, in place of BASES bases from seed 0.
+# one base's seed, in place of BASES bases from seed 0. DATA: text files the bases, trainings and
+# evaluations read (sweep.py --data, space-separated; default the Python stdlib).
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
 case $ROW in
@@ -36,7 +37,7 @@ OUT=${OUT:-out/paired_windows}
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested "${which[@]}" --jobs 4 \
-    ${PRETRAIN_STEPS:+--pretrain-steps "$PRETRAIN_STEPS"} --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
+    ${PRETRAIN_STEPS:+--pretrain-steps "$PRETRAIN_STEPS"} ${DATA:+--data $DATA} --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
 sweep=$!
 # a training is done when its results.json is there (train.py writes it last; so does a run resumed in OUT)
 trained() { [[ -f $OUT/w/base$1/control_then_long4/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
@@ -45,7 +46,7 @@ for b in $seeds; do
     until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
     for seed in $SEEDS; do
       python eval_passkey.py "$OUT/w/base$b/control_then_long4/ckpt.pt" "$OUT/w/base$b/$ROW/ckpt.pt" \
-          --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" \
+          --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" ${DATA:+--data $DATA} \
           --out "$OUT/seed${seed}_base$b.json" > "$OUT/seed${seed}_base$b.log" 2>&1
     done
   ) &
