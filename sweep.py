@@ -1133,11 +1133,12 @@ def tables_horizon(results: dict, path: str) -> None:
     rule = "|---" * (len(lengths) + 1) + "|"
     drawn = "" if c.get("eval_seed", eval_passkey.EVAL_SEED) == eval_passkey.EVAL_SEED else \
         f", drawn with --eval-seed {c['eval_seed']} (other documents and windows than the default's)"
+    corpus = f" The text: {', '.join(c['data'])} (SHA-256 {c['corpus'][:16]})." if c.get("data") else ""
     lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, each "
              f"pretrained for {c['pretrain_steps']} steps of {c['pretrain_batch']}, trained "
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
-             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. Each cell lists the "
+             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}.{corpus} Each cell lists the "
              f"bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, "
              f"torch {c['torch']}.", "",
              "### Far retrieval", "", head, rule]
