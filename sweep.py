@@ -194,7 +194,7 @@ def pretrain_jobs(c: dict, seeds: list[int], work: str) -> list[dict]:
 
 
 # What makes a work folder's checkpoints: a base or training found there is used, not made again.
-# corpus: the SHA-256 of the text read (data.Corpus.sha256), not its paths
+# corpus: data.Corpus.sha256 of the text read (its files' names and contents), not where they lie
 WORK_SETTINGS = ("preset", "L0", "window", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "chunk", "eta",
                  "corpus")
 
@@ -215,9 +215,17 @@ def run_preset(presets: dict, args, p) -> dict:
 
 def as_recorded(held: dict, c: dict) -> dict:
     """A settings.json's or JSON config's settings, read as this revision records them: an earlier
-    revision read only the default corpus and did not record its hash, so a file without one is taken
-    as of the default corpus (this run's, where it reads the default too; else none)."""
-    return held if "corpus" in held else dict(held, corpus=None if c["data"] else c["corpus"])
+    revision read only the default corpus (the Python stdlib) and did not record its hash, so a file
+    without one is taken as of the default corpus: this run's, where it reads the default too."""
+    unrecorded = "the default corpus, unrecorded (an earlier revision)"
+    return held if "corpus" in held else dict(held, corpus=unrecorded if c["data"] else c["corpus"])
+
+
+def first_difference(held: dict, this: dict, keys) -> str | None:
+    """The first of `keys` whose value in `held` is not `this`'s, in words ("seed 0, this run's is 1"),
+    or None."""
+    key = next((k for k in keys if held.get(k) != this[k]), None)
+    return key and f"{key} {held.get(key)!r}, this run's is {this[key]!r}"
 
 
 def claim_work(c: dict, seed: int, work: str) -> str | None:
@@ -230,9 +238,8 @@ def claim_work(c: dict, seed: int, work: str) -> str | None:
         return save_json(settings, path)
     with open(path) as f:
         held = as_recorded(json.load(f), c)
-    other = next((k for k in settings if held.get(k) != settings[k]), None)
-    return other and (f"--work {work} holds checkpoints made with {other} {held.get(other)!r}, this run's is "
-                      f"{settings[other]!r}; pick another --work")
+    other = first_difference(held, settings, settings)
+    return other and f"--work {work} holds checkpoints made with {other}; pick another --work"
 
 
 def drop_idle_pretraining(todo: list[dict]) -> list[dict]:
@@ -379,6 +386,12 @@ def percent(k_n: list[int], interval: bool = True) -> str:
     return f"{100 * k / n:.0f}%" + (f" ({100 * low:.0f}-{100 * high:.0f})" if interval else "")
 
 
+def the_text(c: dict) -> str:
+    """A table's words for the text a run read: "The text: <--data's files> (SHA-256 ...). " or, on the
+    default corpus (the Python stdlib), nothing."""
+    return f"The text: {', '.join(c['data'])} (SHA-256 {c['corpus'][:16]}). " if c.get("data") else ""
+
+
 def tables_study(results: dict, path: str) -> None:
     """<path>.md: per evaluation set, a table pooled over the bases and one per base; the plots."""
     c, summary = results["config"], results["summary"]
@@ -397,7 +410,7 @@ def tables_study(results: dict, path: str) -> None:
              f"seed 1. Far: the whole needle lies beyond the window; near: not ({c['trials']} documents per "
              f"depth, depths {c['depths']}). Dev set: eval_passkey's documents (seed {c['dev_seed']}); report "
              f"set: other documents and validation windows (seed {c['report_seed']}), fixed before any row ran. "
-             f"Made on {c['hardware']}, torch {c['torch']}.",
+             f"{the_text(c)}Made on {c['hardware']}, torch {c['torch']}.",
              "", "Pooled: all bases' documents, with the Wilson 95 % interval; it counts documents, not bases, "
              "so the per-base columns (bases in the order above) show the spread between bases. "
              "Tokens: the row's fine-tuning tokens and their share of a base's pretraining tokens; trains: "
@@ -577,11 +590,9 @@ def study(args, p) -> None:
     if results is None:
         results = dict(config=config, rows={})
     else:  # resuming: the same protocol, or another --out
-        held = as_recorded(results["config"], c)
-        for key in WORK_SETTINGS + ("trials", "windows", "seed", "dev_seed", "report_seed", "depths"):
-            if held.get(key) != config[key]:
-                p.error(f"{json_path} holds a study with {key} {held.get(key)!r}, this run's is "
-                        f"{config[key]!r}; pick another --out")
+        if other := first_difference(as_recorded(results["config"], c), config, WORK_SETTINGS + (
+                "trials", "windows", "seed", "dev_seed", "report_seed", "depths")):
+            p.error(f"{json_path} holds a study with {other}; pick another --out")
     jobs = args.jobs or c["jobs"]
     if why := claim_work(c, args.seed, args.work):
         p.error(why)
@@ -904,9 +915,9 @@ def horizon(args, p) -> None:
                   hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     if results is None:
         results = dict(config=config, rows={}, streaming={}, probe={})
-    elif any(as_recorded(results["config"], c).get(k) != config[k]
-             for k in WORK_SETTINGS + ("seed", "lengths", "eval_seed")):
-        p.error(f"{json_path} holds a horizon of another configuration; pick another --out")
+    elif other := first_difference(as_recorded(results["config"], c), config,
+                                   WORK_SETTINGS + ("seed", "lengths", "eval_seed")):
+        p.error(f"{json_path} holds a horizon with {other}; pick another --out")
     if why := claim_work(c, args.seed, args.work):
         p.error(why)
     todo = horizon_jobs(c, rows, wanted, results, args.work, base_seeds(args), args.seed, asked, eval_seed)
@@ -1133,12 +1144,11 @@ def tables_horizon(results: dict, path: str) -> None:
     rule = "|---" * (len(lengths) + 1) + "|"
     drawn = "" if c.get("eval_seed", eval_passkey.EVAL_SEED) == eval_passkey.EVAL_SEED else \
         f", drawn with --eval-seed {c['eval_seed']} (other documents and windows than the default's)"
-    corpus = f" The text: {', '.join(c['data'])} (SHA-256 {c['corpus'][:16]})." if c.get("data") else ""
     lines = [f"{len(bases)} windowed bases ({', '.join(bases)}), preset {c['preset']}, window W = {W}, each "
              f"pretrained for {c['pretrain_steps']} steps of {c['pretrain_batch']}, trained "
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
-             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}.{corpus} Each cell lists the "
+             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. {the_text(c)}Each cell lists the "
              f"bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, "
              f"torch {c['torch']}.", "",
              "### Far retrieval", "", head, rule]

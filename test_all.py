@@ -1620,9 +1620,13 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     # a settings.json of an earlier revision: the default corpus
     (work / "settings.json").write_text(json.dumps({k: v for k, v in json.loads(
         (work / "settings.json").read_text()).items() if k != "corpus"}))
-    refused(run + ["--data", "text.txt"], "made with corpus None")
+    refused(run + ["--data", "text.txt"], "made with corpus 'the default corpus, unrecorded")
     monkeypatch.setattr(sys, "argv", run)
     sweep.main()
+    # the jobs run in the repository: a path given from elsewhere is made absolute
+    given = argparse.Namespace(pretrain_steps=None, data=["text.txt"], tables=False)
+    (path,) = sweep.run_preset(sweep.PRESETS_HORIZON, given, None)["data"]
+    assert os.path.isabs(path) and os.path.samefile(path, text)
 
 
 def test_the_stages_as_pretraining_steps_worked_by_hand():
@@ -1731,7 +1735,7 @@ def test_horizon_eval_seed_reaches_every_evaluation_and_is_part_of_the_configura
     stored = dict(config=dict(c, seed=0, eval_seed=eval_passkey.EVAL_SEED, lengths=sweep.horizon_lengths(c)),
                   rows={}, probe={}, streaming={})
     (tmp_path / "h.json").write_text(json.dumps(stored))
-    for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "another configuration"),
+    for flags, says in ((["--eval-seed", "5"], "--eval-seed"), (["--eval-seed", str(other)], "holds a horizon with eval_seed"),
                         (["--eval-seed", str(eval_passkey.EVAL_SEED + 2000)], "draws some")):
         # --stop-after 0: were a refusal lost, no job would start (and the test fail on the exit code)
         r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--setting", "horizon", "--out",

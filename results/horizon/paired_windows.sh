@@ -39,6 +39,14 @@ mkdir -p "$OUT"
 setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested "${which[@]}" --jobs 4 \
     ${PRETRAIN_STEPS:+--pretrain-steps "$PRETRAIN_STEPS"} ${DATA:+--data $DATA} --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
 sweep=$!
+# the sweep refuses a work folder or JSON of other settings (another corpus, other steps) before any job:
+# wait for its first line of work, so that such a refusal is not taken for trainings found done
+started() { grep -q "^horizon: [0-9]* jobs" "$OUT/sweep.log"; }
+until started; do
+  kill -0 $sweep 2>/dev/null || started \
+    || { echo "the sweep stopped before any work: $(tail -c 300 "$OUT/sweep.log")"; exit 1; }
+  sleep 1
+done
 # a training is done when its results.json is there (train.py writes it last; so does a run resumed in OUT)
 trained() { [[ -f $OUT/w/base$1/control_then_long4/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
 for b in $seeds; do
