@@ -6,9 +6,9 @@
 # each learning rate of LRS (the first is the preset's), and the small set (rank-4 LoRA on every linear with
 # the memory) at the preset's; then each control against the small set, and the base alone against it, on
 # the same validation windows (eval_passkey.py, one process per pair, all at once), and `sweep.py --paired`
-# tables. Not yet run on a GPU (on the 398.6 MB corpus of installed_python_corpus.py: about 5 minutes on one
-# H200 with the defaults, an estimate from the sweeps' pretraining and training times); on 2 CPU cores the
-# miniature (PRETRAIN_STEPS=20 STEPS=6 WINDOWS=4 LENGTHS=512, a 20 MB corpus) runs in under 2 minutes.
+# tables. On one H200 with installed_python_corpus.py's corpus, PRETRAIN_STEPS=600 LENGTHS=1024 took 226 s
+# (horizon_h200_control_lr.log; the defaults: about 5 minutes, an estimate); on 2 CPU cores the miniature
+# (PRETRAIN_STEPS=20 STEPS=6 WINDOWS=4 LENGTHS=512, a 20 MB corpus) runs in under 2 minutes.
 #   DATA=corpus.txt bash results/horizon/control_learning_rate.sh     # from the repository root
 # DATA (required), PRETRAIN_STEPS, STEPS (the fine-tunings', default the preset's), LRS (the preset's, 0.3 and 0.1 times it: 0.001 0.0003 0.0001 on a GPU), WINDOWS (256), LENGTHS (1024,2048), SEED (the
 # evaluation seed, 1099514627793), OUT (out/control_learning_rate).
