@@ -1148,8 +1148,8 @@ def tables_horizon(results: dict, path: str) -> None:
              f"pretrained for {c['pretrain_steps']} steps of {c['pretrain_batch']}, trained "
              f"(rows that fine-tune: {c['steps']} steps of {c['batch']}) at L0 = {c['L0']} = {c['L0'] // W} W. "
              f"Needles at depths {c['horizon_depths']}, every one wholly beyond the window; {c['trials']} documents "
-             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. {the_text(c)}Each cell lists the "
-             f"bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, "
+             f"per depth and length, {c['windows']} validation windows for bits per byte{drawn}. {the_text(c)}"
+             f"Each cell lists the bases in order ({' / '.join(bases)}; -: not run on that base). Made on {c['hardware']}, "
              f"torch {c['torch']}.", "",
              "### Far retrieval", "", head, rule]
     cell = lambda name, i, f: " / ".join(f(results["rows"][b][name][i]) if name in results["rows"][b] else "-"

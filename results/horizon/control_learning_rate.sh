@@ -10,8 +10,9 @@
 # (horizon_h200_control_lr.log; the defaults: about 5 minutes, an estimate); on 2 CPU cores the miniature
 # (PRETRAIN_STEPS=20 STEPS=6 WINDOWS=4 LENGTHS=512, a 20 MB corpus) runs in under 2 minutes.
 #   DATA=corpus.txt bash results/horizon/control_learning_rate.sh     # from the repository root
-# DATA (required), PRETRAIN_STEPS, STEPS (the fine-tunings', default the preset's), LRS (the preset's, 0.3 and 0.1 times it: 0.001 0.0003 0.0001 on a GPU), WINDOWS (256), LENGTHS (1024,2048), SEED (the
-# evaluation seed, 1099514627793), OUT (out/control_learning_rate).
+# DATA (required), PRETRAIN_STEPS, STEPS (the fine-tunings', default the preset's), LRS (the preset's, 0.3
+# and 0.1 times it: 0.001 0.0003 0.0001 on a GPU), WINDOWS (256), LENGTHS (1024,2048), SEED (the evaluation
+# seed, 1099514627793), OUT (out/control_learning_rate).
 set -euo pipefail
 [[ -n ${DATA:-} && -f ${DATA:-} ]] || { echo "DATA must name a text file (the corpus), got '${DATA:-}'"; exit 2; }
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-900} WINDOWS=${WINDOWS:-256}
