@@ -764,6 +764,14 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     # Its twin without memory (eta 0): whose is its cost at 8 W, the memory's or the trainable set's.
     trained_then_stages("ttt_lora_all_rank4_delta1_eta0", "lora_ttt (rank 4 on every linear), erase 1, eta 0 "
                         "(no memory)", ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1", "--ttt-eta", "0"])
+    # The control at 0.3 times the learning rate (the pretraining's own, which on a base that does not
+    # over-fit makes it worse): a tuned no-TTT control, the same in all else; paired_windows.sh's CONTROL.
+    lower = f"{0.3 * float(c['lr']):g}"
+    rows.append(StudyRow(f"control_lr{lower}", f"full fine-tuning, no TTT, learning rate {lower} (control)",
+                         study["control"].flags + ["--lr", lower]))
+    rows.append(StudyRow(f"control_lr{lower}_then_long{k}", f"full fine-tuning, no TTT, learning rate {lower}, "
+                         f"trained at {c['L0'] // c['window']} W, {then} (control)",
+                         study["control"].flags + ["--lr", lower], longest=k, init_row=f"control_lr{lower}"))
     return rows
 
 

@@ -1496,6 +1496,14 @@ def test_horizon_rows_are_the_runs_they_name(device):
             assert control.init_row == (rows[row.init_row].control if row.init_row else "")
         if row.init_row:  # starts from a row trained at L0 with the same flags
             assert rows[row.init_row].flags == row.flags and rows[row.init_row].longest == 1
+        # a control at another learning rate: its name's rate, 0.3 times the preset's, and the control's run otherwise
+        assert args.lr == (0.3 * float(c["lr"]) if "_lr" in name else float(c["lr"]))
+        if "_lr" in name:
+            assert abs(float(name.split("_lr")[1].split("_")[0]) / float(c["lr"]) - 0.3) < 1e-9
+            twin = name.replace(name.split("_then")[0], "control")
+            assert dataclasses.replace(args, lr=float(c["lr"])) == config.parse_args(sweep.finetune_command(
+                c, "base.pt", "out", rows[twin].flags, 0, c["steps"], rows[twin].longest)[2:])[0]
+            assert row.init_row == (f"{name.split('_then')[0]}" if "then" in name else "")
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0

@@ -12,12 +12,12 @@
 # were scored by 522 s; the cross and bases evaluations took 38 s more: a 10-minute call holds it only
 # just (its first run's timeout of 550 s stopped those two; they ran in a second call).
 #   bash results/horizon/continued_pretraining.sh           # from the repository root, on a GPU
-# ROW, SEEDS, WINDOWS, LENGTHS, DATA as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
+# ROW, CONTROL, SEEDS, WINDOWS, LENGTHS, DATA as paired_windows.sh's (here LENGTHS 1024,2048 and WINDOWS 256 by
 # default: the cost is at 4 W); LONGER: the longer pretraining's steps (default: the preset's and the
 # stages' tokens, 2100 on a GPU); OUT.
 set -euo pipefail
 here=$(dirname "$0")
-export ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} SEEDS=${SEEDS:-1099514627793}
+export ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} CONTROL=${CONTROL:-control_then_long4} SEEDS=${SEEDS:-1099514627793}
 export WINDOWS=${WINDOWS:-256} LENGTHS=${LENGTHS:-1024,2048} BASE=${BASE:-0} NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-out/continued_pretraining}
 read -r preset longer < <(python -c 'import sweep, torch
@@ -45,7 +45,7 @@ score() {  # name seed checkpoint...: the checkpoints on the pairs' windows, int
       ${DATA:+--data $DATA} --out "$OUT/seed$2_$1.json" > "$OUT/seed$2_$1.log" 2>&1
 }
 for seed in $SEEDS; do
-  score cross "$seed" "$(at plain control_then_long4/ckpt.pt)" "$(at longer "$ROW"/ckpt.pt)" &
+  score cross "$seed" "$(at plain "$CONTROL"/ckpt.pt)" "$(at longer "$ROW"/ckpt.pt)" &
   score bases "$seed" "$(at plain base.pt)" "$(at longer base.pt)" &
   wait
   for pair in plain longer; do cp "$OUT/$pair/seed${seed}_base$BASE.json" "$OUT/seed${seed}_$pair.json"; done

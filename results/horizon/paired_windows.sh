@@ -12,17 +12,24 @@
 #   BASES=2 SEEDS="1099511637783 1099514627793" bash results/horizon/paired_windows.sh
 # SEEDS: the default evaluation seed (1099511637783) draws the sweep's own 16 windows first (the draw is
 # prefix-stable), so a run with it scores the same checkpoints on those windows and on more. ROW: a
-# horizon row trained through the stages, whose control is control_then_long4. PRETRAIN_STEPS: the
+# horizon row trained through the stages. CONTROL: the no-TTT row it is scored against (default
+# control_then_long4, the row's own control; control_lr<rate>_then_long4: full fine-tuning at 0.3 times the
+# learning rate, trained beside the default one, which is then not scored; on 2 CPU cores BASE=0
+# PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 with it: trained by 802 s, 806 s in all). PRETRAIN_STEPS: the
 # bases' pretraining steps (default the preset's; continued_pretraining.sh runs it with more). BASE:
 # one base's seed, in place of BASES bases from seed 0. DATA: text files the bases, trainings and
 # evaluations read (sweep.py --data, space-separated; default the Python stdlib).
 set -euo pipefail
-ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
+ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} CONTROL=${CONTROL:-control_then_long4}
 case $ROW in
-  control_then_long4) echo "ROW is the control itself: name a TTT row trained through the stages"; exit 2 ;;
+  control*) echo "ROW is a control: name a TTT row trained through the stages, got $ROW"; exit 2 ;;
   *_then_long4) ;;
   *) echo "ROW must be a row trained through the stages (a name ending _then_long4), got $ROW"; exit 2 ;;
 esac
+[[ $CONTROL == control*_then_long4 ]] \
+  || { echo "CONTROL must be a no-TTT row trained through the stages (control..._then_long4), got $CONTROL"; exit 2; }
+rows=$ROW
+[[ $CONTROL == control_then_long4 ]] || rows=$ROW,$CONTROL
 BASES=${BASES:-2}
 if [[ -n ${BASE:-} ]]; then
   [[ $BASE =~ ^[0-9]+$ ]] || { echo "BASE must be one base's seed (0, 1, ...), got $BASE"; exit 2; }
@@ -36,7 +43,7 @@ LENGTHS=${LENGTHS:-1024,2048,4096}
 OUT=${OUT:-out/paired_windows}
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-setsid python sweep.py --setting horizon --rows "$ROW" --start-rows-untested "${which[@]}" --jobs 4 \
+setsid python sweep.py --setting horizon --rows "$rows" --start-rows-untested "${which[@]}" --jobs 4 \
     ${PRETRAIN_STEPS:+--pretrain-steps "$PRETRAIN_STEPS"} ${DATA:+--data $DATA} --out "$OUT/sweep" --work "$OUT/w" > "$OUT/sweep.log" 2>&1 &
 sweep=$!
 # the sweep refuses a work folder or JSON of other settings (another corpus, other steps) before any job:
@@ -48,12 +55,12 @@ until started; do
   sleep 1
 done
 # a training is done when its results.json is there (train.py writes it last; so does a run resumed in OUT)
-trained() { [[ -f $OUT/w/base$1/control_then_long4/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
+trained() { [[ -f $OUT/w/base$1/$CONTROL/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
 for b in $seeds; do
   (
     until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
     for seed in $SEEDS; do
-      python eval_passkey.py "$OUT/w/base$b/control_then_long4/ckpt.pt" "$OUT/w/base$b/$ROW/ckpt.pt" \
+      python eval_passkey.py "$OUT/w/base$b/$CONTROL/ckpt.pt" "$OUT/w/base$b/$ROW/ckpt.pt" \
           --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" ${DATA:+--data $DATA} \
           --out "$OUT/seed${seed}_base$b.json" > "$OUT/seed${seed}_base$b.log" 2>&1
     done
