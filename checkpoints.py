@@ -52,11 +52,13 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Reads a checkpoint with weights_only=True; ValueError (one line) if it is not one of ours."""
+    """Reads a checkpoint with weights_only=True; ValueError (one line) if it is not one of ours.
+    Its tensors are mapped from the file, not read (mmap): what only needs the settings (train.py's
+    refusal of a flag an --init contradicts) comes before a 7B checkpoint's 15 GB are read."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist or is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a torch file, or refusing to unpickle code
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None

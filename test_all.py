@@ -2141,6 +2141,21 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(tmp_path / "o.pt")))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_checkpoint_is_mapped_not_read_and_a_save_over_it_leaves_what_was_loaded(tmp_path):
+    """load_checkpoint maps the file (its weights are read only when used, so a refusal that needs the
+    settings alone comes first); saving a new checkpoint at the same path (save_checkpoint: a temporary
+    file, then a rename, as --resume's stage ends do) leaves the loaded tensors as they were."""
+    path = str(tmp_path / "ckpt.pt")
+    weight = torch.randn(256, 256)
+    checkpoints.save_checkpoint(path, dict(model=dict(w=weight.clone()), settings=dict(a=1)))
+    loaded = checkpoints.load_checkpoint(path)
+    assert os.path.realpath(path) in open("/proc/self/maps").read()
+    checkpoints.save_checkpoint(path, dict(model=dict(w=torch.zeros(256, 256)), settings=dict(a=2)))
+    assert torch.equal(loaded["model"]["w"], weight) and loaded["settings"] == dict(a=1)
+    assert checkpoints.load_checkpoint(path)["settings"] == dict(a=2)
+
+
 def test_official_recipe_sets_the_official_values_and_flags_override():
     args, _ = config.parse_args(["--recipe", "official"])
     assert (args.ttt_eta, args.ttt_chunk, args.ttt_layers, args.mode) == (3.0, None, "official", "full")
