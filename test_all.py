@@ -1589,7 +1589,7 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     work folder keeps the corpus's hash: the same folder run on the default corpus is refused by name, as
     are an unreadable file and --data with --tables (one line, exit 2, nothing started). A settings.json
     of an earlier revision (no hash: the default corpus) is taken by a run on the default corpus, and
-    refused with --data."""
+    refused with --data. --probe's document comes from --data's text too."""
     text = tmp_path / "text.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     work, out = tmp_path / "w", str(tmp_path / "h")
@@ -1631,6 +1631,15 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     refused(run + ["--data", "text.txt"], "made with corpus 'the default corpus, unrecorded")
     monkeypatch.setattr(sys, "argv", run)
     sweep.main()
+    # --probe reads the document from --data's text
+    seen = []
+    monkeypatch.setattr(sweep, "probe", lambda *args: seen.append(args[-1].sha256))
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--data",
+                                      "text.txt"])
+    sweep.main()
+    assert seen == [data.load_corpus([str(text)]).sha256]
+    refused(["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--data", "missing.txt"],
+            "--data: cannot read data file")
     # the jobs run in the repository: a path given from elsewhere is made absolute
     given = argparse.Namespace(pretrain_steps=None, data=["text.txt"], tables=False)
     (path,) = sweep.run_preset(sweep.PRESETS_HORIZON, given, None)["data"]
