@@ -1541,6 +1541,15 @@ def test_horizon_jobs_are_checked_against_the_gpus_memory():
     assert sweep.jobs_fit(sweep.PRESETS_HORIZON["cpu"], 64, 0, 0.0) is None
 
 
+def sweep_refuses(monkeypatch, capsys, argv: list[str], says: str) -> None:
+    """sweep.py run with `argv` in this process exits 2 with one line on stderr that contains `says`."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        sweep.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and says in err[0], (argv, err)
+
+
 def test_sweep_pretrain_steps_and_a_work_folder_made_with_other_settings(tmp_path, monkeypatch, capsys):
     """--pretrain-steps N pretrains the bases for N steps (the work folder's settings.json and the
     pretraining's command say N), and a work folder keeps the settings its checkpoints were made with:
@@ -1551,12 +1560,7 @@ def test_sweep_pretrain_steps_and_a_work_folder_made_with_other_settings(tmp_pat
     run = ["sweep.py", "--setting", "horizon", "--rows", "control", "--out", out, "--work", str(work),
            "--stop-after", "0"]
 
-    def refused(argv, says):
-        monkeypatch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit) as e:
-            sweep.main()
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and says in err[0], (argv, err)
+    refused = functools.partial(sweep_refuses, monkeypatch, capsys)
 
     for argv, says in ((run + ["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
                        (["sweep.py", "--setting", "horizon", "--tables", "--out", out, "--pretrain-steps", "9"],
@@ -1596,12 +1600,7 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     run = ["sweep.py", "--setting", "horizon", "--rows", "control", "--out", out, "--work", str(work),
            "--stop-after", "0"]
 
-    def refused(argv, says):
-        monkeypatch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit) as e:
-            sweep.main()
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and says in err[0], (argv, err)
+    refused = functools.partial(sweep_refuses, monkeypatch, capsys)
 
     refused(run + ["--data", str(tmp_path / "missing.txt")], "--data: cannot read data file")
     refused(["sweep.py", "--setting", "horizon", "--tables", "--out", out, "--data", str(text)], "--data would not be used")
