@@ -740,10 +740,11 @@ def horizon_rows(c: dict) -> list[StudyRow]:
                          ["--mode", "ttt_lora_in", "--lora-rank", "8", "--ttt-delta", "1"], longest=k,
                          init_row="ttt_lora_in_delta1", control=f"control_then_long{k}"))
 
-    def trained_then_stages(name: str, what: str, flags: list[str]) -> None:  # at L0, then through the stages
-        rows.append(StudyRow(name, f"{what}, trained", flags))
+    def trained_then_stages(name: str, what: str, flags: list[str], control: str = "control") -> None:
+        """The row at L0, then from it through the stages; `control`: its no-TTT row at L0."""
+        rows.append(StudyRow(name, f"{what}, trained", flags, control=control))
         rows.append(StudyRow(f"{name}_then_long{k}", f"{what}, trained at {c['L0'] // c['window']} W, {then}", flags,
-                             longest=k, init_row=name, control=f"control_then_long{k}"))
+                             longest=k, init_row=name, control=f"{control}_then_long{k}"))
 
     # The same as ttt_mlp_in through the stages but without memory (eta 0 writes nothing): the same
     # trainable set, steps and data, so it differs from that row in the memory alone, and its gap to the
@@ -764,14 +765,21 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     # Its twin without memory (eta 0): whose is its cost at 8 W, the memory's or the trainable set's.
     trained_then_stages("ttt_lora_all_rank4_delta1_eta0", "lora_ttt (rank 4 on every linear), erase 1, eta 0 "
                         "(no memory)", ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1", "--ttt-eta", "0"])
-    # The control at 0.3 times the learning rate (the pretraining's own, which on a base that does not
-    # over-fit makes it worse): a tuned no-TTT control, the same in all else; paired_windows.sh's CONTROL.
-    lower = f"{0.3 * float(c['lr']):g}"
-    rows.append(StudyRow(f"control_lr{lower}", f"full fine-tuning, no TTT, learning rate {lower} (control)",
-                         study["control"].flags + ["--lr", lower]))
-    rows.append(StudyRow(f"control_lr{lower}_then_long{k}", f"full fine-tuning, no TTT, learning rate {lower}, "
-                         f"trained at {c['L0'] // c['window']} W, {then} (control)",
-                         study["control"].flags + ["--lr", lower], longest=k, init_row=f"control_lr{lower}"))
+    # Other learning rates. On a base that does not over-fit, the pretraining's own makes full
+    # fine-tuning worse: the control at 0.3 times it (paired_windows.sh's CONTROL), and each side at its
+    # best of four rates at 4 W on the Python corpus's 1,800-step base 0 (control_learning_rate.sh): the
+    # control at 0.1 times it, the small set at 0.3 times it (--lr-ttt too, as that script trained it).
+    rate = lambda factor: f"{factor * float(c['lr']):g}"
+    for lr in (rate(0.3), rate(0.1)):
+        flags = study["control"].flags + ["--lr", lr]
+        rows.append(StudyRow(f"control_lr{lr}", f"full fine-tuning, no TTT, learning rate {lr} (control)", flags))
+        rows.append(StudyRow(f"control_lr{lr}_then_long{k}", f"full fine-tuning, no TTT, learning rate {lr}, "
+                             f"trained at {c['L0'] // c['window']} W, {then} (control)", flags, longest=k,
+                             init_row=f"control_lr{lr}"))
+    small = rate(0.3)
+    trained_then_stages(f"ttt_lora_all_rank4_delta1_lr{small}", f"lora_ttt (rank 4 on every linear), erase 1, "
+                        f"learning rate {small}", ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1",
+                                                   "--lr", small, "--lr-ttt", small], control=f"control_lr{rate(0.1)}")
     return rows
 
 

@@ -1488,22 +1488,25 @@ def test_horizon_rows_are_the_runs_they_name(device):
         tokens = args.steps * args.batch * sum(s["length"] for s in stages)
         assert (args.method, args.scale) == (("none", 4) if "long4" in name else ("yarn", 1))
         assert abs(tokens / (c["steps"] * c["batch"] * c["L0"]) - 1) < 0.01
+        tuned = f"_lr{0.1 * float(c['lr']):g}" if "_lr" in name else ""  # a TTT row at its rate: the control at its
         if name.startswith("ttt"):  # compared with the no-TTT row trained the same way, from the same start
-            assert row.control == ("control_then_long4" if "then_long4" in name else "control_long4"
-                                   if "long4" in name else "control")
+            assert row.control == (f"control{tuned}_then_long4" if "then_long4" in name else "control_long4"
+                                   if "long4" in name else f"control{tuned}")
             control = rows[row.control]
             assert control.longest == row.longest
             assert control.init_row == (rows[row.init_row].control if row.init_row else "")
         if row.init_row:  # starts from a row trained at L0 with the same flags
             assert rows[row.init_row].flags == row.flags and rows[row.init_row].longest == 1
-        # a control at another learning rate: its name's rate, 0.3 times the preset's, and the control's run otherwise
-        assert args.lr == (0.3 * float(c["lr"]) if "_lr" in name else float(c["lr"]))
+        # a row at another learning rate (0.3 or 0.1 times the preset's): its name's, --lr-ttt too for a TTT
+        # row, and otherwise the run of its twin at the preset's rate
+        lr = float(name.split("_lr")[1].split("_")[0]) if "_lr" in name else float(c["lr"])
+        assert args.lr == lr and args.lr_ttt == (lr if name.startswith("ttt") else float(c["lr"]))
         if "_lr" in name:
-            assert abs(float(name.split("_lr")[1].split("_")[0]) / float(c["lr"]) - 0.3) < 1e-9
-            twin = name.replace(name.split("_then")[0], "control")
-            assert dataclasses.replace(args, lr=float(c["lr"])) == config.parse_args(sweep.finetune_command(
-                c, "base.pt", "out", rows[twin].flags, 0, c["steps"], rows[twin].longest)[2:])[0]
-            assert row.init_row == (f"{name.split('_then')[0]}" if "then" in name else "")
+            assert min(abs(lr / float(c["lr"]) - f) for f in (0.3, 0.1)) < 1e-9
+            twin = name.replace(f"_lr{name.split('_lr')[1].split('_')[0]}", "")
+            assert dataclasses.replace(args, lr=float(c["lr"]), lr_ttt=float(c["lr"])) == config.parse_args(
+                sweep.finetune_command(c, "base.pt", "out", rows[twin].flags, 0, c["steps"], rows[twin].longest)[2:])[0]
+            assert row.init_row == (name.split("_then")[0] if "then" in name else "")
         assert args.ttt_decay == (float("0." + name.split("decay")[1]) if "decay" in name else 1.0)
         assert args.ttt_average_after == (int(name.split("average")[1]) if "average" in name else 0)
         assert args.ttt_update_clip == 0

@@ -17,12 +17,16 @@
 # stages' tokens, 2100 on a GPU); OUT.
 set -euo pipefail
 here=$(dirname "$0")
-export ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} CONTROL=${CONTROL:-control_then_long4} SEEDS=${SEEDS:-1099514627793}
+export ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} SEEDS=${SEEDS:-1099514627793}
 export WINDOWS=${WINDOWS:-256} LENGTHS=${LENGTHS:-1024,2048} BASE=${BASE:-0} NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-out/continued_pretraining}
-read -r preset longer < <(python -c 'import sweep, torch
+read -r preset longer control < <(python -c 'import sys, sweep, torch
 c = sweep.PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"]
-print(c["pretrain_steps"], c["pretrain_steps"] + sweep.stages_as_pretraining_steps(c, 4))')
+rows = {r.name: r for r in sweep.horizon_rows(c)}
+print(c["pretrain_steps"], c["pretrain_steps"] + sweep.stages_as_pretraining_steps(c, 4),
+      rows[sys.argv[1]].control if sys.argv[1] in rows else "-")' "$ROW")
+[[ $control != - ]] || { echo "ROW must be a horizon row of sweep.py, got $ROW"; exit 2; }
+export CONTROL=${CONTROL:-$control}  # the row's own control unless CONTROL names another
 LONGER=${LONGER:-$longer}
 [[ $BASE =~ ^[0-9]+$ ]] || { echo "BASE must be one base's seed (0, 1, ...), got $BASE"; exit 2; }
 if ! [[ $LONGER =~ ^[0-9]+$ ]] || ((LONGER <= preset)); then

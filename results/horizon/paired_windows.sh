@@ -12,24 +12,29 @@
 #   BASES=2 SEEDS="1099511637783 1099514627793" bash results/horizon/paired_windows.sh
 # SEEDS: the default evaluation seed (1099511637783) draws the sweep's own 16 windows first (the draw is
 # prefix-stable), so a run with it scores the same checkpoints on those windows and on more. ROW: a
-# horizon row trained through the stages. CONTROL: the no-TTT row it is scored against (default
-# control_then_long4, the row's own control; control_lr<rate>_then_long4: full fine-tuning at 0.3 times the
-# learning rate, trained beside the default one, which is then not scored; on 2 CPU cores BASE=0
-# PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 with it: trained by 802 s, 806 s in all). PRETRAIN_STEPS: the
+# horizon row trained through the stages (ttt_lora_all_rank4_delta1_lr<rate>_then_long4: the small set at
+# its own learning rate, against the control at its own). CONTROL: the no-TTT row it is scored against
+# (default the row's own control; control_lr<rate>_then_long4: full fine-tuning at another learning rate,
+# trained beside the row's own control, which is then not scored; on 2 CPU cores BASE=0 PRETRAIN_STEPS=40
+# LENGTHS=512 WINDOWS=4 with control_lr0.0006_then_long4: trained by 802 s, 806 s in all). PRETRAIN_STEPS: the
 # bases' pretraining steps (default the preset's; continued_pretraining.sh runs it with more). BASE:
 # one base's seed, in place of BASES bases from seed 0. DATA: text files the bases, trainings and
 # evaluations read (sweep.py --data, space-separated; default the Python stdlib).
 set -euo pipefail
-ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4} CONTROL=${CONTROL:-control_then_long4}
+ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
 case $ROW in
   control*) echo "ROW is a control: name a TTT row trained through the stages, got $ROW"; exit 2 ;;
   *_then_long4) ;;
   *) echo "ROW must be a row trained through the stages (a name ending _then_long4), got $ROW"; exit 2 ;;
 esac
+# the row's own control unless CONTROL names another
+CONTROL=${CONTROL:-$(python -c 'import sys, sweep, torch
+rows = {r.name: r for r in sweep.horizon_rows(sweep.PRESETS_HORIZON["cuda" if torch.cuda.is_available() else "cpu"])}
+print(rows[sys.argv[1]].control if sys.argv[1] in rows else "")' "$ROW")}
+[[ -n $CONTROL ]] || { echo "ROW must be a horizon row of sweep.py, got $ROW"; exit 2; }
 [[ $CONTROL == control*_then_long4 ]] \
   || { echo "CONTROL must be a no-TTT row trained through the stages (control..._then_long4), got $CONTROL"; exit 2; }
-rows=$ROW
-[[ $CONTROL == control_then_long4 ]] || rows=$ROW,$CONTROL
+rows=$ROW,$CONTROL  # the sweep adds the row's own control if CONTROL is another
 BASES=${BASES:-2}
 if [[ -n ${BASE:-} ]]; then
   [[ $BASE =~ ^[0-9]+$ ]] || { echo "BASE must be one base's seed (0, 1, ...), got $BASE"; exit 2; }
