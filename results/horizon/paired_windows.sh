@@ -19,7 +19,14 @@
 # LENGTHS=512 WINDOWS=4 with control_lr0.0006_then_long4: trained by 802 s, 806 s in all). PRETRAIN_STEPS: the
 # bases' pretraining steps (default the preset's; continued_pretraining.sh runs it with more). BASE:
 # one base's seed, in place of BASES bases from seed 0. DATA: text files the bases, trainings and
-# evaluations read (sweep.py --data, space-separated; default the Python stdlib).
+# evaluations read (sweep.py --data, space-separated; default the Python stdlib). FAR: lengths (a comma
+# list, default none) at which far retrieval and bits per byte of both are measured as soon as they are
+# trained, beside the windows' scoring: 8 documents per depth 0, 0.25 and 0.5 (every needle beyond the
+# window at 16 W and past), 16 windows, eval_passkey.py's default seed; OUT/far_base<b>.json holds the
+# pair, OUT/far.md the table. On one H200, one base and far evaluations at 4096-32768 run beside the
+# script as FAR now runs them (revision 14bd3cb): trained by 295 s, 408 s in all (horizon_h200_tuned_lr.log);
+# two bases at once did not fit 540 s. On 2 CPU cores BASE=0
+# ROW=ttt_lora_all_rank4_delta1_lr0.0006_then_long4 PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 FAR=1024,2048: 477 s.
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
 case $ROW in
@@ -45,6 +52,8 @@ fi
 SEEDS=${SEEDS:-1099514627793}
 WINDOWS=${WINDOWS:-128}
 LENGTHS=${LENGTHS:-1024,2048,4096}
+FAR=${FAR:-}
+[[ -z $FAR || $FAR =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "FAR must be a comma list of lengths, got $FAR"; exit 2; }
 OUT=${OUT:-out/paired_windows}
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -64,11 +73,22 @@ trained() { [[ -f $OUT/w/base$1/$CONTROL/results.json && -f $OUT/w/base$1/$ROW/r
 for b in $seeds; do
   (
     until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
+    far=()
+    for r in ${FAR:+"$CONTROL" "$ROW"}; do  # one process each, beside the windows' scoring
+      python eval_passkey.py "$OUT/w/base$b/$r/ckpt.pt" --lengths "$FAR" --trials 8 --depths 0,0.25,0.5 --windows 16 \
+          ${DATA:+--data $DATA} --out "$OUT/far_base${b}_$r.json" > "$OUT/far_base${b}_$r.log" 2>&1 & far+=($!)
+    done
     for seed in $SEEDS; do
       python eval_passkey.py "$OUT/w/base$b/$CONTROL/ckpt.pt" "$OUT/w/base$b/$ROW/ckpt.pt" \
           --lengths "$LENGTHS" --windows "$WINDOWS" --trials 1 --depths 0.5 --seed "$seed" ${DATA:+--data $DATA} \
           --out "$OUT/seed${seed}_base$b.json" > "$OUT/seed${seed}_base$b.log" 2>&1
     done
+    for p in "${far[@]}"; do wait "$p"; done
+    if [[ -n $FAR ]]; then  # the two in one file, the control first, as an eval_passkey.py call of both writes it
+      python -c 'import json, sys
+json.dump({"checkpoints": [json.load(open(f)) for f in sys.argv[2:]]}, open(sys.argv[1], "w"), indent=1)' \
+          "$OUT/far_base$b.json" "$OUT/far_base${b}_$CONTROL.json" "$OUT/far_base${b}_$ROW.json"
+    fi
   ) &
 done
 all_trained() { for b in $seeds; do trained "$b" || return 1; done; }
@@ -84,3 +104,6 @@ for seed in $SEEDS; do
   files=$(ls "$OUT"/seed${seed}_base*.json | paste -sd,)
   python sweep.py --paired "$files" --out "$OUT/seed$seed"
 done
+if [[ -n $FAR ]]; then
+  python sweep.py --paired "$(for b in $seeds; do echo "$OUT/far_base$b.json"; done | paste -sd,)" --out "$OUT/far"
+fi
