@@ -692,7 +692,8 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     smaller trainable set, a LoRA on the TTT layers' linear_in (--mode ttt_lora_in); and the delta
     rule's erase along each chunk's keys (--ttt-delta, ours), trained in or at inference only; rows
     trained through stages of doubling length, one of them without memory (eta 0), one with the
-    control's trainable set (every weight) and memory, and two with a LoRA on every linear (rank 8, 4)."""
+    control's trainable set (every weight) and memory, and two with a LoRA on every linear (rank 8, 4);
+    the control and the rank-4 LoRA at other learning rates (`_lr<rate>`, each side tuned)."""
     study = {r.name: r for r in study_rows(c)}
     mlp_in = ["--mode", "ttt_mlp_in"]
     rows = [study[n] for n in ("base", "control", "ttt_only", "ttt_only_all_layers", "ttt_mlp_in")]

@@ -1518,6 +1518,10 @@ def test_horizon_rows_are_the_runs_they_name(device):
                                                                   c["steps"], row.longest)[2:])
             differ = {k for k in vars(args) if getattr(args, k) != getattr(control, k)}
             assert differ == {"ttt_layers", "ttt_delta"} and args.ttt_layers == "default"
+    # the rows at other rates: the control at 0.3 and 0.1 times the preset's, the rank-4 LoRA on every linear at 0.3
+    at = lambda f: f"{f * float(c['lr']):g}"
+    assert {n for n in rows if "_lr" in n} == {f"{n}{then}" for then in ("", "_then_long4") for n in (
+        f"control_lr{at(0.3)}", f"control_lr{at(0.1)}", f"ttt_lora_all_rank4_delta1_lr{at(0.3)}")}
     with pytest.raises(ValueError, match="power of 2"):  # stages double: 2 L0 + 3 L0 is no such curriculum
         sweep.long_budget(c, c["steps"], 3)
     inference = {n: r for n, r in rows.items() if r.same_training}

@@ -23,9 +23,9 @@
 # list, default none) at which far retrieval and bits per byte of both are measured as soon as they are
 # trained, beside the windows' scoring: 8 documents per depth 0, 0.25 and 0.5 (every needle beyond the
 # window at 16 W and past), 16 windows, eval_passkey.py's default seed; OUT/far_base<b>.json holds the
-# pair, OUT/far.md the table. On one H200, one base and far evaluations at 4096-32768 run beside the
-# script as FAR now runs them (revision 14bd3cb): trained by 295 s, 408 s in all (horizon_h200_tuned_lr.log);
-# two bases at once did not fit 540 s. On 2 CPU cores BASE=0
+# pair, OUT/far.md the table. On one H200, one base, with the same far evaluations at 4096-32768 run by
+# hand beside the script (revision 14bd3cb, before FAR): trained by 295 s, 408 s in all
+# (horizon_h200_tuned_lr.log); two bases at once did not fit 540 s. On 2 CPU cores BASE=0
 # ROW=ttt_lora_all_rank4_delta1_lr0.0006_then_long4 PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 FAR=1024,2048: 477 s.
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
@@ -70,8 +70,12 @@ until started; do
 done
 # a training is done when its results.json is there (train.py writes it last; so does a run resumed in OUT)
 trained() { [[ -f $OUT/w/base$1/$CONTROL/results.json && -f $OUT/w/base$1/$ROW/results.json ]]; }
+rm -f "$OUT"/seed*.md "$OUT/far.md"  # an earlier run's tables and scores, in a reused OUT
+scorers=()
 for b in $seeds; do
   (
+    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed scoring leaves no far evaluation running
+    rm -f "$OUT"/seed*_base$b.json "$OUT"/far_base$b*.json
     until trained $b; do kill -0 $sweep 2>/dev/null || exit 1; sleep 5; done
     far=()
     for r in ${FAR:+"$CONTROL" "$ROW"}; do  # one process each, beside the windows' scoring
@@ -90,6 +94,7 @@ json.dump({"checkpoints": [json.load(open(f)) for f in sys.argv[2:]]}, open(sys.
           "$OUT/far_base$b.json" "$OUT/far_base${b}_$CONTROL.json" "$OUT/far_base${b}_$ROW.json"
     fi
   ) &
+  scorers+=($!)
 done
 all_trained() { for b in $seeds; do trained "$b" || return 1; done; }
 until all_trained; do
@@ -99,9 +104,12 @@ until all_trained; do
 done
 echo "every pair trained at $SECONDS s: stopping the sweep"
 kill -- -$sweep 2>/dev/null || true
+failed=0
+for p in "${scorers[@]}"; do wait "$p" || failed=1; done
 wait
+((failed == 0)) || { echo "a scoring failed: see $OUT/seed*_base*.log and $OUT/far_base*.log"; exit 1; }
 for seed in $SEEDS; do
-  files=$(ls "$OUT"/seed${seed}_base*.json | paste -sd,)
+  files=$(for b in $seeds; do echo "$OUT/seed${seed}_base$b.json"; done | paste -sd,)
   python sweep.py --paired "$files" --out "$OUT/seed$seed"
 done
 if [[ -n $FAR ]]; then
