@@ -767,7 +767,7 @@ def horizon_rows(c: dict) -> list[StudyRow]:
     trained_then_stages("ttt_lora_all_rank4_delta1_eta0", "lora_ttt (rank 4 on every linear), erase 1, eta 0 "
                         "(no memory)", ["--mode", "lora_ttt", "--lora-rank", "4", "--ttt-delta", "1", "--ttt-eta", "0"])
     # Other learning rates. On a base that does not over-fit, the pretraining's own makes full
-    # fine-tuning worse: the control at 0.3 times it (paired_windows.sh's CONTROL), and each side at its
+    # fine-tuning worse: the control at 0.3 times it (the first lower rate tried), and each side at its
     # best of four rates at 4 W on the Python corpus's 1,800-step base 0 (control_learning_rate.sh): the
     # control at 0.1 times it, the small set at 0.3 times it (--lr-ttt too, as that script trained it).
     rate = lambda factor: f"{factor * float(c['lr']):g}"

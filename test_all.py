@@ -1488,7 +1488,7 @@ def test_horizon_rows_are_the_runs_they_name(device):
         tokens = args.steps * args.batch * sum(s["length"] for s in stages)
         assert (args.method, args.scale) == (("none", 4) if "long4" in name else ("yarn", 1))
         assert abs(tokens / (c["steps"] * c["batch"] * c["L0"]) - 1) < 0.01
-        tuned = f"_lr{0.1 * float(c['lr']):g}" if "_lr" in name else ""  # a TTT row at its rate: the control at its
+        tuned = f"_lr{0.1 * float(c['lr']):g}" if "_lr" in name else ""  # a TTT row at its own rate: the control at its own
         if name.startswith("ttt"):  # compared with the no-TTT row trained the same way, from the same start
             assert row.control == (f"control{tuned}_then_long4" if "then_long4" in name else "control_long4"
                                    if "long4" in name else f"control{tuned}")
