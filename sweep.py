@@ -206,11 +206,16 @@ def run_preset(presets: dict, args, p) -> dict:
     c = dict(c, pretrain_steps=args.pretrain_steps or c["pretrain_steps"],
              data=args.data and [os.path.abspath(path) for path in args.data])  # the jobs run in HERE
     if not args.tables:
-        try:
-            c["corpus"] = data.load_corpus(args.data).sha256
-        except ValueError as e:
-            p.error(f"--data: {e}")
+        c["corpus"] = read_corpus(args, p).sha256
     return c
+
+
+def read_corpus(args, p) -> data.Corpus:
+    """--data's files, or the default corpus; a file it refuses: p.error (one line, exit 2)."""
+    try:
+        return data.load_corpus(args.data)
+    except ValueError as e:
+        p.error(f"--data: {e}")
 
 
 def as_recorded(held: dict, c: dict) -> dict:
@@ -984,8 +989,9 @@ def probe(checkpoint: str, length: int, out: str, device: str, corpus: data.Corp
     been centred on their mean. The document's text is `corpus`'s validation split.
     Written to `out` as JSON."""
     import ttt
-    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint), device, checkpoint).eval()
-    M.set_context(model, checkpoints.load_checkpoint(checkpoint)["settings"].get("window"))
+    loaded = checkpoints.load_checkpoint(checkpoint)
+    model = checkpoints.model_from_checkpoint(loaded, device, checkpoint).eval()
+    M.set_context(model, loaded["settings"].get("window"))
     tokens, _ = data.passkey_batch(corpus.val, length, 1, torch.Generator().manual_seed(eval_passkey.EVAL_SEED),
                                    depths=[0.25])
     layers = [(i, layer.gating) for i, layer in enumerate(model.transformer.layers)
@@ -1367,11 +1373,8 @@ def main():
     except ValueError as e:
         p.error(str(e))
     if args.probe:
-        try:
-            corpus = data.load_corpus(args.data)
-        except ValueError as e:
-            p.error(f"--data: {e}")
-        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu", corpus)
+        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu",
+                     read_corpus(args, p))
     return (study if args.setting == "study" else horizon)(args, p)
 
 
