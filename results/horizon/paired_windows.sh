@@ -23,9 +23,9 @@
 # list, default none) at which far retrieval and bits per byte of both are measured as soon as they are
 # trained, beside the windows' scoring: 8 documents per depth 0, 0.25 and 0.5 (every needle beyond the
 # window at 16 W and past), 16 windows, eval_passkey.py's default seed; OUT/far_base<b>.json holds the
-# pair, OUT/far.md the table. On one H200, one base, with the same far evaluations at 4096-32768 run by
-# hand beside the script (revision 14bd3cb, before FAR): trained by 295 s, 408 s in all
-# (horizon_h200_tuned_lr.log); two bases at once did not fit 540 s. On 2 CPU cores BASE=0
+# pair, OUT/far.md the table. On one H200, one base, FAR=4096,8192,16384,32768 with WINDOWS=256 at
+# 1024-4096: trained by 262-328 s, 363-460 s in all (horizon_h200_tuned_lr_more.log; 64 windows at 32768
+# alone: 45-64 s after training); two bases at once did not fit 540 s. On 2 CPU cores BASE=0
 # ROW=ttt_lora_all_rank4_delta1_lr0.0006_then_long4 PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 FAR=1024,2048: 477 s.
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
