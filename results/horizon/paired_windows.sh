@@ -25,7 +25,7 @@
 # window at 16 W and past), 16 windows, eval_passkey.py's default seed; OUT/far_base<b>.json holds the
 # pair, OUT/far.md the table. On one H200, one base, FAR=4096,8192,16384,32768 with WINDOWS=256 at
 # 1024-4096: trained by 262-328 s, 363-460 s in all (horizon_h200_tuned_lr_more.log; 64 windows at 32768
-# alone: 45-64 s after training); two bases at once did not fit 540 s. On 2 CPU cores BASE=0
+# alone: 45-64 s after training); two bases at once did not fit 540 s (horizon_h200_tuned_lr.log, call 4). On 2 CPU cores BASE=0
 # ROW=ttt_lora_all_rank4_delta1_lr0.0006_then_long4 PRETRAIN_STEPS=40 LENGTHS=512 WINDOWS=4 FAR=1024,2048: 477 s.
 set -euo pipefail
 ROW=${ROW:-ttt_lora_all_rank4_delta1_then_long4}
