@@ -24,7 +24,9 @@ import model as M
 
 
 def save_json(path: str, obj) -> None:
-    """Writes `obj` as JSON atomically (a temporary file, then renamed): a kill leaves the old file."""
+    """Writes `obj` as JSON atomically (a temporary file, then renamed): a kill leaves the old file.
+    Its folder is made if missing (check_writable allows a path below folders still to be made)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)

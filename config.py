@@ -114,7 +114,7 @@ class Config:
                                "small runs); not where norms train")
     compile_layers: bool = flag(False, "torch.compile of every transformer and depformer layer, whole, for the "
                                 "training steps (evaluations stay eager): at Moshi 7B in bench.py --scale 1.11-1.18x "
-                                "faster than --moshi-compile, 56-59 % MFU with --grad-checkpointing depformer; "
+                                "faster than --moshi-compile, 56-59 %% MFU with --grad-checkpointing depformer; "
                                 "the first step of each stage compiles (about a minute there); not with --fsdp")
     fsdp: bool = flag(False, "FSDP2: shard the extended model across torchrun's processes")
     eval_trials: int = flag(10, "passkey documents per depth in evaluations")
@@ -194,6 +194,8 @@ def check(c: Config) -> None:
             raise ValueError(f"{option(name)} must be a finite number >= 0, got {getattr(c, name)}")
         if name in ("lr", "lr_ttt") and getattr(c, name) > 1e37:  # AdamW's first step divides by 0.1
             raise ValueError(f"{option(name)} must be <= 1e37, got {getattr(c, name)}")
+    if c.grad_clip == 0:
+        raise ValueError("--grad-clip must be > 0, got 0: it bounds the gradient's norm, so 0 would zero every gradient")
     if not 0 <= c.warmup < 1:
         raise ValueError(f"--warmup is a fraction of each stage's steps, in [0, 1), got {c.warmup}")
     for name in ("passkey_share", "passkey_max_depth"):
@@ -206,10 +208,12 @@ def check(c: Config) -> None:
         raise ValueError(f"--ttt-decay must be in (0, 1], got {c.ttt_decay}")
     if not 0 <= c.ttt_delta <= 1:
         raise ValueError(f"--ttt-delta must be in [0, 1] (0: none), got {c.ttt_delta}")
-    if c.ttt_delta and (c.ttt_decay != 1 or c.ttt_average_after):
-        raise ValueError(f"--ttt-decay {c.ttt_decay} and --ttt-average-after {c.ttt_average_after} act on the plain "
-                         f"sum of updates, which the erase (--ttt-delta {c.ttt_delta}, default 1) bounds another "
-                         f"way: give --ttt-delta 0 with them")
+    on_the_sum = [f"{option(name)} {getattr(c, name)}" for name, off in (("ttt_decay", 1), ("ttt_average_after", 0))
+                  if getattr(c, name) != off]
+    if c.ttt_delta and on_the_sum:
+        raise ValueError(f"{' and '.join(on_the_sum)} {'act' if len(on_the_sum) > 1 else 'acts'} on the plain sum of "
+                         f"updates, which the erase (--ttt-delta {c.ttt_delta}, default 1) bounds another way: "
+                         f"give --ttt-delta 0 with {'them' if len(on_the_sum) > 1 else 'it'}")
     if not (math.isfinite(c.scale) and c.scale >= 1):
         raise ValueError(f"--scale must be >= 1, got {c.scale}")
     if c.yarn_beta_fast is not None and not (math.isfinite(c.yarn_beta_fast) and c.yarn_beta_fast > 1):
@@ -231,6 +235,9 @@ def check(c: Config) -> None:
     if c.compile_layers and c.fsdp:
         raise ValueError("--compile-layers with --fsdp: compiled layers under FSDP2's hooks were never run here; "
                          "use one of them")
+    if c.recipe == "official" and not (c.init or c.resume):
+        raise ValueError("--recipe official continues a trained model (every parameter at 5e-6): give --init; "
+                         "pretraining at that rate here would leave the base near random")
     if c.fsdp and ("RANK" not in os.environ or not (c.init or c.resume)):
         raise ValueError("--fsdp needs torchrun and --init (it shards the model being extended, not pretraining)")
     if c.moshi_compile and os.environ.get("NO_TORCH_COMPILE"):
@@ -240,19 +247,27 @@ def check(c: Config) -> None:
         raise ValueError(f"--moshi-compile with {'--mode ' + c.mode if c.init or c.resume else 'pretraining'}: "
                          f"moshi's norms train there, and a compiled norm's backward failed on a GPU "
                          f"(results/training_7b/gpu_preset_compile_failure_h100.log); use a mode that keeps them frozen")
+    try:
+        torch.device(c.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device (cpu, cuda, cuda:N), got {c.device!r}") from None
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {c.device} but CUDA is not available")
 
 
 def parsed_layers(layers: tp.Union[str, list]) -> tp.Union[str, list]:
-    """--ttt-layers' comma list as integers; a name ('default', 'official', 'none') stays a name."""
+    """--ttt-layers' comma list as integers in order (a set of layers: 2,0 is 0,2); a name ('default',
+    'official', 'none') stays a name."""
     if not isinstance(layers, str) or layers in ("default", "official", "none"):
         return layers
     try:
-        return [int(v) for v in layers.split(",")]
+        values = [int(v) for v in layers.split(",")]
     except ValueError:
         raise ValueError(f"--ttt-layers must be 'default', 'official', 'none' or a comma list of integers, "
                          f"got {layers!r}") from None
+    if len(set(values)) < len(values):
+        raise ValueError(f"--ttt-layers must name each layer once, got {layers!r}")
+    return sorted(values)
 
 
 def resolve_layers(layers: tp.Union[str, list], n_layers: int) -> list[int]:

@@ -380,7 +380,7 @@ def parse_args(argv):
     p.add_argument("--trials", type=int, default=20, help="documents per length and depth")
     p.add_argument("--windows", type=int, default=16, help="validation windows for bits per byte")
     p.add_argument("--method", choices=yarn.METHODS, default=None, help="override the RoPE method")
-    p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method")
+    p.add_argument("--scale", type=float, default=None, help="RoPE scale with --method (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic scaling with --method")
     p.add_argument("--beta-fast", type=float, default=None, help="with --method yarn: RoPE pairs that turn more than "
                    "this many times over L0 keep their frequency (default: the run's --yarn-beta-fast, stored in its checkpoint; "
@@ -425,10 +425,12 @@ def parse_args(argv):
         fail(f"--seed must be in [2**40, 2**63), apart from training's seeds; got {args.seed}")
     if args.trials < 1 or args.windows < 1:
         fail(f"--trials and --windows must be >= 1, got {args.trials}, {args.windows}")
-    if args.scale is not None and not args.scale >= 1:
-        fail(f"--scale must be >= 1, got {args.scale}")
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale >= 1):
+        fail(f"--scale must be a finite number >= 1, got {args.scale}")
     if (args.scale is not None or args.dynamic) and args.method is None:
         fail("--scale and --dynamic need --method")
+    if args.method == "none" and (args.scale not in (None, 1) or args.dynamic):
+        fail(f"--method none is plain RoPE, which has no scale: --scale {args.scale} and --dynamic are not for it")
     if args.beta_fast is not None and (args.method != "yarn" or not args.beta_fast > 1):
         fail(f"--beta-fast needs --method yarn and a value > 1 (beta_slow is 1), got {args.beta_fast}")
     if args.ttt_decay is not None and not 0 < args.ttt_decay <= 1:
@@ -439,6 +441,10 @@ def parse_args(argv):
         fail(f"--ttt-average-after must be a whole number of chunks >= 0 (0: the sum), got {args.ttt_average_after}")
     if args.ttt_delta is not None and not 0 <= args.ttt_delta <= 1:
         fail(f"--ttt-delta must be in [0, 1] (0: none), got {args.ttt_delta}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device must be a torch device (cpu, cuda, cuda:N), got {args.device!r}")
     if args.dynamic and args.streaming:
         fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
              "step); stream with a fixed --scale")
@@ -464,14 +470,7 @@ def compare_table(named_rows: list[tuple[str, list[dict], tp.Optional[int]]], de
 def main(argv=None):
     args, fail = parse_args(argv)
     several = len(args.checkpoint) > 1
-    outs = [args.out] if args.out else [
-        os.path.splitext(path)[0] + (f"_{args.method}" if args.method else "")
-        + (f"_beta{args.beta_fast:g}" if args.beta_fast is not None else "")
-        + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
-        + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
-        + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
-        + (f"_delta{args.ttt_delta:g}" if args.ttt_delta is not None else "")
-        + "_passkey.json" for path in args.checkpoint]
+    outs = [args.out] if args.out else [default_out(path, args) for path in args.checkpoint]
     try:  # every checkpoint and output, before any evaluation
         for out in outs:
             checkpoints.check_writable(out, folder=False)
@@ -494,6 +493,18 @@ def main(argv=None):
         print(f"wrote {out}")
         if not several and save_heatmap(os.path.splitext(out)[0] + ".png", result["rows"], args.depths):
             print(f"wrote {os.path.splitext(out)[0]}.png")
+
+
+def default_out(path: str, args) -> str:
+    """The JSON beside the checkpoint, named after each flag that changes how it is evaluated."""
+    return (os.path.splitext(path)[0] + (f"_{args.method}" if args.method else "")
+            + (f"_x{args.scale:g}" if args.scale is not None else "") + ("_dynamic" if args.dynamic else "")
+            + ("_streaming" if args.streaming else "")
+            + (f"_beta{args.beta_fast:g}" if args.beta_fast is not None else "")
+            + (f"_decay{args.ttt_decay:g}" if args.ttt_decay is not None else "")
+            + (f"_clip{args.ttt_update_clip:g}" if args.ttt_update_clip is not None else "")
+            + (f"_average{args.ttt_average_after}" if args.ttt_average_after is not None else "")
+            + (f"_delta{args.ttt_delta:g}" if args.ttt_delta is not None else "") + "_passkey.json")
 
 
 def prepare(args, fail, path: str, checkpoint: dict, corpus) -> tuple[torch.nn.Module, list[int]]:

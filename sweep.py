@@ -517,7 +517,6 @@ def plot_study(results: dict, path: str, names: list[str], bases: list[str]) -> 
 
 
 def save_json(results: dict, json_path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     checkpoints.save_json(json_path, results)
 
 
@@ -996,6 +995,8 @@ def probe(checkpoint: str, length: int, out: str, device: str, corpus: data.Corp
                                    depths=[0.25])
     layers = [(i, layer.gating) for i, layer in enumerate(model.transformer.layers)
               if isinstance(layer.gating, ttt.TTTGating)]
+    if not layers:
+        raise ValueError(f"{checkpoint} has no TTT layer: there is no fast weight to measure")
     record = {}
 
     def hook(i):
@@ -1339,7 +1340,9 @@ def main():
                                                       "stop_after", "probe", "probe_length", "start_rows_untested",
                                                       "pretrain_steps", "data")
                  if getattr(args, k) is not None]
-    if args.paired:
+    if args.paired is not None:
+        if not all(args.paired.split(",")):
+            p.error(f"--paired must be a comma list of eval_passkey.py JSON files, got {args.paired!r}")
         unused = for_a_run + ["--tables"] * args.tables + ["--work"] * (args.work is not None)
         if unused or not args.out:
             p.error(f"--paired only tabulates its files into --out; {', '.join(unused)} would not be used"
@@ -1356,25 +1359,34 @@ def main():
         p.error("--start-rows-untested is for --setting horizon with --rows (what the named rows start from)")
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
         p.error(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
-    if args.probe and args.pretrain_steps is not None:
+    if args.probe is not None and args.pretrain_steps is not None:
         p.error("--pretrain-steps is for a sweep's bases; --probe measures one checkpoint as it is")
     if args.stop_after is not None and not args.stop_after >= 0:
         p.error(f"--stop-after must be 0 or more minutes; got {args.stop_after}")
-    if args.probe:
-        if not args.probe_length or not args.out:
+    if args.measure_parallel is not None and args.measure_parallel < 1:
+        p.error(f"--measure-parallel must be >= 1 trainings, got {args.measure_parallel}")
+    if not 0 <= args.seed < 10 ** 6:
+        p.error(f"--seed must be in [0, 1000000) (train.py's), got {args.seed}")
+    if args.probe is not None:
+        if args.probe_length is None or not args.out:
             p.error("--probe needs --probe-length and --out")
+        if args.probe_length < 128:
+            p.error(f"--probe-length must be >= 128 (a passkey document needs 104 bytes), got {args.probe_length}")
     else:
         args.out = args.out or os.path.join("results", args.setting, args.setting)
         args.work = args.work or os.path.join("out", f"sweep_{args.setting}")
     try:  # every path the sweep writes, before any work
-        checkpoints.check_writable(args.out + ("" if args.probe else ".json"), folder=False)
+        checkpoints.check_writable(args.out + ("" if args.probe is not None else ".json"), folder=False)
         if args.work:
             checkpoints.check_writable(args.work, folder=True)
     except ValueError as e:
         p.error(str(e))
-    if args.probe:
-        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu",
-                     read_corpus(args, p))
+    if args.probe is not None:
+        try:  # an unreadable checkpoint or a document longer than the text: refused before any work
+            return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu",
+                         read_corpus(args, p))
+        except ValueError as e:
+            p.error(f"--probe: {e}")
     return (study if args.setting == "study" else horizon)(args, p)
 
 

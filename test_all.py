@@ -1781,6 +1781,23 @@ def test_sweep_stop_after_below_zero_or_not_a_number_is_refused(tmp_path, minute
     assert not (tmp_path / "w" / "base0").exists() and not (tmp_path / "h.json").exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--paired", ""], "--paired"), (["--measure-parallel", "0"], "--measure-parallel"), (["--seed", "-5"], "--seed"),
+    (["--setting", "horizon", "--probe", "x.pt", "--probe-length", "0"], "--probe-length"),
+    (["--setting", "horizon", "--probe", "", "--probe-length", "512"], "--probe"),
+    (["--setting", "horizon", "--probe", "missing.pt", "--probe-length", "512"], "--probe")])
+def test_sweep_empty_or_out_of_range_values_are_refused(tmp_path, flags, named):
+    """An empty --paired or --probe is not "not given" (both once ran the whole study instead), and
+    --measure-parallel, --seed and --probe-length out of range, or an unreadable --probe, are refused in
+    one line naming the flag, exit 2, before any work."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--out", str(tmp_path / "h")] + flags
+                       + ([] if "--probe" in flags or "--paired" in flags else ["--work", str(tmp_path / "w")]),
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and named in lines[0], r.stderr
+    assert not (tmp_path / "w").exists() and not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("flags", [["--setting", "horizon"], ["--setting", "study", "--rows", "control"]])
 def test_sweep_start_rows_untested_needs_the_horizon_and_rows(tmp_path, flags):
     """--start-rows-untested names what --rows start from: without --rows, or in the study, it would
@@ -2172,11 +2189,12 @@ def test_a_checkpoint_is_mapped_not_read_and_a_save_over_it_leaves_what_was_load
 
 
 def test_official_recipe_sets_the_official_values_and_flags_override():
-    args, _ = config.parse_args(["--recipe", "official"])
+    args, _ = config.parse_args(["--recipe", "official", "--init", "x.pt"])
     assert (args.ttt_eta, args.ttt_chunk, args.ttt_layers, args.mode) == (3.0, None, "official", "full")
     assert (args.lr, args.lr_ttt, args.weight_decay, args.ttt_weight_decay) == (5e-6, 5e-6, 0.1, 0.1)
     assert (args.warmup, args.clip, args.grad_clip) == (0.02, "global", 1.0)
-    args, _ = config.parse_args(["--recipe", "official", "--ttt-eta", "1", "--ttt-chunk", "64", "--mode", "ttt_only"])
+    args, _ = config.parse_args(["--recipe", "official", "--init", "x.pt", "--ttt-eta", "1", "--ttt-chunk", "64",
+                                 "--mode", "ttt_only"])
     assert (args.ttt_eta, args.ttt_chunk, args.mode, args.lr) == (1.0, 64, "ttt_only", 5e-6)
     assert config.parse_args([])[0].ttt_eta == 0.3
 
@@ -2342,6 +2360,7 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     ["--ttt-average-after", "1.5"], ["--ttt-delta", "-0.1"], ["--ttt-delta", "1.5"],
     ["--ttt-delta", "0.5", "--ttt-decay", "0.9"], ["--ttt-delta", "0.5", "--ttt-average-after", "4"],
     ["--ttt-decay", "0.9"], ["--ttt-average-after", "4"],  # with the default erase: --ttt-delta 0 is needed
+    ["--grad-clip", "0"], ["--device", "bogus"], ["--recipe", "official"], ["--ttt-layers", "0,0"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -2357,12 +2376,39 @@ def test_train_bad_flags_exit_2(argv, capsys):
                                   ["--ttt-update-clip", "-0.5"], ["--ttt-average-after", "-2"],
                                   ["--ttt-delta", "2"], ["--beta-fast", "4"], ["--method", "pi", "--beta-fast", "4"],
                                   ["--method", "yarn", "--beta-fast", "0.5"], ["--seed", "5"],
-                                  ["--seed", str(2 ** 63)]])
+                                  ["--seed", str(2 ** 63)], ["--method", "yarn", "--scale", "inf"],
+                                  ["--device", "bogus"], ["--method", "none", "--scale", "2"],
+                                  ["--method", "none", "--dynamic"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_passkey.parse_args(["x.pt"] + argv)
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_eval_default_outputs_differ_with_every_flag_that_changes_the_evaluation():
+    """Two evaluations of one checkpoint that differ in the RoPE or TTT flags write two files (YaRN x2
+    and x4 once wrote the same one)."""
+    variants = [[], ["--method", "yarn"], ["--method", "yarn", "--scale", "2"], ["--method", "yarn", "--scale", "4"],
+                ["--method", "yarn", "--dynamic"], ["--method", "yarn", "--scale", "2", "--streaming"],
+                ["--method", "yarn", "--beta-fast", "4"], ["--method", "pi", "--scale", "2"], ["--ttt-decay", "0.9"],
+                ["--ttt-update-clip", "1"], ["--ttt-average-after", "4"], ["--ttt-delta", "0"], ["--streaming"]]
+    names = [eval_passkey.default_out("run/ckpt.pt", eval_passkey.parse_args(["run/ckpt.pt"] + v)[0]) for v in variants]
+    assert len(set(names)) == len(names) and all(n.startswith("run/ckpt") for n in names), names
+
+
+def test_ttt_layers_are_a_set_in_order():
+    """--ttt-layers 2,0 is the run of 0,2 (stored so, so --init and --resume compare the same layers)."""
+    assert config.parse_args(["--ttt-layers", "2,0"])[0].ttt_layers == [0, 2]
+    assert config.parse_args(["--ttt-layers", "2,0"])[1]["ttt_layers"] == [0, 2]
+
+
+def test_help_of_every_script_prints_and_exits_0():
+    """--help formats every flag's help (a bare % in one once made train.py --help a traceback)."""
+    for script in ("train.py", "eval_passkey.py", "sweep.py", "bench.py", "encode_dataset.py"):
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
+                           cwd=HERE, timeout=300)
+        assert r.returncode == 0 and r.stdout.startswith("usage: ") and not r.stderr, (script, r.stderr[-300:])
 
 
 @FAST
@@ -2629,7 +2675,8 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     # several checkpoints: one table on the same documents, each as it evaluates alone; a bad one refused first
     capsys.readouterr()
     both = [str(tmp_path / "one" / "base.pt"), str(tmp_path / "one" / "ckpt.pt")]
-    eval_passkey.main(both + ["--lengths", "128,256", "--trials", "2", "--windows", "2", "--out", str(tmp_path / "both.json")])
+    eval_passkey.main(both + ["--lengths", "128,256", "--trials", "2", "--windows", "2",
+                              "--out", str(tmp_path / "new" / "both.json")])  # its folder made, not an error after the work
     table = capsys.readouterr().out.split("far ones wholly beyond it:")[1]
     assert "base.pt: no TTT" in table and "ckpt.pt: ttt_only, eta 0.3, erase 1" in table
     eval_passkey.main(both[1:] * 2 + ["--lengths", "128", "--trials", "1", "--windows", "1", "--ttt-delta", "0",
@@ -2637,7 +2684,7 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ckpt.pt, --ttt-delta 0 at inference" in printed
     assert "ckpt.pt: ttt_only, eta 0.3, erase 0 " in printed.split("far ones wholly beyond it:")[1]
-    compared = json.load(open(tmp_path / "both.json"))["checkpoints"]
+    compared = json.load(open(tmp_path / "new" / "both.json"))["checkpoints"]
     assert [c["checkpoint"] for c in compared] == both and compared[1]["rows"] == json.load(open(tmp_path / "eval0.json"))["rows"]
     with pytest.raises(SystemExit) as e:
         eval_passkey.main(both + [str(tmp_path / "missing.pt"), "--lengths", "128", "--out", str(tmp_path / "no.json")])
@@ -2665,7 +2712,11 @@ def test_train_lowers_loss_and_two_processes_equal_one(tmp_path, capsys):
 
 
 def test_official_recipe_runs_with_its_chunk_capped(tmp_path):
-    r = run_train(QUICK[:-4] + ["--recipe", "official", "--lr", "1e-3", "--ttt-no-target", "--out", str(tmp_path / "o")])
+    """The official recipe continues a trained model (--init; refused without, above)."""
+    base = run_train(QUICK[:-4] + ["--pretrain-only", "--out", str(tmp_path / "b")])
+    assert base.returncode == 0, base.stderr
+    r = run_train(QUICK[:-4] + ["--recipe", "official", "--lr", "1e-3", "--ttt-no-target", "--init",
+                                str(tmp_path / "b" / "base.pt"), "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
     assert "TTT chunk 128: the official 4096 capped" in r.stdout  # half the shortest sequence, 256
     assert "freeze mode full" in r.stdout and "ttt grad" in r.stdout
@@ -2992,6 +3043,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # a finished run resumed (as a run killed in its final table is) writes the same adapter: the trained
+    # parameters alone, though no stage ran to set them
+    adapter = lambda run: checkpoints.load_checkpoint(str(run / "adapter.pt"))["model"]
+    trained = adapter(tmp_path / "full")
+    finished = run_train(args + ["--resume", "--out", str(tmp_path / "full")])
+    assert finished.returncode == 0, finished.stderr
+    assert set(trained) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
+    for run in (out, tmp_path / "full"):
+        assert set(adapter(run)) == set(trained), run
 
 
 def test_bare_resume_continues_the_stored_run(tmp_path):

@@ -311,6 +311,8 @@ def train(config: Config, given: dict):
 
     # --- the end: the trained parameters alone (to load on the base), then the final table
     if master and not config.pretrain_only:
+        if resume and resume["stage"] == len(stages) and settings["ttt"]:
+            freeze.apply_freeze(view, config.mode)  # a finished run resumed: no stage here set what trains
         if settings.get("base_path") and os.path.isfile(settings["base_path"]):
             checkpoints.save_adapter(os.path.join(config.out, "adapter.pt"), view, settings, settings["base_path"])
         eval_passkey.final_report(view, settings, stages, corpus, device, multistream, config.eval_trials,
