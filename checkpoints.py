@@ -3,13 +3,15 @@
 A checkpoint is a dict: `model` (the state dict), `settings` (what model.install re-applies: the
 shape, YaRN, TTT, modulo RoPE, LoRA, the window), `config` (the run's configuration, config.Config,
 whole) and, inside a run, `stages`, `stage`, `step` and `optimizer` for --resume. An adapter holds
-only the trained parameters and the path of the base it goes on. Files are written to a temporary
+only the trained parameters, the path of the base it goes on and a fingerprint of that base's
+weights (a base of other weights at that path is refused). Files are written to a temporary
 name and renamed, so a kill leaves the previous file; they are read with weights_only=True.
 
     checkpoint = checkpoints.load_checkpoint("out/ckpt.pt")
     model = checkpoints.model_from_checkpoint(checkpoint, "cuda", "out/ckpt.pt")
 """
 import copy
+import hashlib
 import json
 import os
 import typing as tp
@@ -115,6 +117,10 @@ def model_from_checkpoint(checkpoint: dict, device="cpu", path: str = "checkpoin
             missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
             if unexpected:
                 raise ValueError(f"adapter parameters not in the model: {unexpected[:3]}")
+            fingerprint = checkpoint.get("base_fingerprint")  # absent in adapters written before it
+            if fingerprint and base_fingerprint(model, set(checkpoint["model"])) != fingerprint:
+                raise ValueError(f"the base at {adapter_of} is not the one this adapter was trained on "
+                                 f"(its weights differ; was another run written there?)")
         else:
             model = M.install(M.build_model(settings["model"]), settings)
             match_dtypes(model, checkpoint["model"])
@@ -180,13 +186,25 @@ def check_resumable(checkpoint: dict, path: str) -> None:
 
 
 def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> None:
-    """Only the parameters that train (every one with requires_grad), the settings, and the path
-    of the base checkpoint they go on top of."""
+    """Only the parameters that train (every one with requires_grad), the settings, the path of the
+    base checkpoint they go on top of, and the fingerprint of the rest (the base's weights)."""
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     relative = lambda p: os.path.relpath(os.path.abspath(p), os.path.dirname(os.path.abspath(path)))
     if settings.get("base_config"):
         settings = dict(settings, base_config=relative(settings["base_config"]))
-    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=relative(base_path)))
+    save_checkpoint(path, dict(model=trained, settings=settings, adapter_of=relative(base_path),
+                               base_fingerprint=base_fingerprint(model, set(trained))))
+
+
+def base_fingerprint(model: nn.Module, trained: set) -> str:
+    """A hash of every parameter not in `trained`, by name, on up to 1024 evenly spaced values each:
+    the frozen weights an adapter goes on, which training leaves as the base had them. Cheap at 7B."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name not in trained:
+            flat = p.detach().reshape(-1)
+            h.update(name.encode() + flat[::max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def full_state(model: nn.Module, optimizer=None, sharded: bool = False) -> tuple[dict, tp.Optional[dict]]:

@@ -1572,7 +1572,7 @@ def test_sweep_pretrain_steps_and_a_work_folder_made_with_other_settings(tmp_pat
     for argv, says in ((run + ["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
                        (["sweep.py", "--setting", "horizon", "--tables", "--out", out, "--pretrain-steps", "9"],
                         "--pretrain-steps would not be used"),
-                       (["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--pretrain-steps", "9"],
+                       (["sweep.py", "--probe", "c.pt", "--probe-length", "128", "--out", out, "--pretrain-steps", "9"],
                         "--probe measures one checkpoint"),
                        (["sweep.py", "--paired", "a.json", "--out", out, "--pretrain-steps", "9"],
                         "--pretrain-steps would not be used")):
@@ -1640,11 +1640,11 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     # --probe reads the document from --data's text
     seen = []
     monkeypatch.setattr(sweep, "probe", lambda *args: seen.append(args[-1].sha256))
-    monkeypatch.setattr(sys, "argv", ["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--data",
+    monkeypatch.setattr(sys, "argv", ["sweep.py", "--probe", "c.pt", "--probe-length", "128", "--out", out, "--data",
                                       "text.txt"])
     sweep.main()
     assert seen == [data.load_corpus([str(text)]).sha256]
-    refused(["sweep.py", "--probe", "c.pt", "--probe-length", "64", "--out", out, "--data", "missing.txt"],
+    refused(["sweep.py", "--probe", "c.pt", "--probe-length", "128", "--out", out, "--data", "missing.txt"],
             "--data: cannot read data file")
     # the jobs run in the repository: a path given from elsewhere is made absolute
     given = argparse.Namespace(pretrain_steps=None, data=["text.txt"], tables=False)
@@ -3010,6 +3010,25 @@ def test_fsdp_on_two_processes_equals_one_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     c = checkpoints.load_checkpoint(str(out / "ckpt.pt"))["model"]
     assert torch.cat([(c[k] - b[k]).flatten() for k in start]).norm() < 1e-4 * change.norm()
+
+
+def test_an_adapter_loads_only_on_its_own_base(tmp_path):
+    """adapter.pt names its base by path; other weights at that path (another run written to the same
+    --out) are refused in one line, not silently used."""
+    r = run_train(QUICK + ["--out", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr
+    adapter_path, base_path = str(tmp_path / "run" / "adapter.pt"), str(tmp_path / "run" / "base.pt")
+    adapter = checkpoints.load_checkpoint(adapter_path)
+    checkpoints.model_from_checkpoint(adapter, path=adapter_path)  # on its own base
+    base = checkpoints.load_checkpoint(base_path)
+    name = next(n for n in base["model"] if n.endswith(".weight") and n not in adapter["model"])
+    base["model"][name] = base["model"][name] + 1e-3
+    checkpoints.save_checkpoint(base_path, base)
+    with pytest.raises(ValueError, match="is not the one this adapter was trained on"):
+        checkpoints.model_from_checkpoint(adapter, path=adapter_path)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval_passkey.py"), adapter_path, "--lengths", "128",
+                        "--out", str(tmp_path / "e.json")], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e.json").exists()
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
