@@ -354,7 +354,8 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             if name == "ttt_layers" and name not in given and asked is not None:
                 asked = resolve_layers(asked, n_layers)
             if asked is not None and asked != value:
-                via, keep = ((f" (--recipe {c.recipe})", f"give {option(name)} {value!r} with --recipe {c.recipe}")
+                shown = ",".join(map(str, value)) if isinstance(value, list) else value  # as the flag is written
+                via, keep = ((f" (--recipe {c.recipe})", f"give {option(name)} {shown} with --recipe {c.recipe}")
                              if flag == "--recipe" else ("", f"leave {flag} out"))
                 raise ValueError(f"{option(name)} {asked!r}{via} contradicts the --init checkpoint, whose {name} is "
                                  f"{value!r}; {keep} to keep it")

@@ -3167,6 +3167,7 @@ def test_init_keeps_what_the_checkpoint_fixes_and_refuses_contradictions(tmp_pat
         r = run_train(QUICK[:-4] + ["--init", ckpt, "--out", str(tmp_path / "bad")] + extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (extra, r.stderr)
+        assert "[" not in lines[0].partition("; give ")[2], lines[0]  # what to give, as a flag is written
     assert not (tmp_path / "bad").exists()
     stored_beta = checkpoints.load_checkpoint(ckpt)["settings"]["yarn"]["beta_fast"]
     r = run_train(QUICK[:-4] + ["--init", ckpt, "--yarn-beta-fast", str(stored_beta + 1), "--out", str(tmp_path / "bad")])
