@@ -197,13 +197,13 @@ def save_adapter(path: str, model: LMModel, settings: dict, base_path: str) -> N
 
 
 def base_fingerprint(model: nn.Module, trained: set) -> str:
-    """A hash of every parameter not in `trained`, by name, on up to 1024 evenly spaced values each:
+    """A hash of every parameter not in `trained`, by name, on at most 1024 values each, evenly spaced over it:
     the frozen weights an adapter goes on, which training leaves as the base had them. Cheap at 7B."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if name not in trained:
             flat = p.detach().reshape(-1)
-            h.update(name.encode() + flat[::max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+            h.update(name.encode() + flat[::-(-flat.numel() // 1024)].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -247,12 +247,7 @@ def check(c: Config) -> None:
         raise ValueError(f"--moshi-compile with {'--mode ' + c.mode if c.init or c.resume else 'pretraining'}: "
                          f"moshi's norms train there, and a compiled norm's backward failed on a GPU "
                          f"(results/training_7b/gpu_preset_compile_failure_h100.log); use a mode that keeps them frozen")
-    try:
-        torch.device(c.device)
-    except RuntimeError:
-        raise ValueError(f"--device must be a torch device (cpu, cuda, cuda:N), got {c.device!r}") from None
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {c.device} but CUDA is not available")
+    M.check_device(c.device)
 
 
 def parsed_layers(layers: tp.Union[str, list]) -> tp.Union[str, list]:
@@ -291,6 +286,8 @@ def resumed_config(given: dict) -> tuple[Config, dict]:
     if isinstance(stored.get("grad_checkpointing"), bool):
         stored["grad_checkpointing"] = CHECKPOINTING_BEFORE[stored["grad_checkpointing"]]
     stored = Config(**stored)
+    if isinstance(stored.ttt_layers, list):  # a set, as the flag is now read (an older run may have stored 2,0)
+        stored.ttt_layers = sorted(stored.ttt_layers)
     model = checkpoint["settings"]["model"]
     layers = model.get("num_layers") or model.get("lm_kwargs", {}).get("num_layers", 0)
     given = dict(given, ttt_layers=resolve_layers(given["ttt_layers"], layers)) if "ttt_layers" in given else given
@@ -341,6 +338,7 @@ def settle(c: Config, given: dict, settings: tp.Optional[dict], n_layers: int, m
             t = settings["ttt"]
             fixed.update({name: (not t[key]) if name == "ttt_no_target" else t.get(key, TTT_SETTING_BEFORE.get(key))
                           for name, key in FIXED_BY_INIT if key is not None})
+            fixed["ttt_layers"] = sorted(fixed["ttt_layers"])  # a set (an older run may have stored 2,0)
             fixed["ttt_rope_modulo"] = bool(settings.get("ttt_rope_modulo"))
         if settings.get("lora"):  # its LoRA stays; a mode that trains a LoRA trains that one
             fixed.update(lora_rank=settings["lora"]["rank"], lora_scaling=settings["lora"]["scaling"])

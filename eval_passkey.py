@@ -430,7 +430,9 @@ def parse_args(argv):
     if (args.scale is not None or args.dynamic) and args.method is None:
         fail("--scale and --dynamic need --method")
     if args.method == "none" and (args.scale not in (None, 1) or args.dynamic):
-        fail(f"--method none is plain RoPE, which has no scale: --scale {args.scale} and --dynamic are not for it")
+        given = ([f"--scale {args.scale:g}"] if args.scale not in (None, 1) else []) + ["--dynamic"] * args.dynamic
+        fail(f"--method none is plain RoPE, which has no scale: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} "
+             f"not for it")
     if args.beta_fast is not None and (args.method != "yarn" or not args.beta_fast > 1):
         fail(f"--beta-fast needs --method yarn and a value > 1 (beta_slow is 1), got {args.beta_fast}")
     if args.ttt_decay is not None and not 0 < args.ttt_decay <= 1:
@@ -442,9 +444,9 @@ def parse_args(argv):
     if args.ttt_delta is not None and not 0 <= args.ttt_delta <= 1:
         fail(f"--ttt-delta must be in [0, 1] (0: none), got {args.ttt_delta}")
     try:
-        torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device must be a torch device (cpu, cuda, cuda:N), got {args.device!r}")
+        M.check_device(args.device)
+    except ValueError as e:
+        fail(str(e))
     if args.dynamic and args.streaming:
         fail("--dynamic cannot stream exactly (moshi's KV cache keeps keys rotated at the scale of their own "
              "step); stream with a fixed --scale")

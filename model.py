@@ -174,6 +174,22 @@ class Objective(nn.Module):
         return (losses * weights).sum() / losses.numel()
 
 
+def check_device(name: str) -> None:
+    """That `name` is a device this project runs on (cpu, cuda, cuda:N with N a GPU here): ValueError,
+    one line, otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+
+
 def gpu_shortfall(model: nn.Module, device: torch.device, shards: int = 1) -> tp.Optional[str]:
     """Why the weights and optimizer state cannot fit this GPU, or None: float32 weights, gradients
     and AdamW's two moments (16 bytes) for each trained number, the stored dtype for the rest, split

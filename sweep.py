@@ -1382,11 +1382,16 @@ def main():
     except ValueError as e:
         p.error(str(e))
     if args.probe is not None:
-        try:  # an unreadable checkpoint or a document longer than the text: refused before any work
-            return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu",
-                         read_corpus(args, p))
+        corpus = read_corpus(args, p)
+        try:  # an unreadable checkpoint, one without TTT, a document longer than the text: before any work
+            if not checkpoints.load_checkpoint(args.probe)["settings"].get("ttt"):
+                raise ValueError(f"{args.probe} has no TTT layer: there is no fast weight to measure")
+            if args.probe_length > len(corpus.val):
+                raise ValueError(f"a document of {args.probe_length} bytes needs more validation text than "
+                                 f"the corpus has ({len(corpus.val)} bytes)")
         except ValueError as e:
             p.error(f"--probe: {e}")
+        return probe(args.probe, args.probe_length, args.out, "cuda" if torch.cuda.is_available() else "cpu", corpus)
     return (study if args.setting == "study" else horizon)(args, p)
 
 

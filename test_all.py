@@ -1637,13 +1637,15 @@ def test_sweep_data_reaches_every_command_and_the_work_folder_keeps_its_hash(tmp
     refused(run + ["--data", "text.txt"], "made with corpus 'the default corpus, unrecorded")
     monkeypatch.setattr(sys, "argv", run)
     sweep.main()
-    # --probe reads the document from --data's text
+    # --probe reads the document from --data's text (one whose validation part holds the document)
     seen = []
+    (tmp_path / "more.txt").write_text(text.read_text() * 20)
     monkeypatch.setattr(sweep, "probe", lambda *args: seen.append(args[-1].sha256))
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: dict(settings=dict(ttt=dict(layers=[0]))))
     monkeypatch.setattr(sys, "argv", ["sweep.py", "--probe", "c.pt", "--probe-length", "128", "--out", out, "--data",
-                                      "text.txt"])
+                                      "more.txt"])
     sweep.main()
-    assert seen == [data.load_corpus([str(text)]).sha256]
+    assert seen == [data.load_corpus([str(tmp_path / "more.txt")]).sha256]
     refused(["sweep.py", "--probe", "c.pt", "--probe-length", "128", "--out", out, "--data", "missing.txt"],
             "--data: cannot read data file")
     # the jobs run in the repository: a path given from elsewhere is made absolute
@@ -1783,7 +1785,7 @@ def test_sweep_stop_after_below_zero_or_not_a_number_is_refused(tmp_path, minute
 
 @pytest.mark.parametrize("flags, named", [
     (["--paired", ""], "--paired"), (["--measure-parallel", "0"], "--measure-parallel"), (["--seed", "-5"], "--seed"),
-    (["--setting", "horizon", "--probe", "x.pt", "--probe-length", "0"], "--probe-length"),
+    (["--setting", "horizon", "--probe", "x.pt", "--probe-length", "64"], "--probe-length"),
     (["--setting", "horizon", "--probe", "", "--probe-length", "512"], "--probe"),
     (["--setting", "horizon", "--probe", "missing.pt", "--probe-length", "512"], "--probe")])
 def test_sweep_empty_or_out_of_range_values_are_refused(tmp_path, flags, named):
@@ -1792,7 +1794,7 @@ def test_sweep_empty_or_out_of_range_values_are_refused(tmp_path, flags, named):
     one line naming the flag, exit 2, before any work."""
     r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), "--out", str(tmp_path / "h")] + flags
                        + ([] if "--probe" in flags or "--paired" in flags else ["--work", str(tmp_path / "w")]),
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
+                       capture_output=True, text=True, cwd=HERE, timeout=60)  # a regression would run the study
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and named in lines[0], r.stderr
     assert not (tmp_path / "w").exists() and not os.listdir(tmp_path)
@@ -2360,7 +2362,8 @@ def test_paired_eval_files_pool_a_row_against_its_control_over_bases_and_windows
     ["--ttt-average-after", "1.5"], ["--ttt-delta", "-0.1"], ["--ttt-delta", "1.5"],
     ["--ttt-delta", "0.5", "--ttt-decay", "0.9"], ["--ttt-delta", "0.5", "--ttt-average-after", "4"],
     ["--ttt-decay", "0.9"], ["--ttt-average-after", "4"],  # with the default erase: --ttt-delta 0 is needed
-    ["--grad-clip", "0"], ["--device", "bogus"], ["--recipe", "official"], ["--ttt-layers", "0,0"],
+    ["--grad-clip", "0"], ["--device", "bogus"], ["--device", "meta"], ["--recipe", "official"],
+    ["--ttt-layers", "0,0"],
 ])
 def test_train_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -2377,7 +2380,7 @@ def test_train_bad_flags_exit_2(argv, capsys):
                                   ["--ttt-delta", "2"], ["--beta-fast", "4"], ["--method", "pi", "--beta-fast", "4"],
                                   ["--method", "yarn", "--beta-fast", "0.5"], ["--seed", "5"],
                                   ["--seed", str(2 ** 63)], ["--method", "yarn", "--scale", "inf"],
-                                  ["--device", "bogus"], ["--method", "none", "--scale", "2"],
+                                  ["--device", "bogus"], ["--device", "mps"], ["--method", "none", "--scale", "2"],
                                   ["--method", "none", "--dynamic"]])
 def test_eval_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -2401,6 +2404,23 @@ def test_ttt_layers_are_a_set_in_order():
     """--ttt-layers 2,0 is the run of 0,2 (stored so, so --init and --resume compare the same layers)."""
     assert config.parse_args(["--ttt-layers", "2,0"])[0].ttt_layers == [0, 2]
     assert config.parse_args(["--ttt-layers", "2,0"])[1]["ttt_layers"] == [0, 2]
+
+
+def test_a_run_that_stored_its_layers_unsorted_takes_the_same_flag(tmp_path):
+    """A run written before --ttt-layers was read as a set may store [1, 0]: --resume and --init with
+    that flag (now read as [0, 1]) are the same run, not a contradiction."""
+    out = tmp_path / "run"
+    assert run_train(QUICK + ["--ttt-layers", "0,1", "--out", str(out)]).returncode == 0
+    for name in ("ckpt.pt", "adapter.pt"):
+        checkpoint = checkpoints.load_checkpoint(str(out / name))
+        checkpoint["settings"]["ttt"]["layers"] = [1, 0]
+        if "config" in checkpoint:
+            checkpoint["config"]["ttt_layers"] = [1, 0]
+        checkpoints.save_checkpoint(str(out / name), checkpoint)
+    for argv in (["--resume", "--out", str(out)], ["--init", str(out / "ckpt.pt"), "--scale", "4", "--out",
+                                                   str(tmp_path / "more")]):
+        r = run_train(argv + ["--ttt-layers", "1,0"] + (["--steps", "1"] if "--init" in argv else []))
+        assert r.returncode == 0, (argv, r.stderr[-300:])
 
 
 def test_help_of_every_script_prints_and_exits_0():
@@ -3071,6 +3091,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert set(trained) == {n for n in a if n.endswith(("gating.conv.weight", "gating.W_target"))}
     for run in (out, tmp_path / "full"):
         assert set(adapter(run)) == set(trained), run
+        checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(str(run / "adapter.pt")),
+                                          path=str(run / "adapter.pt"))  # on its base
 
 
 def test_bare_resume_continues_the_stored_run(tmp_path):
