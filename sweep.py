@@ -240,7 +240,7 @@ def claim_work(c: dict, seed: int, work: str) -> str | None:
     settings = {k: c[k] for k in WORK_SETTINGS} | {"seed": seed}
     path = os.path.join(work, "settings.json")
     if not os.path.exists(path):
-        return save_json(settings, path)
+        return checkpoints.save_json(path, settings)
     with open(path) as f:
         held = as_recorded(json.load(f), c)
     other = first_difference(held, settings, settings)
@@ -516,10 +516,6 @@ def plot_study(results: dict, path: str, names: list[str], bases: list[str]) -> 
     print(f"wrote {path}_pooled.png and {path}_<base>.png")
 
 
-def save_json(results: dict, json_path: str) -> None:
-    checkpoints.save_json(json_path, results)
-
-
 def measure_parallel(c: dict, work: str, jobs: int) -> dict:
     """The same short ttt_only fine-tuning `jobs` times one at a time, then `jobs` at once (one
     process each, pinned to its own cores, all on the one GPU): wall times and their ratio, and
@@ -602,7 +598,7 @@ def study(args, p) -> None:
         p.error(why)
     if args.measure_parallel:
         results["config"]["parallel"] = measure_parallel(c, args.work, args.measure_parallel)
-        return save_json(results, json_path)
+        return checkpoints.save_json(json_path, results)
     # --- the jobs: each base's pretraining, then every row on every base (row by row, so that a
     # study stopped early has each finished row on every base)
     work, seeds = args.work, base_seeds(args)
@@ -648,7 +644,7 @@ def study(args, p) -> None:
         r["budget"] = r["tokens"] / base_tokens
         r["parameters"] = sum(t.numel() for t in checkpoints.load_checkpoint(job["checkpoint"])["model"].values())
         results["rows"].setdefault(job["base"], {})[row.name] = r
-        save_json(results, json_path)
+        checkpoints.save_json(json_path, results)
         far = lambda s: "/".join(percent(split_counts(x, DEPTHS, c["window"], c["trials"])["far"], False) for x in r[s])
         print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: far at {c['L0']}/{2 * c['L0']} "
               f"dev {far('dev')}, report {far('report')} ({seconds:.0f} s)", flush=True)
@@ -656,7 +652,7 @@ def study(args, p) -> None:
     failed = run_jobs(todo, jobs, record, stop_time(args, start))
     if done[0] or os.path.exists(json_path):  # a run that ran no job writes nothing
         results["summary"] = study_summary(results)
-        save_json(results, json_path)
+        checkpoints.save_json(json_path, results)
     if results["rows"]:
         tables_study(results, args.out)
     print(f"study: {time.time() - start:.0f} s wall", flush=True)
@@ -965,7 +961,7 @@ def horizon(args, p) -> None:
         else:
             print(f"[{done[0]}/{len(todo)} {time.time() - start:.0f} s] {job['name']}: "
                   f"{'trained' if job.get('trained') else 'pretrained'} in {seconds:.0f} s", flush=True)
-        save_json(results, json_path)
+        checkpoints.save_json(json_path, results)
 
     failed = run_jobs(todo, jobs, record, stop_time(args, start))
     if results["rows"]:
